@@ -1,0 +1,28 @@
+#!/bin/bash
+# Install what bmr's build, tests, demo and benchmarks need on Debian/Ubuntu (run as root).
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+
+PKGS=(gdisk fdisk dosfstools mtools e2fsprogs zstd partclone bmap-tools util-linux
+      time file udev kmod xxd)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [ "$(id -u)" != 0 ]; then
+        echo "deps: run as root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null; then
+    echo "deps: cargo not found: install Rust 1.85 or newer (https://rustup.rs)" >&2
+    exit 1
+fi

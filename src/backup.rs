@@ -1,0 +1,561 @@
+//! Image backup: partition table, boot areas and the used blocks of every partition, chunked,
+//! hashed, compressed and stored in the repository.
+//!
+//! Pipeline: one reader thread (pread of used ranges only) -> N workers (zero check, sha256,
+//! dedup check, zstd, store) -> this thread (reorders, writes the chunk index). A fixed pool of
+//! buffers bounds memory whatever the disk size.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use sha2::{Digest as _, Sha256};
+
+use crate::chunkindex::{ChunkRef, IndexWriter, Record};
+use crate::device::Disk;
+use crate::fsmap::UsedMap;
+use crate::layout::{DiskLayout, Table};
+use crate::manifest::{
+    Area, AreaKind, Consistency, Content, DiskMeta, FsMeta, HOST_INDEX_FORMAT, HostIndex, HostList,
+    IndexRef, Kind, MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, SnapshotSummary, Stats,
+};
+use crate::progress::{Progress, human_bytes};
+use crate::repo::local::LocalRepo;
+use crate::repo::{CHUNK_SIZE, Digest, RepoSource};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotMode {
+    Lvm,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupOptions {
+    /// Repository directory (created if missing or empty).
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Host name the snapshot is filed under [default: this machine's hostname].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Back up although a filesystem on DISK is mounted read-write (crash-consistent).
+    #[arg(long)]
+    pub allow_live: bool,
+    /// Read a snapshot instead of the live disk.
+    #[arg(long, value_enum)]
+    pub snapshot: Option<SnapshotMode>,
+    /// zstd compression level (1 = fastest, 19 = smallest).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: i32,
+    /// Worker threads [default: number of CPUs].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// The disk to back up: a block device or a raw disk image file.
+    pub disk: PathBuf,
+}
+
+pub struct BackupSummary {
+    pub id: String,
+    pub host: String,
+    pub stats: Stats,
+    pub elapsed: Duration,
+    pub warnings: Vec<String>,
+}
+
+pub fn default_host() -> Result<String> {
+    let h = nix::unistd::gethostname().context("cannot read this machine's hostname")?;
+    let h = h.to_string_lossy();
+    Ok(h.split('.').next().unwrap_or(&h).to_string())
+}
+
+/// What to read for one area.
+struct AreaPlan {
+    area: Area,
+    used: Option<UsedMap>,
+}
+
+fn plan_areas(
+    disk: &Disk,
+    layout: &DiskLayout,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<AreaPlan>> {
+    let mut plans = Vec::new();
+    let whole = |kind, start, len, partition| AreaPlan {
+        area: Area {
+            kind,
+            start,
+            len,
+            partition,
+            content: Content::Whole,
+            fs: None,
+            used_bytes: len,
+            note: None,
+        },
+        used: None,
+    };
+    for raw in layout.raw_areas() {
+        plans.push(whole(AreaKind::Boot, raw.start, raw.len, None));
+    }
+    let mut parts: Vec<(Option<u32>, u64, u64)> = layout
+        .data_partitions()
+        .iter()
+        .map(|p| (Some(p.number), p.start, p.len))
+        .collect();
+    // An unpartitioned disk may carry a filesystem directly.
+    if matches!(layout.table, Table::None) && disk.size > 0 {
+        parts.push((None, 0, disk.size));
+        plans.retain(|p| p.area.start >= disk.size);
+    }
+    for (num, start, len) in parts {
+        let what = num.map_or("disk".to_string(), |n| format!("partition {n}"));
+        match crate::fsmap::probe(&disk.file, start, len) {
+            Ok(Some(fs)) => {
+                let used_bytes = fs.used.used_bytes();
+                plans.push(AreaPlan {
+                    area: Area {
+                        kind: AreaKind::Partition,
+                        start,
+                        len,
+                        partition: num,
+                        content: Content::UsedBlocks,
+                        fs: Some(FsMeta {
+                            fstype: fs.fstype,
+                            variant: fs.variant,
+                            uuid: fs.uuid,
+                            label: fs.label,
+                            block_size: fs.block_size,
+                        }),
+                        used_bytes,
+                        note: None,
+                    },
+                    used: Some(fs.used),
+                });
+            }
+            Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
+            Err(e) => {
+                let msg = format!("{what}: {e:#}; stored whole instead");
+                eprintln!("warning: {msg}");
+                warnings.push(msg.clone());
+                let mut p = whole(AreaKind::Partition, start, len, num);
+                p.area.note = Some(msg);
+                plans.push(p);
+            }
+        }
+    }
+    plans.sort_by_key(|p| p.area.start);
+    Ok(plans)
+}
+
+struct Job {
+    seq: u64,
+    area: u32,
+    offset: u64,
+    len: u32,
+    ranges: Vec<(u32, u32)>,
+    buf: Vec<u8>,
+}
+
+struct Done {
+    seq: u64,
+    record: Record,
+    new_bytes: u64,
+    buf: Vec<u8>,
+}
+
+fn reader(
+    disk: &Disk,
+    plans: &[AreaPlan],
+    free: &Receiver<Vec<u8>>,
+    jobs: &Sender<Job>,
+) -> Result<()> {
+    let mut seq = 0;
+    for (ai, plan) in plans.iter().enumerate() {
+        let a = &plan.area;
+        let mut off = 0;
+        while off < a.len {
+            let wlen = (a.len - off).min(CHUNK_SIZE);
+            let ranges: Vec<(u32, u32)> = match &plan.used {
+                Some(map) => map
+                    .used_ranges(off, wlen)
+                    .into_iter()
+                    .map(|(o, l)| ((o - off) as u32, l as u32))
+                    .collect(),
+                None => vec![(0, wlen as u32)],
+            };
+            if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
+                let Ok(mut buf) = free.recv() else {
+                    return Ok(()); // workers gone: the collector reports why
+                };
+                buf.clear();
+                buf.resize(wlen as usize, 0);
+                let span = first.0 as usize..(last.0 + last.1) as usize;
+                disk.file
+                    .read_exact_at(&mut buf[span.clone()], a.start + off + span.start as u64)
+                    .with_context(|| {
+                        format!(
+                            "cannot read {} at offset {}",
+                            disk.path.display(),
+                            a.start + off + span.start as u64
+                        )
+                    })?;
+                // Unused blocks inside the span are zeroed: they compress to nothing and dedup.
+                let mut pos = span.start;
+                for &(o, l) in &ranges {
+                    buf[pos..o as usize].fill(0);
+                    pos = (o + l) as usize;
+                }
+                if jobs
+                    .send(Job {
+                        seq,
+                        area: ai as u32,
+                        offset: off,
+                        len: wlen as u32,
+                        ranges,
+                        buf,
+                    })
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                seq += 1;
+            }
+            off += wlen;
+        }
+    }
+    Ok(())
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+fn worker(repo: &LocalRepo, level: i32, jobs: &Receiver<Job>, done: &Sender<Result<Done>>) {
+    let mut comp = match zstd::bulk::Compressor::new(level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = done.send(Err(anyhow::anyhow!("cannot start zstd: {e}")));
+            return;
+        }
+    };
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(CHUNK_SIZE as usize));
+    for job in jobs.iter() {
+        let res = (|| -> Result<(ChunkRef, u64)> {
+            if is_zero(&job.buf) {
+                return Ok((ChunkRef::Zero, 0));
+            }
+            let digest = Digest::of(&job.buf);
+            if let Some((len, stored_sha)) = repo.chunk_info(&digest) {
+                return Ok((
+                    ChunkRef::Data {
+                        digest,
+                        stored_len: len as u32,
+                        stored_sha,
+                    },
+                    0,
+                ));
+            }
+            out.clear();
+            comp.compress_to_buffer(&job.buf, &mut out)
+                .context("zstd compression failed")?;
+            let (len, stored_sha, new) = repo.put_chunk(&digest, &out)?;
+            Ok((
+                ChunkRef::Data {
+                    digest,
+                    stored_len: len as u32,
+                    stored_sha,
+                },
+                if new { len } else { 0 },
+            ))
+        })();
+        let msg = res.map(|(chunk, new_bytes)| Done {
+            seq: job.seq,
+            record: Record {
+                area: job.area,
+                offset: job.offset,
+                len: job.len,
+                chunk,
+                ranges: job.ranges,
+            },
+            new_bytes,
+            buf: job.buf,
+        });
+        if done.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Hashes and counts what passes through, so the index needs no second read.
+struct HashWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
+    let start = std::time::Instant::now();
+    let host = match &opts.host {
+        Some(h) => h.clone(),
+        None => default_host()?,
+    };
+    crate::repo::check_host_name(&host)?;
+    if opts.snapshot == Some(SnapshotMode::Lvm) {
+        bail!(
+            "--snapshot lvm is not available in this build: back up from the rescue system, or use --allow-live"
+        );
+    }
+    let disk = Disk::open_read(&opts.disk)?;
+    let mut warnings = Vec::new();
+    let uses = crate::safety::mounts_on(&crate::safety::disk_devnums(&opts.disk))?;
+    let consistency = match uses.iter().find(|u| u.read_write) {
+        Some(u) if !opts.allow_live => bail!(
+            "{} has {} mounted read-write on {}: back up from the rescue system, unmount it, or add --allow-live (crash-consistent)",
+            opts.disk.display(),
+            u.source,
+            u.mountpoint
+        ),
+        Some(u) => {
+            let msg = format!(
+                "{} is mounted read-write on {}: this backup is only crash-consistent",
+                u.source, u.mountpoint
+            );
+            eprintln!("warning: {msg}");
+            warnings.push(msg);
+            Consistency::CrashConsistent
+        }
+        None => Consistency::Offline,
+    };
+    let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)?;
+    for w in &layout.warnings {
+        eprintln!("warning: {w}");
+        warnings.push(w.clone());
+    }
+    let plans = plan_areas(&disk, &layout, &mut warnings)?;
+
+    let repo = LocalRepo::open_or_init(&opts.repo)?;
+    // Shared: many backups may run at once; prune (exclusive) must wait for them.
+    let _repo_lock = repo.lock("repo", false)?;
+    let _host_lock = repo.lock(&format!("host-{host}"), true)?;
+
+    let (unix_time, time) = crate::timefmt::now();
+    let id = crate::timefmt::new_snapshot_id(unix_time);
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let total: u64 = plans.iter().map(|p| p.area.used_bytes).sum();
+    let guard = Progress::start("backup", total, opts.quiet);
+    let progress = guard.handle();
+
+    let snap_dir = format!("hosts/{host}/snapshots");
+    std::fs::create_dir_all(repo.root().join(&snap_dir))
+        .with_context(|| format!("cannot create {snap_dir} in the repository"))?;
+    let idx_rel = crate::manifest::index_path(&host, &id);
+    let idx_tmp = repo.root().join(format!("{snap_dir}/.tmp.{id}.idx"));
+    let idx_file =
+        File::create(&idx_tmp).with_context(|| format!("cannot create {}", idx_tmp.display()))?;
+    let mut index = IndexWriter::new(HashWriter {
+        inner: BufWriter::new(idx_file),
+        hash: Sha256::new(),
+        len: 0,
+    })?;
+
+    let nbufs = threads * 2 + 2;
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(nbufs);
+    for _ in 0..nbufs {
+        free_tx
+            .send(Vec::with_capacity(CHUNK_SIZE as usize))
+            .context("buffer pool")?;
+    }
+    let (job_tx, job_rx) = bounded::<Job>(threads);
+    let (done_tx, done_rx) = bounded::<Result<Done>>(nbufs);
+    let repo = Arc::new(repo);
+    let mut stats = Stats::default();
+    let result: Result<()> = std::thread::scope(|s| {
+        let (disk, plans, free_rx) = (&disk, &plans, &free_rx);
+        // The job sender moves into the reader: when it finishes, workers see the end.
+        let reader_h = s.spawn(move || reader(disk, plans, free_rx, &job_tx));
+        for _ in 0..threads {
+            let (repo, jobs, done) = (Arc::clone(&repo), job_rx.clone(), done_tx.clone());
+            let level = opts.compression_level;
+            s.spawn(move || worker(&repo, level, &jobs, &done));
+        }
+        drop(done_tx);
+        drop(job_rx);
+        let mut pending = BTreeMap::new();
+        let mut next = 0u64;
+        let mut failure = None;
+        for msg in done_rx.iter() {
+            let d = match msg {
+                Ok(d) => d,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            pending.insert(d.seq, d);
+            while let Some(d) = pending.remove(&next) {
+                let used = d.record.used_bytes();
+                progress.add(used);
+                stats.used_bytes += used;
+                if let ChunkRef::Data { stored_len, .. } = d.record.chunk {
+                    stats.chunks += 1;
+                    stats.stored_bytes += u64::from(stored_len);
+                    if d.new_bytes > 0 {
+                        stats.new_chunks += 1;
+                        stats.new_bytes += d.new_bytes;
+                    }
+                }
+                if let Err(e) = index.push(&d.record) {
+                    failure = Some(e);
+                    break;
+                }
+                let _ = free_tx.send(d.buf);
+                next += 1;
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        // Unblock the reader if we stopped early.
+        drop(done_rx);
+        drop(free_tx);
+        let read_res = reader_h
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        read_res?;
+        if !pending.is_empty() {
+            bail!("internal error: {} chunks were not indexed", pending.len());
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&idx_tmp);
+        return Err(e);
+    }
+    drop(guard);
+
+    let (hw, records) = index.finish()?;
+    let HashWriter {
+        inner, hash, len, ..
+    } = hw;
+    let f = inner.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all().context("cannot sync the chunk index")?;
+    drop(f);
+    // Chunks were synced one by one; syncfs also makes their directory entries durable before
+    // the manifest that references them appears.
+    repo.sync_all()?;
+    std::fs::rename(&idx_tmp, repo.root().join(&idx_rel))
+        .with_context(|| format!("cannot install {idx_rel}"))?;
+
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        id: id.clone(),
+        host: host.clone(),
+        kind: Kind::Image,
+        time,
+        unix_time,
+        source: opts.disk.display().to_string(),
+        consistency,
+        bmr_version: env!("CARGO_PKG_VERSION").into(),
+        chunk_size: CHUNK_SIZE,
+        disk: DiskMeta {
+            size: disk.size,
+            sector_size: disk.sector_size,
+            table: layout.table.clone(),
+        },
+        areas: plans.into_iter().map(|p| p.area).collect(),
+        index: IndexRef {
+            file: format!("{id}.idx"),
+            sha256: hex::encode(hash.finalize()),
+            len,
+            records,
+        },
+        stats: stats.clone(),
+        warnings: warnings.clone(),
+    };
+    repo.write_atomic(
+        &crate::manifest::manifest_path(&host, &id),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    add_to_host_index(&repo, &manifest)?;
+    Ok(BackupSummary {
+        id,
+        host,
+        stats,
+        elapsed: start.elapsed(),
+        warnings,
+    })
+}
+
+fn add_to_host_index(repo: &LocalRepo, m: &Manifest) -> Result<()> {
+    let path = crate::manifest::host_index_path(&m.host);
+    let mut idx = match repo.read_file(&path)? {
+        Some(_) => crate::manifest::read_host_index(repo, &m.host)?,
+        None => HostIndex {
+            format: HOST_INDEX_FORMAT.into(),
+            version: MANIFEST_VERSION,
+            host: m.host.clone(),
+            snapshots: Vec::new(),
+        },
+    };
+    idx.snapshots.push(SnapshotSummary {
+        id: m.id.clone(),
+        kind: m.kind,
+        time: m.time.clone(),
+        unix_time: m.unix_time,
+        disk_size: m.disk.size,
+        used_bytes: m.stats.used_bytes,
+        new_bytes: m.stats.new_bytes,
+    });
+    repo.write_atomic(&path, &serde_json::to_vec_pretty(&idx)?)?;
+
+    let _l = repo.lock("hosts", true)?;
+    let mut hosts: HostList = match repo.read_file("hosts.json")? {
+        Some(b) => serde_json::from_slice(&b).context("hosts.json in the repository is damaged")?,
+        None => HostList::default(),
+    };
+    if !hosts.hosts.contains(&m.host) {
+        hosts.hosts.push(m.host.clone());
+        hosts.hosts.sort();
+        repo.write_atomic("hosts.json", &serde_json::to_vec_pretty(&hosts)?)?;
+    }
+    Ok(())
+}
+
+pub fn print_summary(s: &BackupSummary) {
+    println!(
+        "snapshot {} of host {}: {} used, {} new in the repository ({} new chunks of {}), {:.1}s",
+        s.id,
+        s.host,
+        human_bytes(s.stats.used_bytes),
+        human_bytes(s.stats.new_bytes),
+        s.stats.new_chunks,
+        s.stats.chunks,
+        s.elapsed.as_secs_f64()
+    );
+}

@@ -1,0 +1,130 @@
+//! FAT12/16/32 allocation maps, read from the first allocation table.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use anyhow::{Context, Result, bail};
+
+use super::{FsInfo, UsedMap, le16, le32};
+
+pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsInfo>> {
+    if bs.len() < 512 || bs[510] != 0x55 || bs[511] != 0xaa || !matches!(bs[0], 0xeb | 0xe9) {
+        return Ok(None);
+    }
+    let bps = u64::from(le16(bs, 11));
+    let spc = u64::from(bs[13]);
+    let rsvd = u64::from(le16(bs, 14));
+    let nfats = u64::from(bs[16]);
+    let root_ents = u64::from(le16(bs, 17));
+    let tot16 = u64::from(le16(bs, 19));
+    let fatsz16 = u64::from(le16(bs, 22));
+    let tot32 = u64::from(le32(bs, 32));
+    let fatsz32 = u64::from(le32(bs, 36));
+    let sane = matches!(bps, 512 | 1024 | 2048 | 4096)
+        && spc.is_power_of_two()
+        && spc <= 128
+        && rsvd >= 1
+        && (1..=4).contains(&nfats)
+        && (tot16 != 0 || tot32 != 0);
+    if !sane {
+        return Ok(None);
+    }
+    let fatsz = if fatsz16 != 0 { fatsz16 } else { fatsz32 };
+    let totsec = if tot16 != 0 { tot16 } else { tot32 };
+    let root_secs = (root_ents * 32).div_ceil(bps);
+    let first_data = rsvd + nfats * fatsz + root_secs;
+    if fatsz == 0 || first_data >= totsec {
+        return Ok(None);
+    }
+    if totsec * bps > len {
+        bail!(
+            "FAT filesystem at offset {offset} is {} bytes, larger than its partition ({len} bytes): the partition table or filesystem is damaged",
+            totsec * bps
+        );
+    }
+    let clusters = (totsec - first_data) / spc;
+    let (variant, bits) = if clusters < 4085 {
+        ("fat12", 12)
+    } else if clusters < 65525 {
+        ("fat16", 16)
+    } else {
+        ("fat32", 32)
+    };
+    if bits == 32 && (fatsz16 != 0 || root_ents != 0) {
+        bail!(
+            "FAT filesystem at offset {offset}: FAT32 cluster count with a FAT12/16 layout (damaged)"
+        );
+    }
+    if fatsz * bps * 8 < (clusters + 2) * bits {
+        bail!(
+            "FAT filesystem at offset {offset}: the allocation table is too small for its clusters (damaged)"
+        );
+    }
+    let cluster = spc * bps;
+    let mut used = UsedMap::new(bps, len);
+    used.mark_range(0, first_data * bps);
+    let data_start = first_data * bps;
+    let fat_off = offset + rsvd * bps;
+    let mut mark = |n: u64| used.mark_range(data_start + (n - 2) * cluster, cluster);
+    let ctx = || format!("cannot read the FAT of the filesystem at offset {offset}");
+    if bits == 12 {
+        let mut fat = vec![0u8; (fatsz * bps) as usize];
+        dev.read_exact_at(&mut fat, fat_off).with_context(ctx)?;
+        for n in 2..clusters + 2 {
+            let i = (n + n / 2) as usize;
+            let v = u16::from_le_bytes([fat[i], fat.get(i + 1).copied().unwrap_or(0)]);
+            let e = if n % 2 == 1 { v >> 4 } else { v & 0xfff };
+            if e != 0 {
+                mark(n);
+            }
+        }
+    } else {
+        let esize = bits / 8;
+        let mut buf = vec![0u8; 1 << 20];
+        let total = (clusters + 2) * esize;
+        let mut pos = 0;
+        while pos < total {
+            let n = (total - pos).min(buf.len() as u64) as usize;
+            dev.read_exact_at(&mut buf[..n], fat_off + pos)
+                .with_context(ctx)?;
+            for (k, e) in buf[..n].chunks_exact(esize as usize).enumerate() {
+                let idx = pos / esize + k as u64;
+                let v = if esize == 2 {
+                    u32::from(le16(e, 0))
+                } else {
+                    le32(e, 0) & 0x0fff_ffff
+                };
+                if idx >= 2 && v != 0 {
+                    mark(idx);
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    used.coarsen_to(32 << 20);
+    let (id_off, label_off, sig_off) = if bits == 32 {
+        (67, 71, 66)
+    } else {
+        (39, 43, 38)
+    };
+    let (uuid, label) = if bs[sig_off] == 0x29 {
+        let id = le32(bs, id_off);
+        let label = String::from_utf8_lossy(&bs[label_off..label_off + 11])
+            .trim()
+            .to_string();
+        (
+            Some(format!("{:04X}-{:04X}", id >> 16, id & 0xffff)),
+            (!label.is_empty() && label != "NO NAME").then_some(label),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Some(FsInfo {
+        fstype: "vfat".into(),
+        variant: Some(variant.into()),
+        uuid,
+        label,
+        block_size: cluster,
+        used,
+    }))
+}

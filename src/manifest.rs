@@ -1,0 +1,337 @@
+//! Snapshot manifests and the per-host snapshot index: versioned JSON, validated on load.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::Table;
+use crate::repo::{Digest, RepoSource, check_host_name};
+
+pub const MANIFEST_FORMAT: &str = "bmr-snapshot";
+pub const MANIFEST_VERSION: u32 = 1;
+pub const HOST_INDEX_FORMAT: &str = "bmr-host-index";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Image,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Image => "image",
+        })
+    }
+}
+
+/// How the source was read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// No filesystem was mounted read-write while reading.
+    Offline,
+    /// Read while mounted read-write (`--allow-live`): like a power cut, needs fsck/journal replay.
+    CrashConsistent,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AreaKind {
+    /// Bytes outside any partition: boot code, partition tables, gaps.
+    Boot,
+    Partition,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Content {
+    /// Only blocks the filesystem marks as used are stored.
+    UsedBlocks,
+    /// Every byte is stored (all-zero chunks elided).
+    Whole,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FsMeta {
+    pub fstype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub block_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Area {
+    pub kind: AreaKind,
+    /// Byte offset on the disk.
+    pub start: u64,
+    pub len: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    pub content: Content,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsMeta>,
+    /// Bytes the restore writes for this area.
+    pub used_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskMeta {
+    pub size: u64,
+    pub sector_size: u64,
+    pub table: Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IndexRef {
+    /// File name beside the manifest.
+    pub file: String,
+    pub sha256: String,
+    pub len: u64,
+    pub records: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// Plain bytes the restore writes.
+    pub used_bytes: u64,
+    /// Data chunks referenced.
+    pub chunks: u64,
+    /// Chunks this backup added to the store.
+    pub new_chunks: u64,
+    /// Compressed bytes this backup added to the store.
+    pub new_bytes: u64,
+    /// Compressed bytes of all referenced chunks (before dedup across snapshots).
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub host: String,
+    pub kind: Kind,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub unix_time: i64,
+    pub source: String,
+    pub consistency: Consistency,
+    pub bmr_version: String,
+    pub chunk_size: u64,
+    pub disk: DiskMeta,
+    pub areas: Vec<Area>,
+    pub index: IndexRef,
+    pub stats: Stats,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl Manifest {
+    /// Check invariants a restore relies on, so a damaged or hostile manifest fails before any
+    /// byte is written.
+    pub fn validate(&self) -> Result<()> {
+        let id = &self.id;
+        check_snapshot_id(id)?;
+        if self.index.file != format!("{id}.idx") {
+            bail!("snapshot {id}: manifest names an unexpected index file");
+        }
+        if self.chunk_size == 0 || self.chunk_size > crate::repo::CHUNK_SIZE {
+            bail!("snapshot {id}: chunk size {} out of range", self.chunk_size);
+        }
+        if self.disk.sector_size < 512 || !self.disk.sector_size.is_power_of_two() {
+            bail!("snapshot {id}: bad sector size {}", self.disk.sector_size);
+        }
+        let mut end = 0;
+        for (i, a) in self.areas.iter().enumerate() {
+            let a_end = a.start.checked_add(a.len);
+            if a.len == 0 || a.start < end || a_end.is_none_or(|e| e > self.disk.size) {
+                bail!("snapshot {id}: area {i} lies outside the disk or overlaps another");
+            }
+            end = a_end.unwrap_or(u64::MAX);
+        }
+        Ok(())
+    }
+}
+
+pub fn check_snapshot_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid snapshot id {id:?}");
+    }
+    Ok(())
+}
+
+/// One line of `bmr list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotSummary {
+    pub id: String,
+    pub kind: Kind,
+    pub time: String,
+    pub unix_time: i64,
+    pub disk_size: u64,
+    pub used_bytes: u64,
+    pub new_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostIndex {
+    pub format: String,
+    pub version: u32,
+    pub host: String,
+    pub snapshots: Vec<SnapshotSummary>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostList {
+    pub hosts: Vec<String>,
+}
+
+pub fn host_index_path(host: &str) -> String {
+    format!("hosts/{host}/snapshots.json")
+}
+
+pub fn manifest_path(host: &str, id: &str) -> String {
+    format!("hosts/{host}/snapshots/{id}.json")
+}
+
+pub fn index_path(host: &str, id: &str) -> String {
+    format!("hosts/{host}/snapshots/{id}.idx")
+}
+
+pub fn read_hosts(src: &dyn RepoSource) -> Result<Vec<String>> {
+    let Some(bytes) = src.read_file("hosts.json")? else {
+        return Ok(Vec::new());
+    };
+    let list: HostList = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}/hosts.json is damaged", src.location()))?;
+    Ok(list.hosts)
+}
+
+pub fn read_host_index(src: &dyn RepoSource, host: &str) -> Result<HostIndex> {
+    check_host_name(host)?;
+    let Some(bytes) = src.read_file(&host_index_path(host))? else {
+        let known = read_hosts(src).unwrap_or_default();
+        bail!(
+            "no backups of host {host:?} in {}{}",
+            src.location(),
+            if known.is_empty() {
+                String::new()
+            } else {
+                format!(": known hosts are {}", known.join(", "))
+            }
+        );
+    };
+    let idx: HostIndex = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "snapshot index of host {host} is damaged ({e}): run bmr verify --repo {}",
+            src.location()
+        )
+    })?;
+    if idx.format != HOST_INDEX_FORMAT || idx.version != MANIFEST_VERSION {
+        bail!(
+            "snapshot index of host {host} has format {} version {}: use a matching bmr",
+            idx.format,
+            idx.version
+        );
+    }
+    Ok(idx)
+}
+
+pub fn read_manifest(src: &dyn RepoSource, host: &str, id: &str) -> Result<Manifest> {
+    check_snapshot_id(id)?;
+    let path = manifest_path(host, id);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!(
+            "manifest of snapshot {id} (host {host}) is missing from {}: choose another snapshot with --at",
+            src.location()
+        );
+    };
+    // Peek at format/version first so a newer manifest gets a useful message, not a parse error.
+    let head: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is truncated or corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    if head.get("format").and_then(|v| v.as_str()) != Some(MANIFEST_FORMAT) {
+        bail!("{path} is not a bmr snapshot manifest: choose another snapshot with --at");
+    }
+    let version = head.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != u64::from(MANIFEST_VERSION) {
+        bail!(
+            "snapshot {id} has manifest version {version}, this bmr reads version {MANIFEST_VERSION}: use a newer bmr"
+        );
+    }
+    let m: Manifest = serde_json::from_value(head).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    if m.id != id || m.host != host {
+        bail!(
+            "manifest {path} belongs to another snapshot ({} of {})",
+            m.id,
+            m.host
+        );
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+/// Load a snapshot's chunk index and check it against the manifest's hash.
+pub fn read_chunk_index(src: &dyn RepoSource, m: &Manifest) -> Result<Vec<u8>> {
+    let path = index_path(&m.host, &m.id);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!(
+            "chunk index of snapshot {} is missing ({path}): choose another snapshot with --at",
+            m.id
+        );
+    };
+    if Digest::of(&bytes).hex() != m.index.sha256 || bytes.len() as u64 != m.index.len {
+        bail!(
+            "chunk index of snapshot {} is damaged (checksum mismatch): choose another snapshot with --at",
+            m.id
+        );
+    }
+    Ok(bytes)
+}
+
+/// Resolve `--at`: a snapshot id, `latest`, or a time meaning the newest snapshot at or before it.
+pub fn select<'a>(idx: &'a HostIndex, at: &str) -> Result<&'a SnapshotSummary> {
+    if idx.snapshots.is_empty() {
+        bail!("host {} has no snapshots", idx.host);
+    }
+    if at == "latest" {
+        return idx
+            .snapshots
+            .iter()
+            .max_by_key(|s| (s.unix_time, s.id.clone()))
+            .context("no snapshots");
+    }
+    if let Some(s) = idx.snapshots.iter().find(|s| s.id == at) {
+        return Ok(s);
+    }
+    let Some(t) = crate::timefmt::parse_point(at) else {
+        bail!(
+            "--at {at:?} is neither a snapshot id of host {}, 'latest', nor a time like 2026-11-22T14:00: run bmr list",
+            idx.host
+        );
+    };
+    idx.snapshots
+        .iter()
+        .filter(|s| s.unix_time <= t)
+        .max_by_key(|s| (s.unix_time, s.id.clone()))
+        .with_context(|| {
+            format!(
+                "host {} has no snapshot at or before {at}: run bmr list",
+                idx.host
+            )
+        })
+}

@@ -1,0 +1,343 @@
+//! Fixture builders and checkers for the integration tests. They drive the real tools (mke2fs,
+//! mkfs.fat, mtools, sgdisk, sfdisk, e2fsck, mount) and need root, as in CI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A scratch directory removed on drop.
+pub struct Tmp(pub PathBuf);
+
+impl Tmp {
+    pub fn new(name: &str) -> Tmp {
+        let base = std::env::var_os("BMR_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let p = base.join(format!("bmr-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Tmp(p)
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+    pub fn s(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Run a shell command; panic with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").arg("-ec").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "command failed: {cmd}\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a shell command, returning (success, stdout+stderr).
+pub fn sh_status(cmd: &str) -> (bool, String) {
+    let out = Command::new("bash").arg("-ec").arg(cmd).output().unwrap();
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+pub fn bmr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bmr"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Run bmr and require success.
+pub fn bmr_ok(args: &[&str]) -> String {
+    let out = bmr(args);
+    assert!(
+        out.status.success(),
+        "bmr {args:?} failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run bmr, require failure, and return its stderr (the error line).
+pub fn bmr_fails(args: &[&str]) -> String {
+    let out = bmr(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "bmr {args:?} should have failed\nstdout: {}\nstderr: {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("bmr: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "expected one error line, got: {stderr}");
+    errors[0].to_string()
+}
+
+/// A tree of files with random content, nested directories, an empty file and a symlink.
+pub fn populate(dir: &Path, seed: u32) {
+    let d = dir.display();
+    sh(&format!(
+        "mkdir -p {d}/sub/deeper {d}/other && \
+         head -c $((1024*1024 + {seed})) /dev/urandom > {d}/big.bin && \
+         head -c 300000 /dev/urandom > {d}/sub/mid.bin && \
+         for i in $(seq 1 40); do head -c $((i * 997)) /dev/urandom > {d}/sub/deeper/f$i; done && \
+         echo 'hello from bmr {seed}' > {d}/other/hello.txt && : > {d}/empty && \
+         ln -s other/hello.txt {d}/link"
+    ));
+}
+
+/// A FAT-safe tree (no symlinks).
+pub fn populate_fat(dir: &Path) {
+    let d = dir.display();
+    sh(&format!(
+        "mkdir -p {d}/EFI/BOOT {d}/docs && head -c 700000 /dev/urandom > {d}/EFI/BOOT/BOOTX64.EFI && \
+         for i in $(seq 1 25); do head -c $((i * 1511)) /dev/urandom > {d}/docs/file$i.txt; done"
+    ));
+}
+
+#[derive(Clone, Debug)]
+pub enum Content {
+    /// ext2/3/4 image with the tree in `dir`.
+    Ext { dir: PathBuf },
+    /// FAT image with the tree in `dir`.
+    Fat { dir: PathBuf },
+    /// Raw random bytes.
+    Raw,
+}
+
+#[derive(Clone, Debug)]
+pub struct Part {
+    pub number: u32,
+    pub start: u64,
+    pub len: u64,
+    pub content: Content,
+}
+
+/// An ext filesystem image filled with random garbage first, so free space is not zero and a
+/// restore that skipped a used block would show.
+pub fn make_ext(img: &Path, size_mib: u64, fstype: &str, opts: &str, dir: &Path) {
+    sh(&format!(
+        "head -c {} /dev/urandom > {img} && mke2fs -q -F -t {fstype} -E nodiscard {opts} -d {dir} {img}",
+        size_mib * MIB,
+        img = img.display(),
+        dir = dir.display()
+    ));
+}
+
+pub fn make_fat(img: &Path, size_mib: u64, bits: u32, dir: &Path, extra: &str) {
+    sh(&format!(
+        "head -c {} /dev/urandom > {img} && mkfs.fat -F {bits} {extra} {img} >/dev/null && \
+         mcopy -s -i {img} {dir}/* ::/",
+        size_mib * MIB,
+        img = img.display(),
+        dir = dir.display()
+    ));
+}
+
+pub fn place(disk: &Path, img: &Path, offset: u64) {
+    sh(&format!(
+        "dd if={} of={} bs=1M seek={offset} oflag=seek_bytes conv=notrunc status=none",
+        img.display(),
+        disk.display()
+    ));
+}
+
+pub fn random_at(disk: &Path, offset: u64, len: u64) {
+    sh(&format!(
+        "head -c {len} /dev/urandom | dd of={} bs=64K seek={offset} oflag=seek_bytes conv=notrunc status=none",
+        disk.display()
+    ));
+}
+
+pub fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}
+
+pub fn extract(disk: &Path, offset: u64, len: u64, out: &Path) {
+    sh(&format!(
+        "dd if={} of={} bs=1M skip={offset} count={len} iflag=skip_bytes,count_bytes status=none",
+        disk.display(),
+        out.display()
+    ));
+}
+
+/// Partitions as sfdisk sees them: (number, start byte, length bytes).
+pub fn sfdisk_parts(disk: &Path) -> (serde_json::Value, Vec<(u32, u64, u64)>) {
+    let json: serde_json::Value =
+        serde_json::from_str(&sh(&format!("sfdisk -J {}", disk.display()))).unwrap();
+    let pt = json["partitiontable"].clone();
+    let ss = pt["sectorsize"].as_u64().unwrap_or(512);
+    let name = disk.display().to_string();
+    let parts = pt["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let node = p["node"].as_str().unwrap();
+            let num: u32 = node[name.len()..].parse().unwrap();
+            (
+                num,
+                p["start"].as_u64().unwrap() * ss,
+                p["size"].as_u64().unwrap() * ss,
+            )
+        })
+        .collect();
+    (pt, parts)
+}
+
+/// Used blocks of an ext image from dumpe2fs's free-block lists, as byte ranges.
+pub fn ext_used_ranges(img: &Path) -> Vec<(u64, u64)> {
+    let out = sh(&format!("dumpe2fs {} 2>/dev/null", img.display()));
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap()
+    };
+    let bs = field("Block size:");
+    let count = field("Block count:");
+    let mut free = vec![false; count as usize];
+    for l in out.lines() {
+        let Some(list) = l.strip_prefix("  Free blocks: ") else {
+            continue;
+        };
+        for item in list.split(", ").filter(|s| !s.is_empty()) {
+            let (a, b) = match item.split_once('-') {
+                Some((a, b)) => (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()),
+                None => (item.parse().unwrap(), item.parse().unwrap()),
+            };
+            for blk in a..=b {
+                free[blk as usize] = true;
+            }
+        }
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (i, f) in free.iter().enumerate() {
+        if *f {
+            continue;
+        }
+        let off = i as u64 * bs;
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += bs,
+            _ => ranges.push((off, bs)),
+        }
+    }
+    ranges
+}
+
+/// Mounted read-only with a loop device at an offset; unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn ext(disk: &Path, offset: u64, len: u64, at: &Path) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        sh(&format!(
+            "mount -o ro,loop,offset={offset},sizelimit={len} {} {}",
+            disk.display(),
+            at.display()
+        ));
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Check one restored partition against its fixture.
+pub fn check_part(tmp: &Tmp, src: &Path, dst: &Path, p: &Part) {
+    let tag = format!("p{}", p.number);
+    let s_img = tmp.path(&format!("{tag}-src.img"));
+    let d_img = tmp.path(&format!("{tag}-dst.img"));
+    extract(src, p.start, p.len, &s_img);
+    extract(dst, p.start, p.len, &d_img);
+    match &p.content {
+        Content::Raw => {
+            sh(&format!("cmp {} {}", s_img.display(), d_img.display()));
+        }
+        Content::Ext { dir } => {
+            let (ok, out) = sh_status(&format!("e2fsck -fn {}", d_img.display()));
+            assert!(
+                ok,
+                "e2fsck of restored partition {} failed:\n{out}",
+                p.number
+            );
+            for (off, len) in ext_used_ranges(&s_img) {
+                assert!(
+                    read_range(&s_img, off, len) == read_range(&d_img, off, len),
+                    "partition {}: used bytes at {off}+{len} differ",
+                    p.number
+                );
+            }
+            let mnt = Mount::ext(dst, p.start, p.len, &tmp.path(&format!("{tag}-mnt")));
+            sh(&format!(
+                "diff -r --no-dereference -x lost+found {} {}",
+                dir.display(),
+                mnt.0.display()
+            ));
+        }
+        Content::Fat { dir } => {
+            let (ok, out) = sh_status(&format!("fsck.fat -n {}", d_img.display()));
+            assert!(
+                ok,
+                "fsck.fat of restored partition {} failed:\n{out}",
+                p.number
+            );
+            let out_dir = tmp.path(&format!("{tag}-files"));
+            std::fs::create_dir_all(&out_dir).unwrap();
+            sh(&format!(
+                "mcopy -s -n -i {} ::/* {}/",
+                d_img.display(),
+                out_dir.display()
+            ));
+            sh(&format!("diff -r {} {}", dir.display(), out_dir.display()));
+        }
+    }
+    let _ = std::fs::remove_file(&s_img);
+    let _ = std::fs::remove_file(&d_img);
+}
+
+/// Bytes of the disk outside all partitions: (start, len) gaps, from sfdisk's view.
+pub fn gaps(parts: &[(u64, u64)], disk_size: u64) -> Vec<(u64, u64)> {
+    let mut v = parts.to_vec();
+    v.sort();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for (s, l) in v {
+        if s > pos {
+            out.push((pos, s - pos));
+        }
+        pos = pos.max(s + l);
+    }
+    if pos < disk_size {
+        out.push((pos, disk_size - pos));
+    }
+    out
+}
+
+pub fn sha_file(p: &Path) -> String {
+    sh(&format!("sha256sum {} | cut -d' ' -f1", p.display()))
+}
