@@ -54,7 +54,7 @@ check diff -r "$W/esp/EFI" "$W/esp-r/EFI"
 dd if="$W/new-disk.img" of="$W/root-r.img" bs=1M skip="$P3" count=$((SIZE3 / 1048576)) iflag=skip_bytes status=none
 check e2fsck -fn "$W/root-r.img"
 mkdir -p "$W/mnt"; mount -o ro,loop "$W/root-r.img" "$W/mnt"
-check diff -r "$W/root" "$W/mnt"
+check diff -r -x lost+found "$W/root" "$W/mnt"
 umount "$W/mnt"
 "$BMR" verify --repo "$W/repo" -q
 

@@ -353,3 +353,85 @@ fn interrupted_restore_never_looks_finished_and_resumes() {
     }
     assert!(sh(&format!("sgdisk -v {}", target.display())).contains("No problems found"));
 }
+
+#[test]
+fn zero_free_clears_free_space_of_a_used_target() {
+    let f = fixture("zerofree");
+    let size = std::fs::metadata(&f.disk).unwrap().len();
+    let target = f.target("t.img", size);
+    let out = f.restore(&target, &["--yes", "--zero-free"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in &f.parts {
+        check_part(&f.tmp, &f.disk, &target, p);
+    }
+    // Every byte of the ext4 partition outside its used blocks is now zero (it held 0x55).
+    let p = &f.parts[0];
+    let img = f.tmp.path("p1.img");
+    extract(&f.disk, p.start, p.len, &img);
+    let data = read_range(&target, p.start, p.len);
+    let mut pos = 0usize;
+    for (o, l) in ext_used_ranges(&img) {
+        assert!(
+            data[pos..o as usize].iter().all(|&b| b == 0),
+            "free bytes before {o} not zeroed"
+        );
+        pos = (o + l) as usize;
+    }
+    assert!(data[pos..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn concurrent_backups_of_two_hosts_and_points_in_time() {
+    let f = fixture("concurrent");
+    let d = f.disk.display().to_string();
+    let spawn = |host: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bmr"))
+            .args(["backup", "--repo", &f.repo, "--host", host, "-q", &d])
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn("alpha"), spawn("beta"));
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let out = bmr_ok(&["verify", "--repo", &f.repo, "-q"]);
+    assert!(
+        out.contains("checked 3 snapshot(s)") && out.contains("all intact"),
+        "{out}"
+    );
+    let list = bmr_ok(&["list", "--repo", &f.repo]);
+    for h in ["alpha", "beta", "h1"] {
+        assert!(list.contains(h), "{list}");
+    }
+    // A time before every snapshot selects nothing; a time after selects the newest.
+    let t = f.tmp.s("t.img");
+    let e = bmr_fails(&[
+        "restore",
+        "--repo",
+        &f.repo,
+        "--host",
+        "beta",
+        "--at",
+        "2001-01-01 00:00",
+        "--target",
+        &t,
+    ]);
+    assert!(e.contains("no snapshot at or before"), "{e}");
+    bmr_ok(&[
+        "restore",
+        "--repo",
+        &f.repo,
+        "--host",
+        "beta",
+        "--at",
+        "2999-01-01T00:00:00Z",
+        "--target",
+        &t,
+        "-q",
+    ]);
+    for p in &f.parts {
+        check_part(&f.tmp, &f.disk, Path::new(&t), p);
+    }
+}

@@ -1,0 +1,122 @@
+#!/bin/bash
+# Benchmark bmr against partclone + zstd, bmaptool and plain zstd -d on one GPT disk with a
+# 7 GiB ext4 partition holding a copy of $BMR_BENCH_DATA (default /usr/lib, ~4 GiB of real
+# files). Writes the results to docs/benchmarks.md. Run as root:  bench/bench.sh
+# Work files go to $BMR_BENCH_DIR (default /var/tmp/bmr-bench, needs ~25 GB; the source disk is
+# kept between runs; delete the directory to rebuild it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+cargo build --release --quiet
+BMR=$PWD/target/release/bmr
+W=${BMR_BENCH_DIR:-/var/tmp/bmr-bench}
+DATA=${BMR_BENCH_DATA:-/usr/lib}
+OUT=${BMR_BENCH_OUT:-docs/benchmarks.md}
+PART_OFF=$((2 * 1024 * 1024))
+PART_SIZE=$((7 * 1024 * 1024 * 1024))
+mkdir -p "$W"
+LOOPS=()
+cleanup() { for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done; }
+trap cleanup EXIT
+loop() { local l; l=$(losetup -f --show -o "$1" --sizelimit "$2" "$3"); LOOPS+=("$l"); echo "$l"; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+# Run a command, record wall seconds and peak RSS (KiB) of it and its children.
+measure() { # name cmd...
+    local name=$1; shift
+    drop_caches
+    /usr/bin/time -f "%e %M" -o "$W/time.$name" "$@"
+    read -r SECS[$name] RSS[$name] <"$W/time.$name"
+    printf '%-22s %8.1f s %8d KiB\n' "$name" "${SECS[$name]}" "${RSS[$name]}"
+}
+declare -A SECS RSS
+
+if [ ! -f "$W/disk.img" ]; then
+    echo "building the source disk from $DATA (once)..."
+    truncate -s $((PART_OFF + PART_SIZE + 1024 * 1024)) "$W/disk.tmp"
+    sgdisk -n 1:2048:4095 -t 1:ef02 -n 2:4096:+7G -t 2:8300 "$W/disk.tmp" >/dev/null
+    head -c 1048576 /dev/urandom | dd of="$W/disk.tmp" bs=1M seek=1 conv=notrunc status=none
+    mke2fs -q -F -t ext4 -E offset=$PART_OFF -d "$DATA" "$W/disk.tmp" $((PART_SIZE / 1024))k
+    mv "$W/disk.tmp" "$W/disk.img"
+fi
+SRC_LOOP=$(loop $PART_OFF $PART_SIZE "$W/disk.img")
+USED=$(dumpe2fs -h "$SRC_LOOP" 2>/dev/null | awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{print (c-f)*b}')
+echo "source: $(du -h --apparent-size "$W/disk.img" | cut -f1) disk, $((USED / 1048576)) MiB used in ext4"
+
+rm -rf "$W/repo" "$W"/*.zst "$W"/out.*
+echo "== backup"
+measure bmr_backup "$BMR" backup --repo "$W/repo" --host bench -q "$W/disk.img"
+measure partclone_zstd bash -c "partclone.ext4 -c -q -s $SRC_LOOP -o - 2>/dev/null | zstd -T0 -q -c > $W/pc.zst"
+measure bmr_backup_again "$BMR" backup --repo "$W/repo" --host bench -q "$W/disk.img"
+read -r B1_USED B1_NEW B2_NEW < <("$BMR" list --repo "$W/repo" --host bench --json | python3 -c \
+  'import json,sys; s=json.load(sys.stdin)[0]["snapshots"]; print(s[0]["used_bytes"], s[0]["new_bytes"], s[1]["new_bytes"])')
+REPO_SIZE=$(du -sb "$W/repo" | cut -f1)
+
+echo "== restore"
+measure zstd_d zstd -d -q -f "$W/pc.zst" -o "$W/out.zstd"
+rm -f "$W/out.zstd"
+measure bmr_restore "$BMR" restore --repo "$W/repo" --host bench --target "$W/out.bmr" -q
+rm -f "$W/out.bmr"
+measure bmr_restore_noprecheck "$BMR" restore --repo "$W/repo" --host bench --target "$W/out.bmr" -q --no-precheck
+cmp <(dd if="$W/disk.img" bs=1M count=2 status=none) <(dd if="$W/out.bmr" bs=1M count=2 status=none)
+e2fsck -fn "$(loop $PART_OFF $PART_SIZE "$W/out.bmr")" >/dev/null
+rm -f "$W/out.bmr"
+truncate -s $PART_SIZE "$W/out.pc"
+measure partclone_restore bash -c "zstd -d -q -c $W/pc.zst | partclone.ext4 -r -q -s - -o $W/out.pc 2>/dev/null"
+rm -f "$W/out.pc"
+bmaptool create "$W/disk.img" >"$W/disk.bmap" 2>/dev/null
+measure bmaptool_copy bmaptool -q copy --bmap "$W/disk.bmap" "$W/disk.img" "$W/out.bmap"
+rm -f "$W/out.bmap"
+
+echo "== same used data, 4x bigger disk"
+if [ ! -f "$W/big.img" ]; then
+    truncate -s $((4 * PART_SIZE + PART_OFF + 1024 * 1024)) "$W/big.tmp"
+    sgdisk -n 1:2048:4095 -t 1:ef02 -n 2:4096:0 -t 2:8300 "$W/big.tmp" >/dev/null
+    dd if="$W/disk.img" of="$W/big.tmp" bs=4M skip=$PART_OFF seek=$PART_OFF count=$PART_SIZE \
+        iflag=skip_bytes,count_bytes oflag=seek_bytes conv=notrunc,sparse status=none
+    BIG_LOOP=$(loop $PART_OFF $((4 * PART_SIZE)) "$W/big.tmp")
+    e2fsck -fy "$BIG_LOOP" >/dev/null 2>&1 || true
+    resize2fs "$BIG_LOOP" >/dev/null 2>&1
+    mv "$W/big.tmp" "$W/big.img"
+fi
+rm -rf "$W/repo-big"
+"$BMR" backup --repo "$W/repo-big" --host big -q "$W/big.img"
+measure bmr_restore_4x_disk "$BMR" restore --repo "$W/repo-big" --host big --target "$W/out.big" -q
+rm -f "$W/out.big"
+
+r() { python3 -c "print(f'{$1:.2f}')"; }
+{
+cat <<EOF
+# Benchmarks
+
+Made by \`bench/bench.sh\` on $(date -u +%Y-%m-%d) ($(nproc) cores, $(awk '/MemTotal/{printf "%d GiB", $2/1048576}' /proc/meminfo) RAM,
+$(uname -r)). Source: a $(du -h --apparent-size "$W/disk.img" | cut -f1) GPT disk image whose 7 GiB ext4 partition holds
+a copy of \`$DATA\` ($((USED / 1048576)) MiB used). Source, repository and targets are files on the same
+local filesystem; the page cache is dropped before every run when the kernel allows it
+(inside a container it may not, so reads may come from the cache: all tools get the same).
+
+| operation | command | time (s) | peak RSS (MiB) |
+| --- | --- | ---: | ---: |
+| backup | \`bmr backup\` | ${SECS[bmr_backup]} | $((RSS[bmr_backup] / 1024)) |
+| backup | \`partclone.ext4 -c \| zstd -T0\` | ${SECS[partclone_zstd]} | $((RSS[partclone_zstd] / 1024)) |
+| backup, unchanged disk again | \`bmr backup\` | ${SECS[bmr_backup_again]} | $((RSS[bmr_backup_again] / 1024)) |
+| restore | \`bmr restore\` (checks every chunk first) | ${SECS[bmr_restore]} | $((RSS[bmr_restore] / 1024)) |
+| restore | \`bmr restore --no-precheck\` | ${SECS[bmr_restore_noprecheck]} | $((RSS[bmr_restore_noprecheck] / 1024)) |
+| restore | \`zstd -d \| partclone.ext4 -r\` | ${SECS[partclone_restore]} | $((RSS[partclone_restore] / 1024)) |
+| restore | \`bmaptool copy\` (raw image + bmap) | ${SECS[bmaptool_copy]} | $((RSS[bmaptool_copy] / 1024)) |
+| decompress only | \`zstd -d\` of partclone's image | ${SECS[zstd_d]} | $((RSS[zstd_d] / 1024)) |
+| restore, same data on a 4x bigger disk | \`bmr restore\` | ${SECS[bmr_restore_4x_disk]} | $((RSS[bmr_restore_4x_disk] / 1024)) |
+
+| goal | result |
+| --- | --- |
+| restore at least 4x faster than partclone | $(r "${SECS[partclone_restore]} / ${SECS[bmr_restore]}")x |
+| restore within 1.3x of \`zstd -d\` alone | $(r "${SECS[bmr_restore]} / ${SECS[zstd_d]}")x (without the pre-check: $(r "${SECS[bmr_restore_noprecheck]} / ${SECS[zstd_d]}")x) |
+| backup at least 2x faster than partclone + zstd | $(r "${SECS[partclone_zstd]} / ${SECS[bmr_backup]}")x |
+| second backup of the unchanged disk stores under 1% new bytes | $B2_NEW new bytes ($(r "100 * $B2_NEW / $B1_USED")% of $((B1_USED / 1048576)) MiB used) |
+| peak memory under 256 MiB | backup $((RSS[bmr_backup] / 1024)) MiB, restore $((RSS[bmr_restore] / 1024)) MiB |
+| restore time grows with used data, not disk size | $(r "${SECS[bmr_restore_4x_disk]} / ${SECS[bmr_restore]}")x the time for a 4x bigger disk with the same files |
+
+Repository after two backups: $((REPO_SIZE / 1048576)) MiB (first backup stored $((B1_NEW / 1048576)) MiB compressed); partclone's
+zstd image: $(( $(stat -c %s "$W/pc.zst") / 1048576 )) MiB.
+EOF
+} >"$OUT"
+cat "$OUT"
