@@ -18,7 +18,8 @@ mkdir -p "$W"
 LOOPS=()
 cleanup() { for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done; }
 trap cleanup EXIT
-loop() { local l; l=$(losetup -f --show -o "$1" --sizelimit "$2" "$3"); LOOPS+=("$l"); echo "$l"; }
+# Sets LOOP (not via $(...): the cleanup list must be updated in this shell).
+loop() { LOOP=$(losetup -f --show -o "$1" --sizelimit "$2" "$3"); LOOPS+=("$LOOP"); }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 # Run a command, record wall seconds and peak RSS (KiB) of it and its children.
 measure() { # name cmd...
@@ -38,8 +39,8 @@ if [ ! -f "$W/disk.img" ]; then
     mke2fs -q -F -t ext4 -E offset=$PART_OFF -d "$DATA" "$W/disk.tmp" $((PART_SIZE / 1024))k
     mv "$W/disk.tmp" "$W/disk.img"
 fi
-SRC_LOOP=$(loop $PART_OFF $PART_SIZE "$W/disk.img")
-USED=$(dumpe2fs -h "$SRC_LOOP" 2>/dev/null | awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{print (c-f)*b}')
+loop $PART_OFF $PART_SIZE "$W/disk.img"; SRC_LOOP=$LOOP
+USED=$(dumpe2fs -h "$SRC_LOOP" 2>/dev/null | awk -F: '/^Block count/{c=$2} /^Free blocks/{f=$2} /^Block size/{b=$2} END{printf "%.0f", (c-f)*b}')
 echo "source: $(du -h --apparent-size "$W/disk.img" | cut -f1) disk, $((USED / 1048576)) MiB used in ext4"
 
 rm -rf "$W/repo" "$W"/*.zst "$W"/out.*
@@ -58,10 +59,10 @@ measure bmr_restore "$BMR" restore --repo "$W/repo" --host bench --target "$W/ou
 rm -f "$W/out.bmr"
 measure bmr_restore_noprecheck "$BMR" restore --repo "$W/repo" --host bench --target "$W/out.bmr" -q --no-precheck
 cmp <(dd if="$W/disk.img" bs=1M count=2 status=none) <(dd if="$W/out.bmr" bs=1M count=2 status=none)
-e2fsck -fn "$(loop $PART_OFF $PART_SIZE "$W/out.bmr")" >/dev/null
+loop $PART_OFF $PART_SIZE "$W/out.bmr"; e2fsck -fn "$LOOP" >/dev/null; losetup -d "$LOOP"
 rm -f "$W/out.bmr"
 truncate -s $PART_SIZE "$W/out.pc"
-measure partclone_restore bash -c "zstd -d -q -c $W/pc.zst | partclone.ext4 -r -q -s - -o $W/out.pc 2>/dev/null"
+measure partclone_restore bash -c "zstd -d -q -c $W/pc.zst | partclone.ext4 -r -q -s - -O $W/out.pc 2>/dev/null"
 rm -f "$W/out.pc"
 bmaptool create "$W/disk.img" >"$W/disk.bmap" 2>/dev/null
 measure bmaptool_copy bmaptool -q copy --bmap "$W/disk.bmap" "$W/disk.img" "$W/out.bmap"
@@ -73,9 +74,10 @@ if [ ! -f "$W/big.img" ]; then
     sgdisk -n 1:2048:4095 -t 1:ef02 -n 2:4096:0 -t 2:8300 "$W/big.tmp" >/dev/null
     dd if="$W/disk.img" of="$W/big.tmp" bs=4M skip=$PART_OFF seek=$PART_OFF count=$PART_SIZE \
         iflag=skip_bytes,count_bytes oflag=seek_bytes conv=notrunc,sparse status=none
-    BIG_LOOP=$(loop $PART_OFF $((4 * PART_SIZE)) "$W/big.tmp")
-    e2fsck -fy "$BIG_LOOP" >/dev/null 2>&1 || true
-    resize2fs "$BIG_LOOP" >/dev/null 2>&1
+    loop $PART_OFF $((4 * PART_SIZE)) "$W/big.tmp"
+    e2fsck -fy "$LOOP" >/dev/null 2>&1 || true
+    resize2fs "$LOOP" >/dev/null 2>&1
+    losetup -d "$LOOP"
     mv "$W/big.tmp" "$W/big.img"
 fi
 rm -rf "$W/repo-big"

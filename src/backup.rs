@@ -51,7 +51,7 @@ pub struct BackupOptions {
     /// zstd compression level (1 = fastest, 19 = smallest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
-    /// Worker threads [default: number of CPUs].
+    /// Worker threads [default: twice the number of CPUs].
     #[arg(long)]
     pub threads: Option<usize>,
     /// No progress output.
@@ -361,7 +361,8 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     let id = crate::timefmt::new_snapshot_id(unix_time);
     let threads = opts
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        // Twice the CPUs: workers also wait on chunk fsyncs.
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
         .max(1);
     let total: u64 = plans.iter().map(|p| p.area.used_bytes).sum();
     let guard = Progress::start("backup", total, opts.quiet);
