@@ -57,8 +57,26 @@ pub struct BackupOptions {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
-    /// The disk to back up: a block device or a raw disk image file.
-    pub disk: PathBuf,
+    /// File-level backup of the mounted filesystems of the host's last image: what changed
+    /// since the host's previous backup of any kind, and the list of everything present.
+    #[arg(long, conflicts_with = "differential")]
+    pub incremental: bool,
+    /// Like --incremental, but changes since the last image.
+    #[arg(long)]
+    pub differential: bool,
+    /// The disk to back up (block device or raw disk image file); with --incremental, the
+    /// mount points of the image's filesystems.
+    #[arg(required = true, value_name = "DISK | MOUNTPOINT...")]
+    pub paths: Vec<PathBuf>,
+}
+
+impl BackupOptions {
+    fn disk(&self) -> Result<&std::path::Path> {
+        match self.paths.as_slice() {
+            [d] => Ok(d),
+            _ => bail!("an image backup takes exactly one disk (did you mean --incremental?)"),
+        }
+    }
 }
 
 pub struct BackupSummary {
@@ -324,13 +342,14 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
             "--snapshot lvm is not available in this build: back up from the rescue system, or use --allow-live"
         );
     }
-    let disk = Disk::open_read(&opts.disk)?;
+    let disk_path = opts.disk()?;
+    let disk = Disk::open_read(disk_path)?;
     let mut warnings = Vec::new();
-    let uses = crate::safety::mounts_on(&crate::safety::disk_devnums(&opts.disk))?;
+    let uses = crate::safety::mounts_on(&crate::safety::disk_devnums(disk_path))?;
     let consistency = match uses.iter().find(|u| u.read_write) {
         Some(u) if !opts.allow_live => bail!(
             "{} has {} mounted read-write on {}: back up from the rescue system, unmount it, or add --allow-live (crash-consistent)",
-            opts.disk.display(),
+            disk_path.display(),
             u.source,
             u.mountpoint
         ),
@@ -472,6 +491,14 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     std::fs::rename(&idx_tmp, repo.root().join(&idx_rel))
         .with_context(|| format!("cannot install {idx_rel}"))?;
 
+    let tocs = write_tocs(
+        &repo,
+        &disk,
+        &host,
+        &id,
+        &plans_areas(&plans),
+        &mut warnings,
+    )?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
@@ -480,7 +507,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         kind: Kind::Image,
         time,
         unix_time,
-        source: opts.disk.display().to_string(),
+        source: disk_path.display().to_string(),
         consistency,
         bmr_version: env!("CARGO_PKG_VERSION").into(),
         chunk_size: CHUNK_SIZE,
@@ -498,12 +525,26 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         },
         stats: stats.clone(),
         warnings: warnings.clone(),
+        tocs,
     };
     repo.write_atomic(
         &crate::manifest::manifest_path(&host, &id),
         &serde_json::to_vec_pretty(&manifest)?,
     )?;
-    add_to_host_index(&repo, &manifest)?;
+    add_to_host_index(
+        &repo,
+        &host,
+        SnapshotSummary {
+            id: manifest.id.clone(),
+            kind: manifest.kind,
+            time: manifest.time.clone(),
+            unix_time: manifest.unix_time,
+            disk_size: manifest.disk.size,
+            used_bytes: manifest.stats.used_bytes,
+            new_bytes: manifest.stats.new_bytes,
+            base: None,
+        },
+    )?;
     Ok(BackupSummary {
         id,
         host,
@@ -513,26 +554,74 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     })
 }
 
-fn add_to_host_index(repo: &LocalRepo, m: &Manifest) -> Result<()> {
-    let path = crate::manifest::host_index_path(&m.host);
+fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
+    plans.iter().map(|p| p.area.clone()).collect()
+}
+
+/// Table of contents of every ext/FAT filesystem, read from the disk itself. A filesystem
+/// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
+fn write_tocs(
+    repo: &LocalRepo,
+    disk: &Disk,
+    host: &str,
+    id: &str,
+    areas: &[Area],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<crate::manifest::TocRef>> {
+    let mut out = Vec::new();
+    for (ai, a) in areas.iter().enumerate() {
+        let Some(fs) = &a.fs else { continue };
+        let range = crate::fsread::FileRange {
+            file: &disk.file,
+            base: a.start,
+            len: a.len,
+        };
+        let entries = match crate::fsread::read_tree(&range, &fs.fstype) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = format!(
+                    "no file list for the {} filesystem at offset {}: {e:#}",
+                    fs.fstype, a.start
+                );
+                eprintln!("warning: {msg}");
+                warnings.push(msg);
+                continue;
+            }
+        };
+        let file = format!("{id}.toc{ai}");
+        let mut w = crate::toc::TocWriter::new(Vec::new())?;
+        for e in entries {
+            w.push(&crate::toc::FileMeta::from(e))?;
+        }
+        let (bytes, count) = w.finish()?;
+        repo.write_atomic(&format!("hosts/{host}/snapshots/{file}"), &bytes)?;
+        out.push(crate::manifest::TocRef {
+            area: ai as u32,
+            fstype: fs.fstype.clone(),
+            uuid: fs.uuid.clone(),
+            file,
+            sha256: Digest::of(&bytes).hex(),
+            len: bytes.len() as u64,
+            entries: count,
+        });
+    }
+    Ok(out)
+}
+
+/// Add a snapshot to its host's index and the host to the repository's host list. The caller
+/// holds the host lock.
+pub fn add_to_host_index(repo: &LocalRepo, host: &str, summary: SnapshotSummary) -> Result<()> {
+    let path = crate::manifest::host_index_path(host);
     let mut idx = match repo.read_file(&path)? {
-        Some(_) => crate::manifest::read_host_index(repo, &m.host)?,
+        Some(_) => crate::manifest::read_host_index(repo, host)?,
         None => HostIndex {
             format: HOST_INDEX_FORMAT.into(),
             version: MANIFEST_VERSION,
-            host: m.host.clone(),
+            host: host.to_string(),
             snapshots: Vec::new(),
         },
     };
-    idx.snapshots.push(SnapshotSummary {
-        id: m.id.clone(),
-        kind: m.kind,
-        time: m.time.clone(),
-        unix_time: m.unix_time,
-        disk_size: m.disk.size,
-        used_bytes: m.stats.used_bytes,
-        new_bytes: m.stats.new_bytes,
-    });
+    idx.snapshots.push(summary);
     repo.write_atomic(&path, &serde_json::to_vec_pretty(&idx)?)?;
 
     let _l = repo.lock("hosts", true)?;
@@ -540,8 +629,8 @@ fn add_to_host_index(repo: &LocalRepo, m: &Manifest) -> Result<()> {
         Some(b) => serde_json::from_slice(&b).context("hosts.json in the repository is damaged")?,
         None => HostList::default(),
     };
-    if !hosts.hosts.contains(&m.host) {
-        hosts.hosts.push(m.host.clone());
+    if !hosts.hosts.iter().any(|h| h == host) {
+        hosts.hosts.push(host.to_string());
         hosts.hosts.sort();
         repo.write_atomic("hosts.json", &serde_json::to_vec_pretty(&hosts)?)?;
     }

@@ -25,11 +25,27 @@ pub enum Command {
     List(crate::list::ListOptions),
     /// Check that every chunk every snapshot needs is present and intact.
     Verify(crate::verify::VerifyOptions),
+    /// List files of a snapshot like ls -l.
+    Ls(crate::files::LsOptions),
+    /// Restore files and trees from a snapshot into a directory.
+    RestoreFiles(crate::files::RestoreFilesOptions),
+    /// Remove snapshots by a retention policy (images stay while a kept incremental needs them).
+    Forget(crate::retention::ForgetOptions),
+    /// Delete chunks that no snapshot references.
+    Prune(crate::retention::PruneOptions),
 }
 
 /// Run a command; Ok(exit code).
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Backup(o) if o.incremental || o.differential => {
+            let host = match &o.host {
+                Some(h) => h.clone(),
+                None => crate::backup::default_host()?,
+            };
+            let s = crate::incremental::run(&o.repo, &host, &o.paths, o.differential)?;
+            crate::incremental::print_summary(&s);
+        }
         Command::Backup(o) => {
             let s = crate::backup::run(&o)?;
             crate::backup::print_summary(&s);
@@ -39,6 +55,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             crate::restore::print_summary(&s);
         }
         Command::List(o) => crate::list::run(&o)?,
+        Command::Ls(o) => crate::files::ls(&o)?,
+        Command::RestoreFiles(o) => crate::files::restore_files(&o)?,
+        Command::Forget(o) => crate::retention::forget(&o)?,
+        Command::Prune(o) => crate::retention::prune(&o)?,
         Command::Verify(o) => {
             let r = crate::verify::run(&o)?;
             crate::verify::print_report(&r);

@@ -36,7 +36,8 @@ pub fn run(opts: &ListOptions) -> Result<()> {
     let mut out = Vec::new();
     for host in hosts {
         let mut idx = crate::manifest::read_host_index(src, &host)?;
-        idx.snapshots.sort_by_key(|s| (s.unix_time, s.id.clone()));
+        // Stable: same-second snapshots keep their creation (index) order.
+        idx.snapshots.sort_by_key(|s| s.unix_time);
         out.push(HostSnapshots {
             host,
             snapshots: idx.snapshots,

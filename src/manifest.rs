@@ -14,12 +14,15 @@ pub const HOST_INDEX_FORMAT: &str = "bmr-host-index";
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Image,
+    /// Files changed since a previous snapshot, with the complete list of paths present.
+    Incremental,
 }
 
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Kind::Image => "image",
+            Kind::Incremental => "incr",
         })
     }
 }
@@ -128,6 +131,51 @@ pub struct Manifest {
     pub stats: Stats,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Tables of contents of the filesystems in `areas`.
+    #[serde(default)]
+    pub tocs: Vec<TocRef>,
+}
+
+/// A table of contents (file list) stored beside a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TocRef {
+    /// Index into the base image's `areas`.
+    pub area: u32,
+    pub fstype: String,
+    pub uuid: Option<String>,
+    /// File name beside the manifest.
+    pub file: String,
+    pub sha256: String,
+    pub len: u64,
+    pub entries: u64,
+}
+
+/// One filesystem of an incremental snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncFs {
+    pub mountpoint: String,
+    pub toc: TocRef,
+    pub changed: u64,
+    pub deleted: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncManifest {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub host: String,
+    pub kind: Kind,
+    pub time: String,
+    pub unix_time: i64,
+    pub bmr_version: String,
+    /// The image whose blocks a restore writes first.
+    pub base: String,
+    /// The snapshot changes were computed against.
+    pub parent: String,
+    pub differential: bool,
+    pub filesystems: Vec<IncFs>,
+    pub stats: Stats,
 }
 
 impl Manifest {
@@ -179,6 +227,9 @@ pub struct SnapshotSummary {
     pub disk_size: u64,
     pub used_bytes: u64,
     pub new_bytes: u64,
+    /// For incrementals: the image they build on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -245,7 +296,8 @@ pub fn read_host_index(src: &dyn RepoSource, host: &str) -> Result<HostIndex> {
     Ok(idx)
 }
 
-pub fn read_manifest(src: &dyn RepoSource, host: &str, id: &str) -> Result<Manifest> {
+/// Read and version-check a manifest's JSON.
+fn read_manifest_json(src: &dyn RepoSource, host: &str, id: &str) -> Result<serde_json::Value> {
     check_snapshot_id(id)?;
     let path = manifest_path(host, id);
     let Some(bytes) = src.read_file(&path)? else {
@@ -269,20 +321,65 @@ pub fn read_manifest(src: &dyn RepoSource, host: &str, id: &str) -> Result<Manif
             "snapshot {id} has manifest version {version}, this bmr reads version {MANIFEST_VERSION}: use a newer bmr"
         );
     }
+    if head.get("id").and_then(|v| v.as_str()) != Some(id)
+        || head.get("host").and_then(|v| v.as_str()) != Some(host)
+    {
+        bail!("manifest {path} belongs to another snapshot");
+    }
+    Ok(head)
+}
+
+pub fn is_incremental(src: &dyn RepoSource, host: &str, id: &str) -> Result<bool> {
+    let v = read_manifest_json(src, host, id)?;
+    Ok(v.get("kind").and_then(|k| k.as_str()) == Some("incremental"))
+}
+
+pub fn read_manifest(src: &dyn RepoSource, host: &str, id: &str) -> Result<Manifest> {
+    let head = read_manifest_json(src, host, id)?;
+    if head.get("kind").and_then(|k| k.as_str()) == Some("incremental") {
+        bail!("snapshot {id} is an incremental, not an image");
+    }
     let m: Manifest = serde_json::from_value(head).map_err(|e| {
         anyhow::anyhow!(
             "manifest of snapshot {id} (host {host}) is corrupt ({e}): choose another snapshot with --at"
         )
     })?;
-    if m.id != id || m.host != host {
-        bail!(
-            "manifest {path} belongs to another snapshot ({} of {})",
-            m.id,
-            m.host
-        );
-    }
     m.validate()?;
     Ok(m)
+}
+
+pub fn read_inc_manifest(src: &dyn RepoSource, host: &str, id: &str) -> Result<IncManifest> {
+    let head = read_manifest_json(src, host, id)?;
+    let m: IncManifest = serde_json::from_value(head).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    check_snapshot_id(&m.base)?;
+    Ok(m)
+}
+
+/// Load a file list and check it against its recorded hash.
+pub fn read_toc(
+    src: &dyn RepoSource,
+    host: &str,
+    id: &str,
+    t: &TocRef,
+) -> Result<Vec<crate::toc::FileMeta>> {
+    let expected = format!("{id}.toc{}", t.area);
+    if t.file != expected {
+        bail!("snapshot {id}: unexpected file list name {:?}", t.file);
+    }
+    let path = format!("hosts/{host}/snapshots/{}", t.file);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!("file list {path} of snapshot {id} is missing: choose another snapshot with --at");
+    };
+    if Digest::of(&bytes).hex() != t.sha256 {
+        bail!(
+            "file list {path} of snapshot {id} is damaged (checksum mismatch): choose another snapshot with --at"
+        );
+    }
+    crate::toc::read_all(&bytes, &format!("file list of snapshot {id}"))
 }
 
 /// Load a snapshot's chunk index and check it against the manifest's hash.
@@ -312,7 +409,9 @@ pub fn select<'a>(idx: &'a HostIndex, at: &str) -> Result<&'a SnapshotSummary> {
         return idx
             .snapshots
             .iter()
-            .max_by_key(|s| (s.unix_time, s.id.clone()))
+            .enumerate()
+            .max_by_key(|(i, s)| (s.unix_time, *i))
+            .map(|(_, s)| s)
             .context("no snapshots");
     }
     if let Some(s) = idx.snapshots.iter().find(|s| s.id == at) {
@@ -327,7 +426,9 @@ pub fn select<'a>(idx: &'a HostIndex, at: &str) -> Result<&'a SnapshotSummary> {
     idx.snapshots
         .iter()
         .filter(|s| s.unix_time <= t)
-        .max_by_key(|s| (s.unix_time, s.id.clone()))
+        .enumerate()
+        .max_by_key(|(i, s)| (s.unix_time, *i))
+        .map(|(_, s)| s)
         .with_context(|| {
             format!(
                 "host {} has no snapshot at or before {at}: run bmr list",

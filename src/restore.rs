@@ -652,8 +652,23 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     let start = Instant::now();
     let src = crate::repo::open_source(&opts.repo)?;
     let src = src.as_ref();
-    let l = load(src, &opts.host, &opts.at)?;
+    crate::repo::check_config(src)?;
+    let idx = crate::manifest::read_host_index(src, &opts.host)?;
+    let sel = crate::manifest::select(&idx, &opts.at)?;
+    // A point after the image: restore the image, then bring its filesystems to that point.
+    let inc = match sel.kind {
+        crate::manifest::Kind::Incremental => Some(crate::manifest::read_inc_manifest(
+            src, &opts.host, &sel.id,
+        )?),
+        crate::manifest::Kind::Image => None,
+    };
+    let image_id = inc.as_ref().map_or(sel.id.clone(), |i| i.base.clone());
+    let l = load_snapshot(src, &opts.host, &image_id)?;
     let m = &l.manifest;
+    let apply_plan = match &inc {
+        Some(i) => plan_apply(src, m, i)?,
+        None => Vec::new(),
+    };
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
@@ -777,13 +792,68 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     if opts.verify {
         verify_target(&l, &disk, &layout, threads, opts.quiet)?;
     }
+    if let Some(i) = &inc {
+        for (ai, current, desired) in &apply_plan {
+            let area = &m.areas[*ai as usize];
+            let mnt = crate::apply::mount_area(&disk, area, &ai.to_string())?;
+            let st = crate::apply::apply(src, &i.id, &mnt.dir, current, desired, None)?;
+            println!(
+                "applied incremental {} to the filesystem at offset {}: {} removed, {} written, {} updated",
+                i.id, area.start, st.removed, st.written, st.updated
+            );
+        }
+    }
     Ok(RestoreSummary {
-        id: m.id.clone(),
+        id: inc.as_ref().map_or(m.id.clone(), |i| i.id.clone()),
         written: total - ctx.skipped.load(Ordering::Relaxed),
         skipped: ctx.skipped.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
         verified: opts.verify,
     })
+}
+
+/// Load the file lists an incremental restore applies, and check that every chunk they name
+/// exists, before anything is written.
+type ApplyPlan = Vec<(u32, Vec<crate::toc::FileMeta>, Vec<crate::toc::FileMeta>)>;
+
+fn plan_apply(
+    src: &dyn RepoSource,
+    m: &Manifest,
+    inc: &crate::manifest::IncManifest,
+) -> Result<ApplyPlan> {
+    let mut plan = Vec::new();
+    for fs in &inc.filesystems {
+        let area = fs.toc.area;
+        if m.areas
+            .get(area as usize)
+            .is_none_or(|a| a.kind != AreaKind::Partition)
+        {
+            bail!(
+                "incremental {} names area {area}, which image {} does not have",
+                inc.id,
+                m.id
+            );
+        }
+        let Some(base_toc) = m.tocs.iter().find(|t| t.area == area) else {
+            bail!("image {} has no file list for area {area}", m.id);
+        };
+        let current = crate::manifest::read_toc(src, &m.host, &m.id, base_toc)?;
+        let desired = crate::manifest::read_toc(src, &inc.host, &inc.id, &fs.toc)?;
+        for f in &desired {
+            for d in f.chunk_digests() {
+                let d = d?;
+                if src.chunk_len(&d)?.is_none() {
+                    bail!(
+                        "file {:?} of snapshot {}: chunk {d} is missing: run bmr verify and restore another point with --at",
+                        String::from_utf8_lossy(&f.path),
+                        inc.id
+                    );
+                }
+            }
+        }
+        plan.push((area, current, desired));
+    }
+    Ok(plan)
 }
 
 /// Read back every used range (bypassing the page cache) and compare with the chunk hashes.

@@ -24,22 +24,23 @@ const RO_BIGALLOC: u32 = 0x200;
 const RO_METADATA_CSUM: u32 = 0x400;
 const BG_BLOCK_UNINIT: u16 = 0x2;
 
-struct Sb {
-    block_size: u64,
-    cluster_ratio: u64,
-    blocks_count: u64,
-    first_data_block: u64,
-    blocks_per_group: u64,
-    inodes_per_group: u64,
-    inode_size: u64,
-    desc_size: u64,
-    groups: u64,
-    reserved_gdt: u64,
-    first_meta_bg: u64,
-    backup_bgs: [u64; 2],
-    compat: u32,
-    incompat: u32,
-    ro: u32,
+/// The superblock fields the allocation map and the file reader (crate::fsread) need.
+pub(crate) struct Sb {
+    pub(crate) block_size: u64,
+    pub(crate) cluster_ratio: u64,
+    pub(crate) blocks_count: u64,
+    pub(crate) first_data_block: u64,
+    pub(crate) blocks_per_group: u64,
+    pub(crate) inodes_per_group: u64,
+    pub(crate) inode_size: u64,
+    pub(crate) desc_size: u64,
+    pub(crate) groups: u64,
+    pub(crate) reserved_gdt: u64,
+    pub(crate) first_meta_bg: u64,
+    pub(crate) backup_bgs: [u64; 2],
+    pub(crate) compat: u32,
+    pub(crate) incompat: u32,
+    pub(crate) ro: u32,
 }
 
 impl Sb {
@@ -63,7 +64,7 @@ impl Sb {
         self.first_data_block + g * self.blocks_per_group
     }
 
-    fn descs_per_block(&self) -> u64 {
+    pub(crate) fn descs_per_block(&self) -> u64 {
         self.block_size / self.desc_size
     }
 
@@ -77,7 +78,7 @@ impl Sb {
     }
 
     /// Block holding the descriptor of group g.
-    fn desc_block(&self, g: u64) -> u64 {
+    pub(crate) fn desc_block(&self, g: u64) -> u64 {
         let dpb = self.descs_per_block();
         let mg = g / dpb;
         if self.incompat & INCOMPAT_META_BG != 0 && mg >= self.first_meta_bg {
@@ -89,7 +90,7 @@ impl Sb {
     }
 }
 
-fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
+pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     let what = |m: &str| anyhow::anyhow!("ext filesystem at offset {at}: {m}");
     let log = le32(sb, 24);
     if log > 6 {

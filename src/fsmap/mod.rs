@@ -52,5 +52,34 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     fat::probe(dev, offset, len, &head[..512])
 }
 
+/// Just the filesystem UUID (as `probe` reports it), also for a mounted filesystem whose
+/// allocation map cannot be trusted.
+pub fn probe_uuid(dev: &File) -> Option<String> {
+    let mut head = vec![0u8; 2048];
+    dev.read_exact_at(&mut head, 0).ok()?;
+    if le16(&head, 1024 + 56) == 0xef53 {
+        let b = &head[1024 + 104..1024 + 120];
+        let h =
+            |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+        return Some(format!(
+            "{}-{}-{}-{}-{}",
+            h(0..4),
+            h(4..6),
+            h(6..8),
+            h(8..10),
+            h(10..16)
+        ));
+    }
+    if head[510] == 0x55 && head[511] == 0xaa {
+        let fat32 = le16(&head, 22) == 0;
+        let (sig, id) = if fat32 { (66, 67) } else { (38, 39) };
+        if head[sig] == 0x29 {
+            let v = le32(&head, id);
+            return Some(format!("{:04X}-{:04X}", v >> 16, v & 0xffff));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests;

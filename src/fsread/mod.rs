@@ -1,0 +1,88 @@
+//! Read a filesystem's complete file tree (metadata and where each file's data lives) from the
+//! raw filesystem, without mounting it: the table of contents of an image backup.
+
+pub mod ext;
+pub mod fat;
+
+use anyhow::{Result, bail};
+
+/// Positional reads relative to the start of the filesystem; fills `buf` or fails.
+pub trait ReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+/// A partition of an open file or device.
+pub struct FileRange<'a> {
+    pub file: &'a std::fs::File,
+    pub base: u64,
+    pub len: u64,
+}
+
+impl ReadAt for FileRange<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if offset.saturating_add(buf.len() as u64) > self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read beyond the end of the partition",
+            ));
+        }
+        self.file.read_exact_at(buf, self.base + offset)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    CharDev,
+    BlockDev,
+    Fifo,
+    Socket,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub file_off: u64,
+    /// Bytes from the start of the filesystem.
+    pub disk_off: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Relative, '/'-separated raw bytes; the root directory is empty.
+    pub path: Vec<u8>,
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub atime: (i64, u32),
+    /// Hard-link identity.
+    pub inode: u64,
+    pub nlink: u32,
+    pub rdev: (u32, u32),
+    pub symlink: Option<Vec<u8>>,
+    /// Full names and values as setxattr(2) takes them.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Regular files: data runs sorted by file offset; gaps are holes.
+    pub extents: Vec<Extent>,
+    /// Data kept inside the inode (ext4 inline_data).
+    pub inline: Option<Vec<u8>>,
+}
+
+/// The whole tree, parents before children.
+pub fn read_tree(fs: &dyn ReadAt, fstype: &str) -> Result<Vec<Entry>> {
+    match fstype {
+        "ext2" | "ext3" | "ext4" => ext::read_tree(fs),
+        "vfat" => fat::read_tree(fs),
+        other => bail!("no file reader for {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! `bmr forget` (drop snapshots by a retention policy) and `bmr prune` (delete chunks no
+//! snapshot references).
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::chunkindex::{ChunkRef, IndexReader};
+use crate::manifest::{Kind, SnapshotSummary};
+use crate::progress::human_bytes;
+use crate::repo::Digest;
+use crate::repo::local::LocalRepo;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ForgetOptions {
+    /// Repository directory.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Host whose snapshots to thin out.
+    #[arg(long)]
+    pub host: String,
+    /// Keep the newest N snapshots.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: usize,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: usize,
+    /// Show what would be removed without removing it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PruneOptions {
+    /// Repository directory.
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Show what would be deleted without deleting it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Which snapshots a policy keeps; images that kept incrementals build on are kept too.
+pub fn keep_set(snaps: &[SnapshotSummary], o: &ForgetOptions) -> BTreeSet<String> {
+    // Newest first; the index is in creation order, which breaks same-second ties.
+    let mut sorted: Vec<(usize, &SnapshotSummary)> = snaps.iter().enumerate().collect();
+    sorted.sort_by_key(|(i, s)| std::cmp::Reverse((s.unix_time, *i)));
+    let sorted: Vec<&SnapshotSummary> = sorted.into_iter().map(|(_, s)| s).collect();
+    let mut keep: BTreeSet<String> = sorted
+        .iter()
+        .take(o.keep_last)
+        .map(|s| s.id.clone())
+        .collect();
+    let mut bucket = |n: usize, key: &dyn Fn(i64) -> i64| {
+        let mut seen = HashSet::new();
+        for s in &sorted {
+            if seen.len() >= n {
+                break;
+            }
+            if seen.insert(key(s.unix_time)) {
+                keep.insert(s.id.clone());
+            }
+        }
+    };
+    bucket(o.keep_daily, &|t| t.div_euclid(86_400));
+    // Weeks starting on Monday (1970-01-01 was a Thursday).
+    bucket(o.keep_weekly, &|t| (t.div_euclid(86_400) + 3).div_euclid(7));
+    let bases: Vec<String> = snaps
+        .iter()
+        .filter(|s| keep.contains(&s.id))
+        .filter_map(|s| s.base.clone())
+        .collect();
+    keep.extend(bases);
+    keep
+}
+
+pub fn forget(o: &ForgetOptions) -> Result<()> {
+    if o.keep_last == 0 && o.keep_daily == 0 && o.keep_weekly == 0 {
+        bail!("no retention policy given: add --keep-last, --keep-daily or --keep-weekly");
+    }
+    let repo = LocalRepo::open(&o.repo)?;
+    let _host = repo.lock(&format!("host-{}", o.host), true)?;
+    let mut idx = crate::manifest::read_host_index(&repo, &o.host)?;
+    let keep = keep_set(&idx.snapshots, o);
+    let (kept, gone): (Vec<_>, Vec<_>) = idx
+        .snapshots
+        .iter()
+        .cloned()
+        .partition(|s| keep.contains(&s.id));
+    for s in &kept {
+        println!(
+            "keep   {} {} {}",
+            s.id,
+            s.kind,
+            crate::timefmt::display(s.unix_time)
+        );
+    }
+    for s in &gone {
+        println!(
+            "forget {} {} {}",
+            s.id,
+            s.kind,
+            crate::timefmt::display(s.unix_time)
+        );
+    }
+    if o.dry_run || gone.is_empty() {
+        return Ok(());
+    }
+    // The index goes first: a crash leaves unreferenced files, never a listed snapshot without
+    // its manifest.
+    idx.snapshots = kept;
+    repo.write_atomic(
+        &crate::manifest::host_index_path(&o.host),
+        &serde_json::to_vec_pretty(&idx)?,
+    )?;
+    let dir = repo.root().join(format!("hosts/{}/snapshots", o.host));
+    for s in &gone {
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name
+                .strip_prefix(s.id.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+            {
+                std::fs::remove_file(e.path()).with_context(|| format!("cannot remove {name}"))?;
+            }
+        }
+    }
+    println!(
+        "forgot {} snapshot(s); run bmr prune to free their chunks",
+        gone.len()
+    );
+    Ok(())
+}
+
+/// Every chunk any snapshot of any host references.
+fn referenced(repo: &LocalRepo) -> Result<HashSet<Digest>> {
+    let mut set = HashSet::new();
+    for host in crate::manifest::read_hosts(repo)? {
+        let idx = crate::manifest::read_host_index(repo, &host)?;
+        for s in &idx.snapshots {
+            match s.kind {
+                Kind::Image => {
+                    let l =
+                        crate::restore::load_snapshot(repo, &host, &s.id).with_context(|| {
+                            format!(
+                                "cannot prune: snapshot {} is unreadable; fix or forget it first",
+                                s.id
+                            )
+                        })?;
+                    for r in IndexReader::new(&l.index[..], &s.id)? {
+                        if let ChunkRef::Data { digest, .. } = r?.chunk {
+                            set.insert(digest);
+                        }
+                    }
+                }
+                Kind::Incremental => {
+                    let m = crate::manifest::read_inc_manifest(repo, &host, &s.id)?;
+                    for f in &m.filesystems {
+                        for e in crate::manifest::read_toc(repo, &host, &m.id, &f.toc)? {
+                            for d in e.chunk_digests() {
+                                set.insert(d?);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+pub fn prune(o: &PruneOptions) -> Result<()> {
+    let repo = LocalRepo::open(&o.repo)?;
+    // Exclusive: waits for running backups (they hold it shared), so a chunk a backup just
+    // stored but has not referenced yet is never deleted.
+    let _lock = repo.lock("repo", true)?;
+    let used = referenced(&repo)?;
+    let (mut n, mut bytes, mut kept) = (0u64, 0u64, 0u64);
+    for i in 0..=255u8 {
+        let dir = repo.root().join(format!("chunks/{i:02x}"));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale_tmp = name.starts_with(".tmp.");
+            let digest = hex::decode(&name)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .map(Digest);
+            if !stale_tmp && digest.is_none_or(|d| used.contains(&d)) {
+                kept += 1;
+                continue;
+            }
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            n += 1;
+            bytes += len;
+            if !o.dry_run {
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("cannot delete {}", e.path().display()))?;
+            }
+        }
+    }
+    println!(
+        "{} {n} unreferenced chunk(s), {}; {kept} chunk(s) in use",
+        if o.dry_run { "would delete" } else { "deleted" },
+        human_bytes(bytes)
+    );
+    Ok(())
+}
