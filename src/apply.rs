@@ -144,6 +144,8 @@ impl Dirs {
 
 #[derive(Debug, Default)]
 pub struct ApplyStats {
+    /// Stored chunk bytes fetched for files kept by incrementals.
+    pub chunk_bytes: u64,
     pub removed: u64,
     pub written: u64,
     pub updated: u64,
@@ -169,6 +171,7 @@ pub trait ImageData {
 }
 
 struct Applier<'a, 'i> {
+    fetched: u64,
     src: &'a dyn RepoSource,
     image: Option<&'i mut dyn ImageData>,
     snapshot: &'a str,
@@ -222,6 +225,7 @@ impl Applier<'_, '_> {
                 let stored = self.src.read_chunk(&digest).map_err(|e| {
                     anyhow::anyhow!("file {name:?} of snapshot {}: chunk {digest} is missing or unreadable ({e:#})", self.snapshot)
                 })?;
+                self.fetched += stored.len() as u64;
                 let (_, payload) = crate::repo::parse_chunk(&stored).ok_or_else(bad)?;
                 let n = self
                     .dec
@@ -331,6 +335,7 @@ pub fn apply(
     )
     .with_context(|| format!("cannot open {}", root.display()))?;
     let mut a = Applier {
+        fetched: 0,
         src,
         image,
         snapshot,
@@ -491,5 +496,6 @@ pub fn apply(
             UtimensatFlags::NoFollowSymlink,
         )?;
     }
+    stats.chunk_bytes = a.fetched;
     Ok(stats)
 }

@@ -52,6 +52,8 @@ pub struct RestoreFilesOptions {
 
 /// The file list of one filesystem at a point, with its base image.
 pub struct Selected {
+    /// Bytes of the file list read.
+    pub toc_bytes: u64,
     pub image: Manifest,
     pub index: Vec<u8>,
     pub snapshot: String,
@@ -103,6 +105,7 @@ pub fn select(src: &dyn RepoSource, o: &SelectOptions) -> Result<Selected> {
     };
     let files = crate::manifest::read_toc(src, &o.host, &pick.1, &pick.0)?;
     Ok(Selected {
+        toc_bytes: pick.0.len,
         image,
         index: l.index,
         snapshot: sel.id.clone(),
@@ -329,12 +332,14 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
     let mut reader = ImageReader::new(src, &s.image, &s.index, s.area)?;
     let st = crate::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
     println!(
-        "restored {} entries ({} files) from snapshot {} into {}; read {} of image chunks",
+        "restored {} entries ({} files) from snapshot {} into {}; read {} bytes of chunks ({}) and {} of file list",
         desired.len(),
         st.written,
         s.snapshot,
         o.to.display(),
-        crate::progress::human_bytes(reader.fetched)
+        reader.fetched + st.chunk_bytes,
+        crate::progress::human_bytes(reader.fetched + st.chunk_bytes),
+        crate::progress::human_bytes(s.toc_bytes)
     );
     Ok(())
 }

@@ -108,7 +108,7 @@ fn meta_of(path: &Path, rel: &[u8], md: &std::fs::Metadata) -> Result<FileMeta> 
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
-        size: if kind == FileKind::File { md.size() } else { 0 },
+        size: md.size(),
         mtime: (md.mtime(), md.mtime_nsec() as u32),
         ctime: (md.ctime(), md.ctime_nsec() as u32),
         atime: (md.atime(), md.atime_nsec() as u32),

@@ -272,7 +272,7 @@ impl Fs<'_> {
             mode: u32::from(ino.mode) & 0o7777,
             uid: u32::from(le16(r, 2)) | (u32::from(le16(r, 120)) << 16),
             gid: u32::from(le16(r, 24)) | (u32::from(le16(r, 122)) << 16),
-            size: if kind == Kind::Dir { 0 } else { ino.size },
+            size: ino.size,
             mtime: time(r, 16, x(136, 140)),
             ctime: time(r, 12, x(132, 136)),
             atime: time(r, 8, x(140, 144)),

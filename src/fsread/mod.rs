@@ -84,5 +84,26 @@ pub fn read_tree(fs: &dyn ReadAt, fstype: &str) -> Result<Vec<Entry>> {
     }
 }
 
+/// A regular file's content from its extents and inline data (holes read as zeros).
+pub fn read_file(fs: &dyn ReadAt, e: &Entry) -> Result<Vec<u8>> {
+    if e.size > 16 << 30 {
+        bail!(
+            "{:?} is too big to read into memory",
+            String::from_utf8_lossy(&e.path)
+        );
+    }
+    let mut data = vec![0u8; e.size as usize];
+    if let Some(i) = &e.inline {
+        let n = i.len().min(data.len());
+        data[..n].copy_from_slice(&i[..n]);
+    }
+    for x in &e.extents {
+        let start = x.file_off.min(e.size) as usize;
+        let end = (x.file_off + x.len).min(e.size) as usize;
+        fs.read_at(&mut data[start..end], x.disk_off)?;
+    }
+    Ok(data)
+}
+
 #[cfg(test)]
 mod tests;
