@@ -48,8 +48,9 @@ pub struct BackupOptions {
     /// Read a snapshot instead of the live disk.
     #[arg(long, value_enum)]
     pub snapshot: Option<SnapshotMode>,
-    /// zstd compression level (1 = fastest, 19 = smallest).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// zstd compression level (1 = fastest, 19 = smallest). Level 1 keeps backups of large
+    /// disks fast; level 3 stores about 10% less.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: i32,
     /// Worker threads [default: twice the number of CPUs].
     #[arg(long)]

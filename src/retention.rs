@@ -213,3 +213,72 @@ pub fn prune(o: &PruneOptions) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, t: i64, kind: Kind, base: Option<&str>) -> SnapshotSummary {
+        SnapshotSummary {
+            id: id.into(),
+            kind,
+            time: String::new(),
+            unix_time: t,
+            disk_size: 0,
+            used_bytes: 0,
+            new_bytes: 0,
+            base: base.map(String::from),
+        }
+    }
+
+    fn opts(last: usize, daily: usize, weekly: usize) -> ForgetOptions {
+        ForgetOptions {
+            repo: PathBuf::new(),
+            host: "h".into(),
+            keep_last: last,
+            keep_daily: daily,
+            keep_weekly: weekly,
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn policies_and_bases() {
+        const DAY: i64 = 86_400;
+        // 2026-11-02 is a Monday. Two snapshots a day for 14 days; incrementals on odd days.
+        let monday = 1_793_577_600;
+        let mut s = Vec::new();
+        for d in 0..14 {
+            for h in [6, 18] {
+                let id = format!("d{d:02}h{h}");
+                let t = monday + d * DAY + h * 3600;
+                if d % 2 == 1 {
+                    s.push(snap(
+                        &id,
+                        t,
+                        Kind::Incremental,
+                        Some(&format!("d{:02}h6", d - 1)),
+                    ));
+                } else {
+                    s.push(snap(&id, t, Kind::Image, None));
+                }
+            }
+        }
+        let k = keep_set(&s, &opts(1, 0, 0));
+        assert_eq!(k.into_iter().collect::<Vec<_>>(), ["d12h6", "d13h18"]);
+        let k = keep_set(&s, &opts(0, 3, 0));
+        assert_eq!(
+            k.into_iter().collect::<Vec<_>>(),
+            ["d10h6", "d11h18", "d12h18", "d13h18", "d12h6"]
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        let k = keep_set(&s, &opts(0, 0, 2));
+        // The newest of each of the two weeks (Sunday 18:00 of week 2, Sunday of week 1).
+        assert!(k.contains("d13h18") && k.contains("d06h18") && k.contains("d12h6"));
+        assert_eq!(k.len(), 3);
+    }
+}

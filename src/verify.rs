@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use anyhow::Result;
+
 use crossbeam_channel::bounded;
 
 use crate::chunkindex::{ChunkRef, IndexReader};
@@ -36,8 +37,9 @@ pub struct VerifyReport {
 }
 
 struct Needed {
-    stored_len: u32,
-    stored_sha: [u8; 32],
+    /// Image chunks come with their stored size and payload hash; file chunks of incrementals
+    /// only with their name and plain length (the header's payload hash is checked instead).
+    stored: Option<(u32, [u8; 32])>,
     plain_len: u32,
     users: Vec<usize>,
 }
@@ -64,19 +66,44 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
         for s in &idx.snapshots {
             report.snapshots += 1;
             let name = format!("{} (host {host})", s.id);
-            let loaded = crate::restore::load_snapshot(src, host, &s.id);
-            let l = match loaded {
-                Ok(l) => l,
-                Err(e) => {
-                    report.problems.push(format!("snapshot {name}: {e:#}"));
-                    continue;
-                }
-            };
             let si = names.len();
             names.push(name.clone());
-            let reader = IndexReader::new(&l.index[..], &s.id);
-            let res = reader.and_then(|rd| {
-                for r in rd {
+            let mut need = |digest: Digest, stored: Option<(u32, [u8; 32])>, plain_len: u32| {
+                let n = needed.entry(digest).or_insert(Needed {
+                    stored,
+                    plain_len,
+                    users: Vec::new(),
+                });
+                if n.stored.is_none() {
+                    n.stored = stored;
+                }
+                if n.users.last() != Some(&si) {
+                    n.users.push(si);
+                }
+            };
+            let res = (|| -> Result<()> {
+                if s.kind == crate::manifest::Kind::Incremental {
+                    let m = crate::manifest::read_inc_manifest(src, host, &s.id)?;
+                    for f in &m.filesystems {
+                        for e in crate::manifest::read_toc(src, host, &m.id, &f.toc)? {
+                            if let crate::toc::Data::Chunks(c) = &e.data {
+                                for (d, len) in c.iter().filter(|(d, _)| !d.is_empty()) {
+                                    let arr: [u8; 32] = d
+                                        .as_slice()
+                                        .try_into()
+                                        .map_err(|_| anyhow::anyhow!("bad digest"))?;
+                                    need(Digest(arr), None, *len);
+                                }
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                let l = crate::restore::load_snapshot(src, host, &s.id)?;
+                for t in &l.manifest.tocs {
+                    crate::manifest::read_toc(src, host, &s.id, t)?;
+                }
+                for r in IndexReader::new(&l.index[..], &s.id)? {
                     let r = r?;
                     if let ChunkRef::Data {
                         digest,
@@ -84,26 +111,21 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
                         stored_sha,
                     } = r.chunk
                     {
-                        let n = needed.entry(digest).or_insert(Needed {
-                            stored_len,
-                            stored_sha,
-                            plain_len: r.len,
-                            users: Vec::new(),
-                        });
-                        if n.users.last() != Some(&si) {
-                            n.users.push(si);
-                        }
+                        need(digest, Some((stored_len, stored_sha)), r.len);
                     }
                 }
                 Ok(())
-            });
+            })();
             if let Err(e) = res {
                 report.problems.push(format!("snapshot {name}: {e:#}"));
             }
         }
     }
     report.chunks = needed.len();
-    let total: u64 = needed.values().map(|n| u64::from(n.stored_len)).sum();
+    let total: u64 = needed
+        .values()
+        .map(|n| u64::from(n.stored.map_or(n.plain_len, |s| s.0)))
+        .sum();
     report.bytes = total;
     let threads = opts
         .threads
@@ -121,34 +143,40 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
                 let mut dec = zstd::bulk::Decompressor::new().ok();
                 let mut buf = vec![0u8; CHUNK_SIZE as usize];
                 for (d, n) in rx.iter() {
-                    progress.add(u64::from(n.stored_len));
-                    let why = match src.chunk_len(d) {
-                        Ok(None) => Some("missing".to_string()),
+                    progress.add(u64::from(n.stored.map_or(n.plain_len, |s| s.0)));
+                    let why = match src.read_chunk(d) {
+                        Err(_) if matches!(src.chunk_len(d), Ok(None)) => {
+                            Some("missing".to_string())
+                        }
                         Err(e) => Some(format!("unreadable ({e:#})")),
-                        Ok(Some(_)) => match src.read_chunk(d) {
-                            Err(e) => Some(format!("unreadable ({e:#})")),
-                            Ok(b) if b.len() as u64 != u64::from(n.stored_len) => Some(format!(
-                                "wrong size ({} bytes, expected {})",
-                                b.len(),
-                                n.stored_len
-                            )),
-                            Ok(b) => match crate::repo::check_stored(&b, &n.stored_sha) {
-                                None => Some("checksum mismatch".into()),
-                                Some(payload) => {
-                                    let plain = dec.as_mut().and_then(|dec| {
-                                        dec.decompress_to_buffer(payload, &mut buf[..]).ok()
-                                    });
-                                    match plain {
-                                        Some(len)
-                                            if len == n.plain_len as usize
-                                                && Digest::of(&buf[..len]) == *d =>
-                                        {
-                                            None
+                        Ok(b) => match n.stored {
+                            Some((len, _)) if b.len() as u64 != u64::from(len) => {
+                                Some(format!("wrong size ({} bytes, expected {len})", b.len()))
+                            }
+                            _ => {
+                                let checked = match n.stored {
+                                    Some((_, sha)) => crate::repo::check_stored(&b, &sha),
+                                    None => crate::repo::parse_chunk(&b)
+                                        .and_then(|(sum, _)| crate::repo::check_stored(&b, &sum)),
+                                };
+                                match checked {
+                                    None => Some("checksum mismatch".into()),
+                                    Some(payload) => {
+                                        let plain = dec.as_mut().and_then(|dec| {
+                                            dec.decompress_to_buffer(payload, &mut buf[..]).ok()
+                                        });
+                                        match plain {
+                                            Some(len)
+                                                if len == n.plain_len as usize
+                                                    && Digest::of(&buf[..len]) == *d =>
+                                            {
+                                                None
+                                            }
+                                            _ => Some("content does not match its name".into()),
                                         }
-                                        _ => Some("content does not match its name".into()),
                                     }
                                 }
-                            },
+                            }
                         },
                     };
                     if let Some(w) = why {

@@ -121,6 +121,14 @@ fn xattr_list(p: &Path) -> Vec<String> {
         .collect()
 }
 
+fn sha_full(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn sha(data: &[u8]) -> String {
     use sha2::Digest;
     let h = sha2::Sha256::digest(data);
@@ -260,6 +268,45 @@ fn monday_to_thursday_with_deletions() {
         ls.contains("\"file3\"") && !ls.contains("\"file2\"") && ls.contains("\"file4\""),
         "{ls}"
     );
+
+    // A missing chunk of a changed file: refused before anything is written, naming the file.
+    let h = sha_full(b"wednesday 3");
+    let chunk = format!("{}/chunks/{}/{h}", d.repo, &h[..2]);
+    let saved = std::fs::read(&chunk).unwrap();
+    std::fs::remove_file(&chunk).unwrap();
+    let t = d.tmp.s("refused.img");
+    let e = bmr_fails(&[
+        "restore", "--repo", &d.repo, "--host", "h", "--at", &wed, "--target", &t,
+    ]);
+    assert!(
+        e.contains("\"file3\"") && e.contains(&wed) && e.contains("missing"),
+        "{e}"
+    );
+    assert!(!Path::new(&t).exists());
+    std::fs::write(&chunk, saved).unwrap();
+
+    // Keeping only Thursday keeps its image too; prune leaves both restorable.
+    let out = bmr_ok(&[
+        "forget",
+        "--repo",
+        &d.repo,
+        "--host",
+        "h",
+        "--keep-last",
+        "1",
+    ]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("keep ")).count(),
+        2,
+        "{out}"
+    );
+    bmr_ok(&["prune", "--repo", &d.repo]);
+    bmr_ok(&["verify", "--repo", &d.repo, "-q"]);
+    assert_eq!(d.restored("latest"), thu_state);
+    let e = bmr_fails(&[
+        "restore", "--repo", &d.repo, "--host", "h", "--at", &tue, "--target", &t,
+    ]);
+    assert!(e.contains("snapshot id"), "{e}");
 }
 
 #[test]

@@ -268,6 +268,20 @@ fn round_trip(tmp: &Tmp, disk: &Path, parts: &[Part], gpt: bool) {
         &disk.display().to_string(),
     ]);
     assert!(out.contains("snapshot "), "{out}");
+    // Every filesystem was mapped (not silently stored whole) and has a file list.
+    let m: serde_json::Value =
+        serde_json::from_str(&sh(&format!("cat {repo}/hosts/web1/snapshots/*.json"))).unwrap();
+    let mapped = parts
+        .iter()
+        .filter(|p| !matches!(p.content, Content::Raw))
+        .count();
+    let areas = m["areas"].as_array().unwrap();
+    let used_blocks = areas
+        .iter()
+        .filter(|a| a["content"] == "used-blocks" && a.get("note").is_none())
+        .count();
+    assert_eq!(used_blocks, mapped, "{areas:#?}");
+    assert_eq!(m["tocs"].as_array().unwrap().len(), mapped);
 
     // Same size, new image file (created by the restore).
     let same = tmp.path("same.img");
@@ -337,6 +351,43 @@ fn round_trip(tmp: &Tmp, disk: &Path, parts: &[Part], gpt: bool) {
         "second backup stored {new2} new bytes of {used}"
     );
     bmr_ok(&["verify", "--repo", &repo, "-q"]);
+
+    // Single files straight from the image, from every filesystem with a file list.
+    for p in parts {
+        let (Content::Ext { dir } | Content::Fat { dir }) = &p.content else {
+            continue;
+        };
+        let out = tmp.path(&format!("files{}", p.number));
+        let part = p.number.to_string();
+        let o = out.display().to_string();
+        let (file, tree) = if matches!(p.content, Content::Fat { .. }) {
+            ("/EFI/BOOT/BOOTX64.EFI", "docs")
+        } else {
+            ("/big.bin", "sub")
+        };
+        bmr_ok(&[
+            "restore-files",
+            "--repo",
+            &repo,
+            "--host",
+            "web1",
+            "--part",
+            &part,
+            "--to",
+            &o,
+            file,
+            tree,
+        ]);
+        sh(&format!(
+            "cmp {}{file} {o}{file} && diff -r {}/{tree} {o}/{tree}",
+            dir.display(),
+            dir.display()
+        ));
+        let ls = bmr_ok(&[
+            "ls", "--repo", &repo, "--host", "web1", "--part", &part, "--json",
+        ]);
+        assert!(ls.contains(&format!("\"/{tree}\"")), "{ls}");
+    }
 }
 
 #[test]

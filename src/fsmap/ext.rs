@@ -78,20 +78,45 @@ impl Sb {
     }
 
     /// Block holding the descriptor of group g.
+    /// Block holding the primary superblock: 1 with 1 KiB blocks (even with bigalloc, where
+    /// the first data block is 0), else 0.
+    pub(crate) fn sb_block(&self) -> u64 {
+        1024 / self.block_size
+    }
+
     pub(crate) fn desc_block(&self, g: u64) -> u64 {
         let dpb = self.descs_per_block();
         let mg = g / dpb;
         if self.incompat & INCOMPAT_META_BG != 0 && mg >= self.first_meta_bg {
             let first = mg * dpb;
-            self.group_first_block(first) + u64::from(self.has_super(first))
+            let mut at = self.group_first_block(first) + u64::from(self.has_super(first));
+            if first == 0 && self.first_data_block == 0 && self.block_size == 1024 {
+                at += 1;
+            }
+            at
         } else {
-            self.first_data_block + 1 + mg
+            self.sb_block() + 1 + mg
         }
     }
 }
 
+/// ext2, ext3 or ext4, from the raw superblock's feature flags (as blkid names them).
+fn raw_fstype(sb: &[u8]) -> &'static str {
+    let ext4_incompat = INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_META_BG;
+    let ext4_ro =
+        RO_HUGE_FILE | RO_GDT_CSUM | RO_DIR_NLINK | RO_EXTRA_ISIZE | RO_BIGALLOC | RO_METADATA_CSUM;
+    if le32(sb, 96) & ext4_incompat != 0 || le32(sb, 100) & ext4_ro != 0 {
+        "ext4"
+    } else if le32(sb, 92) & COMPAT_HAS_JOURNAL != 0 {
+        "ext3"
+    } else {
+        "ext2"
+    }
+}
+
 pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
-    let what = |m: &str| anyhow::anyhow!("ext filesystem at offset {at}: {m}");
+    let name = raw_fstype(sb);
+    let what = |m: &str| anyhow::anyhow!("{name} at offset {at}: {m}");
     let log = le32(sb, 24);
     if log > 6 {
         return Err(what("block size out of range (superblock damaged)"));
@@ -150,7 +175,7 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
         .ok_or_else(|| what("block count overflows"))?;
     if fs_bytes > part_len {
         bail!(
-            "ext filesystem at offset {at} is {fs_bytes} bytes, larger than its partition ({part_len} bytes): the partition table or filesystem is damaged"
+            "{name} at offset {at}: the filesystem is {fs_bytes} bytes, larger than its partition ({part_len} bytes): the partition table or filesystem is damaged"
         );
     }
     let groups = (blocks_count - first_data_block).div_ceil(blocks_per_group);
@@ -173,19 +198,6 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     })
 }
 
-fn fstype(s: &Sb) -> &'static str {
-    let ext4_incompat = INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_META_BG;
-    let ext4_ro =
-        RO_HUGE_FILE | RO_GDT_CSUM | RO_DIR_NLINK | RO_EXTRA_ISIZE | RO_BIGALLOC | RO_METADATA_CSUM;
-    if s.incompat & ext4_incompat != 0 || s.ro & ext4_ro != 0 {
-        "ext4"
-    } else if s.compat & COMPAT_HAS_JOURNAL != 0 {
-        "ext3"
-    } else {
-        "ext2"
-    }
-}
-
 fn uuid(b: &[u8]) -> String {
     let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
     format!(
@@ -203,12 +215,20 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
         return Ok(None);
     }
     let s = parse_sb(sb, len, offset)?;
+    let name = raw_fstype(sb);
     if s.incompat & INCOMPAT_JOURNAL_DEV != 0 {
         return Ok(None); // an external journal device: no bitmaps, store it whole
     }
     if s.incompat & INCOMPAT_RECOVER != 0 {
         bail!(
-            "ext filesystem at offset {offset} has an unrecovered journal (mounted, or the system crashed): run e2fsck -fy on it or mount and cleanly unmount it"
+            "{name} at offset {offset}: unrecovered journal (mounted, or the system crashed): run e2fsck -fy on it or back up from the rescue system"
+        );
+    }
+    // Without a journal a mounted or crashed filesystem's bitmaps may be stale.
+    let state = le16(sb, 58);
+    if state & 1 == 0 || state & 2 != 0 {
+        bail!(
+            "{name} at offset {offset}: not marked clean (mounted, crashed or with errors): run e2fsck -f on it or back up from the rescue system"
         );
     }
     let bs = s.block_size;
@@ -230,13 +250,11 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
     let read = |buf: &mut [u8], block: u64, what: &str| -> Result<()> {
         if block >= s.blocks_count {
             bail!(
-                "ext filesystem at offset {offset}: {what} at block {block} lies outside the filesystem (damaged)"
+                "{name} at offset {offset}: {what} at block {block} lies outside the filesystem (damaged)"
             );
         }
         dev.read_exact_at(buf, offset + block * bs)
-            .with_context(|| {
-                format!("cannot read the {what} of the ext filesystem at offset {offset}")
-            })
+            .with_context(|| format!("{name} at offset {offset}: cannot read the {what}"))
     };
     for g in 0..s.groups {
         let db = s.desc_block(g);
@@ -259,7 +277,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
         ] {
             if blk == 0 || blk.checked_add(n).is_none_or(|e| e > s.blocks_count) {
                 bail!(
-                    "ext filesystem at offset {offset}: group {g} points its {what} outside the filesystem (damaged): run e2fsck"
+                    "{name} at offset {offset}: group descriptor {g} points {what} outside the filesystem (damaged): run e2fsck"
                 );
             }
             used.mark_range(blk * bs, n * bs);
@@ -312,7 +330,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
         .trim()
         .to_string();
     Ok(Some(FsInfo {
-        fstype: fstype(&s).to_string(),
+        fstype: name.to_string(),
         variant: None,
         uuid: Some(uuid(&sb[104..120])),
         label: (!label.is_empty()).then_some(label),

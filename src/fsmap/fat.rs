@@ -33,12 +33,17 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
     let totsec = if tot16 != 0 { tot16 } else { tot32 };
     let root_secs = (root_ents * 32).div_ceil(bps);
     let first_data = rsvd + nfats * fatsz + root_secs;
-    if fatsz == 0 || first_data >= totsec {
+    if fatsz == 0 {
         return Ok(None);
+    }
+    if first_data >= totsec {
+        bail!(
+            "vfat at offset {offset}: the FATs and root directory do not fit in the volume (damaged): run fsck.fat"
+        );
     }
     if totsec * bps > len {
         bail!(
-            "FAT filesystem at offset {offset} is {} bytes, larger than its partition ({len} bytes): the partition table or filesystem is damaged",
+            "vfat at offset {offset}: the filesystem is {} bytes, larger than its partition ({len} bytes): the partition table or filesystem is damaged",
             totsec * bps
         );
     }
@@ -51,13 +56,11 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
         ("fat32", 32)
     };
     if bits == 32 && (fatsz16 != 0 || root_ents != 0) {
-        bail!(
-            "FAT filesystem at offset {offset}: FAT32 cluster count with a FAT12/16 layout (damaged)"
-        );
+        bail!("vfat at offset {offset}: FAT32 cluster count with a FAT12/16 layout (damaged)");
     }
     if fatsz * bps * 8 < (clusters + 2) * bits {
         bail!(
-            "FAT filesystem at offset {offset}: the allocation table is too small for its clusters (damaged)"
+            "vfat at offset {offset}: the allocation table is too small for its clusters (damaged)"
         );
     }
     let cluster = spc * bps;
@@ -66,7 +69,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
     let data_start = first_data * bps;
     let fat_off = offset + rsvd * bps;
     let mut mark = |n: u64| used.mark_range(data_start + (n - 2) * cluster, cluster);
-    let ctx = || format!("cannot read the FAT of the filesystem at offset {offset}");
+    let ctx = || format!("vfat at offset {offset}: cannot read the FAT");
     if bits == 12 {
         let mut fat = vec![0u8; (fatsz * bps) as usize];
         dev.read_exact_at(&mut fat, fat_off).with_context(ctx)?;
