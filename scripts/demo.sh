@@ -1,7 +1,8 @@
 #!/bin/bash
 # DR drill on a built-in example: build a sample GPT disk (BIOS boot partition, FAT32 ESP,
-# ext4 root with files), back it up, "lose" it, restore it onto a bigger blank disk, and prove
-# the result: partition table, filesystem checks and every file compared. Prints a report.
+# ext4 root with files), take an image backup, change files and take an incremental, "lose"
+# the disk, restore the latest point onto a bigger blank disk, and prove the result: partition
+# table, filesystem checks, every file compared, deletions kept. Prints a report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -9,7 +10,7 @@ cargo build --release --quiet
 BMR=$PWD/target/release/bmr
 W=${BMR_DEMO_DIR:-/var/tmp/bmr-demo}
 rm -rf "$W"; mkdir -p "$W"
-trap 'umount "$W/mnt" 2>/dev/null || true' EXIT
+trap 'umount "$W/mnt" "$W/live" 2>/dev/null || true' EXIT
 step() { printf '\n== %s\n' "$*"; }
 
 step "1. Build the sample machine's disk (GPT: BIOS boot, ESP, ext4 root)"
@@ -37,7 +38,16 @@ step "2. Image backup into a repository"
 "$BMR" backup --repo "$W/repo" --host demo-server "$W/server.img"
 "$BMR" list --repo "$W/repo"
 
-step "3. Disaster: restore onto a new, bigger blank disk"
+step "2b. The server lives on: a file is deleted, one is added; incremental backup"
+mkdir -p "$W/live"
+mount -o loop,offset="$P3",sizelimit="$SIZE3" "$W/server.img" "$W/live"
+rm "$W/live/data/file1" "$W/root/data/file1"
+echo "written after the image" | tee "$W/live/data/new.txt" > "$W/root/data/new.txt"
+"$BMR" backup --incremental --repo "$W/repo" --host demo-server "$W/live"
+umount "$W/live"
+"$BMR" list --repo "$W/repo"
+
+step "3. Disaster: restore the latest point onto a new, bigger blank disk"
 truncate -s 768M "$W/new-disk.img"
 "$BMR" restore --repo "$W/repo" --host demo-server --at latest --target "$W/new-disk.img" --verify
 
@@ -55,6 +65,7 @@ dd if="$W/new-disk.img" of="$W/root-r.img" bs=1M skip="$P3" count=$((SIZE3 / 104
 check e2fsck -fn "$W/root-r.img"
 mkdir -p "$W/mnt"; mount -o ro,loop "$W/root-r.img" "$W/mnt"
 check diff -r -x lost+found "$W/root" "$W/mnt"
+check test ! -e "$W/mnt/data/file1"   # deleted after the image: stays deleted
 umount "$W/mnt"
 "$BMR" verify --repo "$W/repo" -q
 
