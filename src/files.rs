@@ -7,21 +7,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 use crate::chunkindex::{ChunkRef, Record};
-use crate::manifest::{Kind, Manifest, TocRef};
+use crate::manifest::{Manifest, TocRef};
 use crate::repo::{CHUNK_SIZE, Digest, RepoSource};
 use crate::toc::{FileKind, FileMeta};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SelectOptions {
-    /// Repository: a directory.
-    #[arg(long)]
-    pub repo: String,
-    /// Host whose backups to read.
-    #[arg(long)]
-    pub host: String,
-    /// Snapshot id, `latest`, or a time (newest snapshot at or before it).
-    #[arg(long, default_value = "latest")]
-    pub at: String,
+    #[command(flatten)]
+    pub point: crate::restore::PointArgs,
     /// Partition number of the filesystem [default: the largest one with a file list].
     #[arg(long)]
     pub part: Option<u32>,
@@ -62,22 +55,13 @@ pub struct Selected {
 }
 
 pub fn select(src: &dyn RepoSource, o: &SelectOptions) -> Result<Selected> {
-    crate::repo::check_config(src)?;
-    let idx = crate::manifest::read_host_index(src, &o.host)?;
-    let sel = crate::manifest::select(&idx, &o.at)?;
-    let (image_id, tocs): (String, Vec<(TocRef, String)>) = match sel.kind {
-        Kind::Image => (sel.id.clone(), Vec::new()),
-        Kind::Incremental => {
-            let inc = crate::manifest::read_inc_manifest(src, &o.host, &sel.id)?;
-            let t = inc
-                .filesystems
-                .iter()
-                .map(|f| (f.toc.clone(), inc.id.clone()))
-                .collect();
-            (inc.base, t)
-        }
-    };
-    let l = crate::restore::load_snapshot(src, &o.host, &image_id)?;
+    let crate::restore::Point { image: l, inc } =
+        crate::restore::resolve(src, &o.point.host, &o.point.at)?;
+    let snapshot = inc.as_ref().map_or(l.manifest.id.clone(), |i| i.id.clone());
+    let tocs: Vec<(TocRef, String)> = inc
+        .iter()
+        .flat_map(|i| i.filesystems.iter().map(|f| (f.toc.clone(), i.id.clone())))
+        .collect();
     let image = l.manifest;
     let tocs = if tocs.is_empty() {
         image
@@ -92,23 +76,23 @@ pub fn select(src: &dyn RepoSource, o: &SelectOptions) -> Result<Selected> {
         Some(n) => tocs
             .iter()
             .find(|(t, _)| image.areas.get(t.area as usize).and_then(|a| a.partition) == Some(n))
-            .with_context(|| format!("snapshot {} has no file list for partition {n}", sel.id))?,
+            .with_context(|| format!("snapshot {} has no file list for partition {n}", snapshot))?,
         None => tocs
             .iter()
             .max_by_key(|(t, _)| image.areas.get(t.area as usize).map_or(0, |a| a.len))
             .with_context(|| {
                 format!(
                     "snapshot {} has no file lists (no ext or FAT filesystem)",
-                    sel.id
+                    snapshot
                 )
             })?,
     };
-    let files = crate::manifest::read_toc(src, &o.host, &pick.1, &pick.0)?;
+    let files = crate::manifest::read_toc(src, &o.point.host, &pick.1, &pick.0)?;
     Ok(Selected {
         toc_bytes: pick.0.len,
         image,
         index: l.index,
-        snapshot: sel.id.clone(),
+        snapshot,
         area: pick.0.area,
         files,
     })
@@ -134,7 +118,7 @@ fn perms(kind: FileKind, mode: u32) -> String {
 }
 
 pub fn ls(o: &LsOptions) -> Result<()> {
-    let src = crate::repo::open_source(&o.select.repo)?;
+    let src = crate::repo::open_source(&o.select.point.repo)?;
     let s = select(src.as_ref(), &o.select)?;
     let want = norm(o.path.as_deref().unwrap_or("/"));
     let Some(target) = s
@@ -298,7 +282,7 @@ impl crate::apply::ImageData for ImageReader<'_> {
 }
 
 pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
-    let src = crate::repo::open_source(&o.select.repo)?;
+    let src = crate::repo::open_source(&o.select.point.repo)?;
     let src = src.as_ref();
     let s = select(src, &o.select)?;
     let wanted: Vec<Vec<u8>> = o.paths.iter().map(|p| norm(p)).collect();

@@ -21,15 +21,8 @@ use crate::repo::{CHUNK_SIZE, Digest, RepoSource};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreOptions {
-    /// Repository: a directory.
-    #[arg(long)]
-    pub repo: String,
-    /// Host whose backup to restore.
-    #[arg(long)]
-    pub host: String,
-    /// Snapshot id, `latest`, or a time (newest snapshot at or before it).
-    #[arg(long, default_value = "latest")]
-    pub at: String,
+    #[command(flatten)]
+    pub point: PointArgs,
     /// Target disk: a block device, or an image file (created if missing).
     #[arg(long)]
     pub target: PathBuf,
@@ -119,12 +112,41 @@ pub struct Loaded {
     pub index: Vec<u8>,
 }
 
-/// Load the snapshot `at` selects (id, `latest` or a time).
-pub fn load(src: &dyn RepoSource, host: &str, at: &str) -> Result<Loaded> {
+/// Which snapshot `--at` names, with the image a restore writes first.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PointArgs {
+    /// Repository: a directory.
+    #[arg(long)]
+    pub repo: String,
+    /// Host whose backups to use.
+    #[arg(long)]
+    pub host: String,
+    /// Snapshot id, `latest`, or a time (newest snapshot at or before it).
+    #[arg(long, default_value = "latest")]
+    pub at: String,
+}
+
+/// A point in time: its image, and the incremental on top of it when the point is one.
+pub struct Point {
+    pub image: Loaded,
+    pub inc: Option<crate::manifest::IncManifest>,
+}
+
+pub fn resolve(src: &dyn RepoSource, host: &str, at: &str) -> Result<Point> {
     crate::repo::check_config(src)?;
     let idx = crate::manifest::read_host_index(src, host)?;
     let sel = crate::manifest::select(&idx, at)?;
-    load_snapshot(src, host, &sel.id)
+    let inc = match sel.kind {
+        crate::manifest::Kind::Incremental => {
+            Some(crate::manifest::read_inc_manifest(src, host, &sel.id)?)
+        }
+        crate::manifest::Kind::Image => None,
+    };
+    let image_id = inc.as_ref().map_or(sel.id.clone(), |i| i.base.clone());
+    Ok(Point {
+        image: load_snapshot(src, host, &image_id)?,
+        inc,
+    })
 }
 
 pub fn load_snapshot(src: &dyn RepoSource, host: &str, id: &str) -> Result<Loaded> {
@@ -655,20 +677,10 @@ fn prepare_target(path: &std::path::Path, size: u64) -> Result<bool> {
 
 pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     let start = Instant::now();
-    let src = crate::repo::open_source(&opts.repo)?;
+    let src = crate::repo::open_source(&opts.point.repo)?;
     let src = src.as_ref();
-    crate::repo::check_config(src)?;
-    let idx = crate::manifest::read_host_index(src, &opts.host)?;
-    let sel = crate::manifest::select(&idx, &opts.at)?;
     // A point after the image: restore the image, then bring its filesystems to that point.
-    let inc = match sel.kind {
-        crate::manifest::Kind::Incremental => Some(crate::manifest::read_inc_manifest(
-            src, &opts.host, &sel.id,
-        )?),
-        crate::manifest::Kind::Image => None,
-    };
-    let image_id = inc.as_ref().map_or(sel.id.clone(), |i| i.base.clone());
-    let l = load_snapshot(src, &opts.host, &image_id)?;
+    let Point { image: l, inc } = resolve(src, &opts.point.host, &opts.point.at)?;
     let m = &l.manifest;
     let apply_plan = match &inc {
         Some(i) => plan_apply(src, m, i)?,
