@@ -3,6 +3,7 @@
 //! Reading goes through [`RepoSource`], so a local directory, a USB stick and (later) an HTTP(S)
 //! server look the same to restore and verify. Writing is local only ([`local::LocalRepo`]).
 
+pub mod http;
 pub mod local;
 
 use std::fmt;
@@ -109,7 +110,7 @@ pub trait RepoSource: Send + Sync {
 /// Open a repository for reading from a path (later: URL).
 pub fn open_source(spec: &str) -> Result<Box<dyn RepoSource>> {
     if spec.starts_with("http://") || spec.starts_with("https://") {
-        bail!("repository {spec}: HTTP(S) sources are not supported by this build yet");
+        return Ok(Box::new(http::HttpRepo::open(spec)?));
     }
     let repo = local::LocalRepo::open(Path::new(spec))?;
     Ok(Box::new(repo))

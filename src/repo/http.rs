@@ -1,0 +1,118 @@
+//! A repository read over HTTP(S) from any static web server: every file is fetched by name,
+//! so no directory listing is needed. Transient failures (dropped connections, 5xx, timeouts)
+//! are retried with backoff, so a flaky network slows a restore down instead of failing it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, Response};
+
+use super::{Digest, RepoSource};
+
+const ATTEMPTS: u32 = 6;
+
+pub struct HttpRepo {
+    base: String,
+    client: Client,
+}
+
+impl HttpRepo {
+    pub fn open(url: &str) -> Result<HttpRepo> {
+        let client = Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120))
+            .user_agent(concat!("bmr/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        let repo = HttpRepo {
+            base: url.trim_end_matches('/').to_string(),
+            client,
+        };
+        super::check_config(&repo)?;
+        Ok(repo)
+    }
+
+    /// GET or HEAD with retries; Ok(None) on 404.
+    fn request(&self, rel: &str, head: bool) -> Result<Option<Response>> {
+        let url = format!("{}/{rel}", self.base);
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(250 << attempt.min(5)));
+            }
+            let req = if head {
+                self.client.head(&url)
+            } else {
+                self.client.get(&url)
+            };
+            match req.send() {
+                Ok(r) if r.status() == StatusCode::NOT_FOUND => return Ok(None),
+                Ok(r) if r.status().is_success() => return Ok(Some(r)),
+                Ok(r)
+                    if r.status().is_server_error()
+                        || r.status() == StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    last = format!("HTTP {}", r.status());
+                }
+                Ok(r) => bail!(
+                    "{url}: HTTP {}: check the repository URL and the server",
+                    r.status()
+                ),
+                Err(e) => last = format!("{e}"),
+            }
+        }
+        bail!(
+            "cannot fetch {url} after {ATTEMPTS} attempts ({last}): check the network and the server"
+        )
+    }
+
+    fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let url = format!("{}/{rel}", self.base);
+        // The body can fail mid-transfer too: retry the whole request then.
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let Some(r) = self.request(rel, false)? else {
+                return Ok(None);
+            };
+            match r.bytes() {
+                Ok(b) => return Ok(Some(b.to_vec())),
+                Err(e) => last = Some(e),
+            }
+        }
+        bail!(
+            "cannot download {url}: the connection keeps dropping ({}): check the network",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )
+    }
+}
+
+impl RepoSource for HttpRepo {
+    fn location(&self) -> String {
+        self.base.clone()
+    }
+
+    fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        self.get(rel)
+    }
+
+    fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>> {
+        self.get(&d.chunk_path())?
+            .with_context(|| format!("chunk {d} is missing from {}", self.base))
+    }
+
+    fn chunk_len(&self, d: &Digest) -> Result<Option<u64>> {
+        // The header itself: a HEAD response has no body for reqwest to measure.
+        Ok(self.request(&d.chunk_path(), true)?.and_then(|r| {
+            r.headers()
+                .get(reqwest::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        }))
+    }
+
+    fn local_path(&self) -> Option<&Path> {
+        None
+    }
+}
