@@ -181,7 +181,6 @@ struct Walker<'a> {
     comp: zstd::bulk::Compressor<'static>,
     stats: Stats,
     changed: u64,
-    seen: u64,
     links: HashMap<u64, Data>,
 }
 
@@ -190,7 +189,6 @@ impl Walker<'_> {
         let md = std::fs::symlink_metadata(path)
             .with_context(|| format!("cannot stat {}", path.display()))?;
         let mut m = meta_of(path, &rel, &md)?;
-        self.seen += 1;
         // What is left in `prev` after the walk was deleted.
         let prev = self.prev.remove(&rel);
         if let Some(p) = prev.filter(|p| p.unchanged(&m)) {
@@ -333,7 +331,6 @@ pub fn run(
             comp: zstd::bulk::Compressor::new(3)?,
             stats: Stats::default(),
             changed: 0,
-            seen: 0,
             links: HashMap::new(),
         };
         w.visit(&mp, Vec::new())?;

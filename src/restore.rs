@@ -219,13 +219,8 @@ fn preflight(
         }
         return Ok(total);
     }
-    let mut stored_total = 0u64;
-    for r in records(l)? {
-        if let ChunkRef::Data { stored_len, .. } = r?.chunk {
-            stored_total += u64::from(stored_len);
-        }
-    }
-    let guard = Progress::start("checking backup", stored_total, quiet);
+    // The manifest already knows the total: no extra pass over the index.
+    let guard = Progress::start("checking backup", m.stats.stored_bytes, quiet);
     let progress = guard.handle();
     let (tx, rx) = bounded::<Record>(threads * 2);
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
@@ -576,9 +571,7 @@ fn run_pass(l: &Loaded, ctx: &Ctx, pass: AreaKind, zero_free: bool, threads: usi
         drop(tx);
         r
     })?;
-    // Drain the head pass separately: the head records must follow everything else, so they were
-    // queued last by `feed`; workers may still run them concurrently with the last gap records,
-    // which is harmless since the partition table is (re)written after this pass.
+    // Workers record the first failure and stop; report it once the pass has drained.
     if let Some(e) = ctx.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e);
     }

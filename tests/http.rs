@@ -45,16 +45,9 @@ fn serve(tmp: &Tmp, dir: &str, drop_every: u32) -> (Server, String) {
 #[test]
 fn restore_over_http_survives_dropped_connections() {
     let tmp = Tmp::new("http");
-    let disk = tmp.path("d.img");
-    sh(&format!(
-        "truncate -s 48M {d} && sgdisk -n 1:2048:+40M -t 1:8300 {d} >/dev/null",
-        d = disk.display()
-    ));
     let dir = tmp.path("tree");
     populate(&dir, 3);
-    let img = tmp.path("fs.img");
-    make_ext(&img, 40, "ext4", "", &dir);
-    place(&disk, &img, MIB);
+    let disk = ext_disk(&tmp, 48, 40, "", &dir);
     let repo = tmp.s("repo");
     bmr_ok(&[
         "backup",

@@ -19,18 +19,10 @@ const P1_LEN: u64 = 96 * MIB;
 
 fn disk(name: &str, opts: &str, monday: impl Fn(&Path)) -> Disk {
     let tmp = Tmp::new(name);
-    let disk = tmp.path("src.img");
-    sh(&format!(
-        "truncate -s 100M {d} && sgdisk -n 1:2048:+96M -t 1:8300 {d} >/dev/null",
-        d = disk.display()
-    ));
     let tree = tmp.path("monday");
     std::fs::create_dir_all(&tree).unwrap();
     monday(&tree);
-    let img = tmp.path("fs.img");
-    make_ext(&img, 96, "ext4", opts, &tree);
-    place(&disk, &img, P1);
-    let _ = std::fs::remove_file(&img);
+    let disk = ext_disk(&tmp, 100, 96, opts, &tree);
     let repo = tmp.s("repo");
     bmr_ok(&[
         "backup",

@@ -14,16 +14,13 @@ struct Fixture {
 
 fn fixture(name: &str) -> Fixture {
     let tmp = Tmp::new(name);
-    let disk = tmp.path("src.img");
-    sh(&format!(
-        "truncate -s 40M {d} && sgdisk -n 1:2048:+16M -t 1:8300 -n 2:0:+4M -t 2:8300 {d} >/dev/null",
-        d = disk.display()
-    ));
     let dir = tmp.path("tree");
     populate(&dir, 1);
-    let img = tmp.path("fs.img");
-    make_ext(&img, 16, "ext4", "", &dir);
-    place(&disk, &img, MIB);
+    let disk = ext_disk(&tmp, 40, 16, "", &dir);
+    sh(&format!(
+        "sgdisk -n 2:0:+4M -t 2:8300 {} >/dev/null",
+        disk.display()
+    ));
     random_at(&disk, 17 * MIB, 4 * MIB);
     let parts = vec![
         Part {

@@ -341,3 +341,18 @@ pub fn gaps(parts: &[(u64, u64)], disk_size: u64) -> Vec<(u64, u64)> {
 pub fn sha_file(p: &Path) -> String {
     sh(&format!("sha256sum {} | cut -d' ' -f1", p.display()))
 }
+
+/// A GPT disk image of `disk_mib` with partition 1 at 1 MiB holding an ext4 filesystem of
+/// `ext_mib` made from `tree` (with extra mke2fs `opts`).
+pub fn ext_disk(tmp: &Tmp, disk_mib: u64, ext_mib: u64, opts: &str, tree: &Path) -> PathBuf {
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s {disk_mib}M {d} && sgdisk -n 1:2048:+{ext_mib}M -t 1:8300 {d} >/dev/null",
+        d = disk.display()
+    ));
+    let img = tmp.path("fs.img");
+    make_ext(&img, ext_mib, "ext4", opts, tree);
+    place(&disk, &img, MIB);
+    let _ = std::fs::remove_file(&img);
+    disk
+}
