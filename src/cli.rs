@@ -13,6 +13,9 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Extra CA certificate (PEM) to trust for https:// repositories; repeatable.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Vec<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -33,10 +36,13 @@ pub enum Command {
     Forget(crate::retention::ForgetOptions),
     /// Delete chunks that no snapshot references.
     Prune(crate::retention::PruneOptions),
+    /// The rescue system's entry point: unattended restore from kernel parameters, or the TUI.
+    Rescue(crate::rescue::RescueOptions),
 }
 
 /// Run a command; Ok(exit code).
 pub fn run(cli: Cli) -> Result<i32> {
+    crate::repo::http::add_ca_files(cli.ca);
     match cli.command {
         Command::Backup(o) if o.incremental || o.differential => {
             let host = match &o.host {
@@ -59,6 +65,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::RestoreFiles(o) => crate::files::restore_files(&o)?,
         Command::Forget(o) => crate::retention::forget(&o)?,
         Command::Prune(o) => crate::retention::prune(&o)?,
+        Command::Rescue(o) => return crate::rescue::run(&o),
         Command::Verify(o) => {
             let r = crate::verify::run(&o)?;
             crate::verify::print_report(&r);

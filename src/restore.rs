@@ -578,15 +578,23 @@ fn run_pass(l: &Loaded, ctx: &Ctx, pass: AreaKind, zero_free: bool, threads: usi
     Ok(())
 }
 
-fn print_plan(l: &Loaded, target: &Disk, fresh: bool, resume: bool, total: u64) {
-    let m = &l.manifest;
+/// The restore plan shown before anything is written.
+pub fn plan_lines(
+    m: &Manifest,
+    target: &std::path::Path,
+    target_size: u64,
+    fresh: bool,
+    resume: bool,
+    total: u64,
+) -> Vec<String> {
+    let mut out = Vec::new();
     let scheme = match &m.disk.table {
         Table::Gpt(_) => "GPT",
         Table::Mbr(_) => "MBR",
         Table::None => "no partition table",
     };
-    println!("Restore plan");
-    println!(
+    out.push("Restore plan".to_string());
+    out.push(format!(
         "  snapshot  {} of host {}, taken {} ({})",
         m.id,
         m.host,
@@ -595,25 +603,25 @@ fn print_plan(l: &Loaded, target: &Disk, fresh: bool, resume: bool, total: u64) 
             crate::manifest::Consistency::Offline => "offline",
             crate::manifest::Consistency::CrashConsistent => "crash-consistent",
         }
-    );
-    println!(
+    ));
+    out.push(format!(
         "  source    {} ({}), {scheme}, {} sectors of {} bytes",
         m.source,
         human_bytes(m.disk.size),
         m.disk.size / m.disk.sector_size,
         m.disk.sector_size
-    );
-    println!(
+    ));
+    out.push(format!(
         "  target    {} ({}){}{}",
-        target.path.display(),
-        human_bytes(target.size),
+        target.display(),
+        human_bytes(target_size),
         if fresh { ", new image file" } else { "" },
         if resume {
             ", resuming an interrupted restore"
         } else {
             ""
         }
-    );
+    ));
     for a in &m.areas {
         let what = match (a.kind, a.partition) {
             (AreaKind::Boot, _) => "boot area".to_string(),
@@ -637,20 +645,21 @@ fn print_plan(l: &Loaded, target: &Disk, fresh: bool, resume: bool, total: u64) 
                 )
             },
         );
-        println!(
+        out.push(format!(
             "  {what:<13} at {:>12} size {:>10}  {fs}, {} to write",
             a.start,
             human_bytes(a.len),
             human_bytes(a.used_bytes)
-        );
+        ));
     }
-    if target.size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
-        println!("  the target is bigger: the GPT backup header moves to its end");
+    if target_size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
+        out.push("  the target is bigger: the GPT backup header moves to its end".to_string());
     }
-    println!(
+    out.push(format!(
         "  {} to write; partition table and boot areas last",
         human_bytes(total)
-    );
+    ));
+    out
 }
 
 /// Create a missing image-file target at the source size.
@@ -668,6 +677,26 @@ fn prepare_target(path: &std::path::Path, size: u64) -> Result<bool> {
     Ok(true)
 }
 
+fn layout_of(m: &Manifest) -> DiskLayout {
+    DiskLayout {
+        sector_size: m.disk.sector_size,
+        disk_size: m.disk.size,
+        table: m.disk.table.clone(),
+        warnings: Vec::new(),
+    }
+}
+
+/// The smallest disk this snapshot fits on: its partitions and the partition table.
+pub fn min_target_size(m: &Manifest) -> u64 {
+    m.areas
+        .iter()
+        .filter(|a| a.kind == AreaKind::Partition)
+        .map(|a| a.start + a.len)
+        .max()
+        .unwrap_or(0)
+        .max(layout_of(m).min_target_size())
+}
+
 pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     let start = Instant::now();
     let src = crate::repo::open_source(&opts.point.repo)?;
@@ -683,20 +712,8 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
         .max(1);
-    let layout = DiskLayout {
-        sector_size: m.disk.sector_size,
-        disk_size: m.disk.size,
-        table: m.disk.table.clone(),
-        warnings: Vec::new(),
-    };
-    let min_size = m
-        .areas
-        .iter()
-        .filter(|a| a.kind == AreaKind::Partition)
-        .map(|a| a.start + a.len)
-        .max()
-        .unwrap_or(0)
-        .max(layout.min_target_size());
+    let layout = layout_of(m);
+    let min_size = min_target_size(m);
 
     // Target checks that need no write access come before the (possibly long) chunk check.
     if opts.target.exists() {
@@ -737,7 +754,9 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
         {
             crate::safety::confirm_overwrite(&disk, &what, opts.yes)?;
         }
-        print_plan(&l, &disk, fresh, resume, total);
+        for line in plan_lines(m, &disk.path, disk.size, fresh, resume, total) {
+            println!("{line}");
+        }
         Ok((disk, resume, mark))
     })();
     let (disk, resume, mark) = match result {

@@ -205,11 +205,21 @@ pub fn existing_content(disk: &Disk) -> Result<Option<String>> {
     Ok(None)
 }
 
+static UNATTENDED_HINT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Never prompt from now on (the rescue system's unattended mode); `hint` says how to consent.
+pub fn set_unattended(hint: &'static str) {
+    let _ = UNATTENDED_HINT.set(hint);
+}
+
 /// Ask before overwriting a disk that holds data: on a terminal the user types the disk's name;
 /// without one, `--yes` is required.
 pub fn confirm_overwrite(disk: &Disk, what: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
+    }
+    if let Some(hint) = UNATTENDED_HINT.get() {
+        bail!("target {} holds {what}: {hint}", disk.path.display());
     }
     let name = disk
         .path

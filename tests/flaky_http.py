@@ -1,8 +1,11 @@
 """A static file server for the tests that can misbehave like a bad network: with --drop N,
-every Nth chunk download is cut off halfway through its body."""
+every Nth chunk download is cut off halfway through its body. --tls CERT KEY serves HTTPS;
+--posts DIR stores each POST body there (rescue reports)."""
 import argparse
 import functools
 import http.server
+import os
+import ssl
 import threading
 
 counter = 0
@@ -14,6 +17,18 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    posts = None
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.posts:
+            with lock:
+                n = len(os.listdir(self.posts))
+            with open(os.path.join(self.posts, f"{n}.json"), "wb") as f:
+                f.write(body)
+        self.send_response(204)
+        self.end_headers()
 
     def copyfile(self, source, outputfile):
         global counter
@@ -33,9 +48,17 @@ p = argparse.ArgumentParser()
 p.add_argument("--dir", required=True)
 p.add_argument("--port-file", required=True)
 p.add_argument("--drop", type=int, default=0)
+p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+p.add_argument("--posts")
+p.add_argument("--port", type=int, default=0)
 a = p.parse_args()
 Handler.drop_every = a.drop
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=a.dir))
+Handler.posts = a.posts
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", a.port), functools.partial(Handler, directory=a.dir))
+if a.tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(a.tls[0], a.tls[1])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 with open(a.port_file, "w") as f:
     f.write(str(srv.server_address[1]))
 srv.serve_forever()

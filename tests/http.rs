@@ -4,43 +4,6 @@
 
 mod common;
 use common::*;
-use std::process::{Child, Command};
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(tmp: &Tmp, dir: &str, drop_every: u32) -> (Server, String) {
-    let port_file = tmp.path(&format!("port-{drop_every}"));
-    // Wrapped in Server at once, which kills and waits for it on drop.
-    let server = Server(
-        Command::new("python3")
-            .args([
-                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/flaky_http.py"),
-                "--dir",
-                dir,
-                "--port-file",
-                &port_file.display().to_string(),
-                "--drop",
-                &drop_every.to_string(),
-            ])
-            .spawn()
-            .unwrap(),
-    );
-    for _ in 0..100 {
-        if let Ok(p) = std::fs::read_to_string(&port_file)
-            && !p.is_empty()
-        {
-            return (server, format!("http://127.0.0.1:{p}"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("test HTTP server did not start");
-}
 
 #[test]
 fn restore_over_http_survives_dropped_connections() {

@@ -2,10 +2,12 @@
 //! so no directory listing is needed. Transient failures (dropped connections, 5xx, timeouts)
 //! are retried with backoff, so a flaky network slows a restore down instead of failing it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use reqwest::Certificate;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 
@@ -18,14 +20,81 @@ pub struct HttpRepo {
     client: Client,
 }
 
+static CA_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Trust these CA certificates (PEM files, from `--ca` or `bmr.ca=`) for every later client.
+pub fn add_ca_files(files: Vec<PathBuf>) {
+    if let Ok(mut v) = CA_FILES.lock() {
+        v.extend(files);
+    }
+}
+
+/// System bundles on common distributions; the rescue system has none.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// Trust roots: Mozilla's (built in, so an initramfs without a CA store works), the system
+/// bundle where there is one, and the operator's own CA files.
+fn trust_roots() -> Result<Vec<Certificate>> {
+    let mut roots = Vec::new();
+    for der in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        if let Ok(c) = Certificate::from_der(der.as_ref()) {
+            roots.push(c);
+        }
+    }
+    for b in SYSTEM_BUNDLES {
+        if let Ok(pem) = std::fs::read(b) {
+            roots.extend(Certificate::from_pem_bundle(&pem).unwrap_or_default());
+            break;
+        }
+    }
+    let files = CA_FILES.lock().map(|v| v.clone()).unwrap_or_default();
+    for f in &files {
+        let pem = std::fs::read(f)
+            .with_context(|| format!("cannot read CA file {}: check --ca / bmr.ca", f.display()))?;
+        let certs = Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|c| !c.is_empty());
+        let Some(certs) = certs else {
+            bail!(
+                "CA file {} holds no PEM certificate: give a PEM file (-----BEGIN CERTIFICATE-----)",
+                f.display()
+            );
+        };
+        roots.extend(certs);
+    }
+    Ok(roots)
+}
+
+/// An error with its causes: reqwest hides the useful part (refused, certificate) in sources.
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// The HTTP client bmr uses everywhere (repositories, rescue reports).
+pub fn client() -> Result<Client> {
+    Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(120))
+        .user_agent(concat!("bmr/", env!("CARGO_PKG_VERSION")))
+        .tls_certs_only(trust_roots()?)
+        .build()
+        .context("cannot set up the HTTP client")
+}
+
 impl HttpRepo {
     pub fn open(url: &str) -> Result<HttpRepo> {
-        let client = Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(120))
-            .user_agent(concat!("bmr/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+        let client = client()?;
         let repo = HttpRepo {
             base: url.trim_end_matches('/').to_string(),
             client,
@@ -60,7 +129,15 @@ impl HttpRepo {
                     "{url}: HTTP {}: check the repository URL and the server",
                     r.status()
                 ),
-                Err(e) => last = format!("{e}"),
+                Err(e) => {
+                    last = describe(&e);
+                    // Retrying cannot fix a certificate the client does not trust.
+                    if last.contains("certificate") {
+                        bail!(
+                            "{url}: TLS certificate not trusted ({last}): pass the server's CA with --ca FILE (bmr.ca= in the rescue system)"
+                        );
+                    }
+                }
             }
         }
         bail!(

@@ -356,3 +356,53 @@ pub fn ext_disk(tmp: &Tmp, disk_mib: u64, ext_mib: u64, opts: &str, tree: &Path)
     let _ = std::fs::remove_file(&img);
     disk
 }
+
+/// A test HTTP server (tests/flaky_http.py) on loopback, killed on drop.
+pub struct Server(std::process::Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn serve(tmp: &Tmp, dir: &str, drop_every: u32) -> (Server, String) {
+    serve_with(tmp, dir, drop_every, &[])
+}
+
+/// As `serve`, with extra server arguments (`--tls CERT KEY`, `--posts DIR`).
+pub fn serve_with(tmp: &Tmp, dir: &str, drop_every: u32, extra: &[&str]) -> (Server, String) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let port_file = tmp.path(&format!("port-{n}"));
+    // Wrapped in Server at once, which kills and waits for it on drop.
+    let server = Server(
+        std::process::Command::new("python3")
+            .args([
+                concat!(env!("CARGO_MANIFEST_DIR"), "/tests/flaky_http.py"),
+                "--dir",
+                dir,
+                "--port-file",
+                &port_file.display().to_string(),
+                "--drop",
+                &drop_every.to_string(),
+            ])
+            .args(extra)
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if let Ok(p) = std::fs::read_to_string(&port_file)
+            && !p.is_empty()
+        {
+            let scheme = if extra.contains(&"--tls") {
+                "https"
+            } else {
+                "http"
+            };
+            return (server, format!("{scheme}://127.0.0.1:{p}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("test HTTP server did not start");
+}
