@@ -1,9 +1,13 @@
 #!/bin/bash
 # The test suite: formatting, lints, unit and integration tests (real loop devices, mke2fs,
-# sgdisk, mtools: run as root).
+# sgdisk, mtools: run as root), then the rescue system built and booted in QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --release -- --test-threads=2
+iso-build/build.sh
+# The boot paths the restore cases below do not take: pxelinux, GRUB netboot, the shell entry.
+iso-build/smoke.sh pxelinux-bios grub-netboot-uefi cd-uefi
+qemu-tests/rescue.sh

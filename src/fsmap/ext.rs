@@ -101,7 +101,7 @@ impl Sb {
 }
 
 /// ext2, ext3 or ext4, from the raw superblock's feature flags (as blkid names them).
-fn raw_fstype(sb: &[u8]) -> &'static str {
+pub(crate) fn raw_fstype(sb: &[u8]) -> &'static str {
     let ext4_incompat = INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG | INCOMPAT_META_BG;
     let ext4_ro =
         RO_HUGE_FILE | RO_GDT_CSUM | RO_DIR_NLINK | RO_EXTRA_ISIZE | RO_BIGALLOC | RO_METADATA_CSUM;

@@ -110,14 +110,19 @@ pub fn claim_interactive() -> Result<()> {
         let chosen = rx.recv().context("no console answered")?;
         let f =
             open_tty(&chosen, true).with_context(|| format!("cannot open {}", chosen.display()))?;
-        // SAFETY: plain descriptor and session calls on a terminal we just opened.
+        // SAFETY: plain descriptor calls on a terminal we just opened.
         unsafe {
             libc::dup2(f.as_raw_fd(), 0);
             libc::dup2(f.as_raw_fd(), 1);
             libc::dup2(f.as_raw_fd(), 2);
-            libc::setsid();
-            libc::ioctl(0, libc::TIOCSCTTY, 0);
         }
+    }
+    // Keys are read from /dev/tty, which needs a controlling terminal; PID 1's children have
+    // none.
+    // SAFETY: session calls on fd 0, a terminal.
+    unsafe {
+        libc::setsid();
+        libc::ioctl(0, libc::TIOCSCTTY, 0);
     }
     // A serial line reports no size; menus need one.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };

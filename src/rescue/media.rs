@@ -2,55 +2,19 @@
 //! (its top three directory levels) for a repository, or one is named on the command line as
 //! `label:NAME[:/path]`, `uuid:UUID[:/path]` or `dev:/dev/sdb1[:/path]`.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Result, bail};
 
 use crate::apply::MountGuard;
 use crate::repo::REPO_FILE;
 
-/// One line of `blkid` (util-linux or busybox; both print `DEV: KEY="VALUE" ...`).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fs {
-    pub dev: String,
-    pub fstype: String,
-    pub label: String,
-    pub uuid: String,
-}
+pub use crate::fsid::Fs;
 
-pub fn parse_blkid(out: &str) -> Vec<Fs> {
-    let mut v = Vec::new();
-    for line in out.lines() {
-        let Some((dev, rest)) = line.split_once(": ") else {
-            continue;
-        };
-        let mut kv = HashMap::new();
-        let mut s = rest.trim();
-        while let Some((k, r)) = s.split_once("=\"") {
-            let Some((val, r2)) = r.split_once('"') else {
-                break;
-            };
-            kv.insert(k.trim().to_string(), val.to_string());
-            s = r2.trim_start();
-        }
-        v.push(Fs {
-            dev: dev.to_string(),
-            fstype: kv.remove("TYPE").unwrap_or_default(),
-            label: kv.remove("LABEL").unwrap_or_default(),
-            uuid: kv.remove("UUID").unwrap_or_default(),
-        });
-    }
-    v
-}
-
+/// Every identified filesystem on the attached block devices.
 pub fn blkid() -> Vec<Fs> {
-    Command::new("blkid")
-        .output()
-        .map(|o| parse_blkid(&String::from_utf8_lossy(&o.stdout)))
-        .unwrap_or_default()
+    crate::fsid::scan()
 }
 
 /// The whole disk a partition node belongs to (`sdb1` -> `sdb`, `nvme0n1p2` -> `nvme0n1`).
@@ -318,28 +282,4 @@ pub fn resolve(media: &mut Media, spec: &str) -> Result<Option<Found>> {
         path,
         fs: f.clone(),
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_blkid_output() {
-        let out = "/dev/sda1: LABEL=\"EFI\" UUID=\"AB12-CD34\" BLOCK_SIZE=\"512\" TYPE=\"vfat\" PARTUUID=\"x\"\n\
-                   /dev/sdb: UUID=\"1f0e\" TYPE=\"ext4\"\n/dev/sr0: LABEL=\"BMR RESCUE\" TYPE=\"iso9660\"\n";
-        let v = parse_blkid(out);
-        assert_eq!(v.len(), 3);
-        assert_eq!(
-            v[0],
-            Fs {
-                dev: "/dev/sda1".into(),
-                fstype: "vfat".into(),
-                label: "EFI".into(),
-                uuid: "AB12-CD34".into()
-            }
-        );
-        assert_eq!(v[1].label, "");
-        assert_eq!(v[2].label, "BMR RESCUE");
-    }
 }

@@ -1,0 +1,321 @@
+#!/bin/bash
+# Builds the bmr rescue system from Debian packages: a hybrid BIOS+UEFI ISO (CD and USB stick)
+# and a PXE bundle, both carrying Debian's kernel and one initramfs (busybox + a static bmr).
+#
+#   iso-build/build.sh [--out DIR] [--append "KERNEL ARGS"] [--ca FILE]... [--bmr PATH]
+#
+# Downloads are cached in ${BMR_CACHE:-/var/cache/bmr-build}, never in the repository; the only
+# thing written inside the repository is the output (default target/rescue/) and cargo's build.
+set -euo pipefail
+
+# Pinned packages. When the mirror no longer has a pinned version the build warns and takes the
+# newest one available of the same series: then update these.
+KERNEL_PKG=linux-image-6.1.0-56-amd64
+KERNEL_VERSION=6.1.192-2
+KERNEL_FALLBACK='^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$'
+BUSYBOX_PKG=busybox-static
+BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
+SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
+
+# Host tools: Debian package -> what must exist once it is installed.
+TOOLS=(
+    grub-common:/usr/bin/grub-mkrescue
+    grub-pc-bin:/usr/lib/grub/i386-pc/boot_hybrid.img
+    grub-efi-amd64-bin:/usr/lib/grub/x86_64-efi/linux.mod
+    xorriso:/usr/bin/xorriso
+    mtools:/usr/bin/mformat
+    kmod:/usr/sbin/depmod
+    cpio:/usr/bin/cpio
+    zstd:/usr/bin/zstd
+    xz-utils:/usr/bin/xz # grub-mkrescue --compress=xz
+    file:/usr/bin/file
+)
+# GRUB modules the ISO's menu needs (plus their dependencies); the rest stay out to keep it small.
+GRUB_MODULES="linux normal configfile echo test serial terminal search search_fs_uuid search_label iso9660 part_msdos part_gpt fat all_video gfxterm"
+ISO_MAX_MB=40
+
+PROG=build.sh
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=iso-build/lib.sh
+source "$ROOT/iso-build/lib.sh"
+
+log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+WARNINGS=()
+warn() {
+    printf '\n%s: WARNING: %s\n\n' "$PROG" "$*" >&2
+    WARNINGS+=("$*")
+}
+usage() {
+    echo "usage: $(sed -n '5s/^#  *//p' "${BASH_SOURCE[0]}")"
+    exit "${1:-2}"
+}
+
+OUT=$ROOT/target/rescue
+APPEND=""
+CAS=()
+BMR_BIN=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --out) [ $# -ge 2 ] || usage >&2; OUT=$2; shift 2 ;;
+    --append) [ $# -ge 2 ] || usage >&2; APPEND=$2; shift 2 ;;
+    --ca) [ $# -ge 2 ] || usage >&2; CAS+=("$2"); shift 2 ;;
+    --bmr) [ $# -ge 2 ] || usage >&2; BMR_BIN=$2; shift 2 ;;
+    -h | --help) usage 0 ;;
+    *) log "unknown argument: $1"; usage >&2 ;;
+    esac
+done
+check_kargs "$APPEND"
+for ca in "${CAS[@]}"; do
+    if [ ! -f "$ca" ] || [ ! -r "$ca" ]; then die "--ca $ca: no such readable file"; fi
+done
+[ -z "$BMR_BIN" ] || [ -f "$BMR_BIN" ] || die "--bmr $BMR_BIN: no such file"
+mkdir -p "$OUT" || die "cannot create the output directory $OUT"
+OUT=$(cd "$OUT" && pwd)
+
+CACHE=${BMR_CACHE:-/var/cache/bmr-build}
+if ! mkdir -p "$CACHE/debs" "$CACHE/tree" 2>/dev/null || [ ! -w "$CACHE" ]; then
+    die "cannot write the download cache $CACHE: run as root or set BMR_CACHE to a writable directory"
+fi
+
+# One build at a time per cache: the unpacked trees are shared.
+exec 9>"$CACHE/.lock"
+flock -n 9 || { log "waiting for another build using $CACHE"; flock 9; }
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bmr-rescue.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+# --- host tools -----------------------------------------------------------------------------
+missing=()
+for t in "${TOOLS[@]}"; do
+    [ -e "${t#*:}" ] || missing+=("${t%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "missing packages: ${missing[*]}: run as root or apt-get install them"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+        >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; die "cannot install ${missing[*]}: check the apt mirror"; }
+fi
+
+# --- Debian packages ------------------------------------------------------------------------
+APT_OPTS=(-qq)
+[ "$(id -u)" != 0 ] || APT_OPTS+=(-o APT::Sandbox::User=root) # _apt cannot write the cache
+APT_UPDATED=
+
+# fetch PKG VERSION: the .deb in the cache (downloaded once); sets DEB.
+fetch() {
+    local pkg=$1 ver=$2
+    DEB=$CACHE/debs/${pkg}_${ver/:/%3a}_amd64.deb
+    [ -s "$DEB" ] && return 0
+    local tmp
+    tmp=$(mktemp -d "$CACHE/debs/.download.XXXXXX")
+    if (cd "$tmp" && apt-get download "${APT_OPTS[@]}" "$pkg=$ver") >"$tmp/log" 2>&1; then
+        mv "$tmp"/*.deb "$DEB"
+        rm -rf "$tmp"
+        return 0
+    fi
+    rm -rf "$tmp"
+    return 1
+}
+
+# fetch_pinned PKG VERSION VARIABLES FALLBACK_REGEX: the pinned version, else (loudly) the
+# newest package matching the regex. Sets DEB.
+fetch_pinned() {
+    local pkg=$1 ver=$2 vars=$3 regex=$4
+    fetch "$pkg" "$ver" && return 0
+    if [ -z "$APT_UPDATED" ] && [ "$(id -u)" = 0 ]; then
+        APT_UPDATED=1
+        log "cannot download $pkg=$ver: running apt-get update"
+        apt-get update -qq >&2 || true
+        fetch "$pkg" "$ver" && return 0
+    fi
+    local new newver
+    new=$(apt-cache search --names-only "$regex" | awk '{print $1}' | grep -E "$regex" |
+        sort -V | tail -n 1) || true
+    newver=$([ -n "$new" ] && apt-cache policy "$new" | awk '/Candidate:/ {print $2}') || true
+    if [ -z "$new" ] || [ -z "$newver" ] || [ "$newver" = "(none)" ]; then
+        die "cannot download $pkg=$ver and found no replacement: check the apt mirror or set $vars"
+    fi
+    warn "$pkg=$ver is no longer on the mirror; using $new=$newver instead.
+    Update $vars at the top of iso-build/build.sh to pin it."
+    fetch "$new" "$newver" ||
+        die "cannot download $new=$newver: check the apt mirror or set $vars"
+}
+
+# unpack DEB: its contents, extracted once into the cache; sets TREE.
+unpack() {
+    TREE=$CACHE/tree/$(basename "$1" .deb)
+    [ -f "$TREE/.unpacked" ] && return 0
+    rm -rf "$TREE"
+    mkdir -p "$TREE"
+    dpkg-deb -x "$1" "$TREE" || die "cannot unpack $1 (a damaged download? delete it)"
+    touch "$TREE/.unpacked"
+}
+
+log "Debian packages (cache: $CACHE)"
+fetch_pinned "$KERNEL_PKG" "$KERNEL_VERSION" "KERNEL_PKG and KERNEL_VERSION" "$KERNEL_FALLBACK"
+unpack "$DEB"
+KROOT=$TREE
+KVERS=("$KROOT"/lib/modules/*)
+[ ${#KVERS[@]} = 1 ] || die "$DEB: expected one /lib/modules/VERSION"
+[ -d "${KVERS[0]}" ] || die "$DEB: no /lib/modules/VERSION"
+KVER=${KVERS[0]##*/}
+VMLINUZ=$KROOT/boot/vmlinuz-$KVER
+[ -f "$VMLINUZ" ] || die "$DEB: no /boot/vmlinuz-$KVER"
+# Debian's package leaves modules.dep to the postinst; resolve dependencies against our copy.
+if [ ! -f "$KROOT/.depmod" ]; then
+    depmod -b "$KROOT" "$KVER" || die "depmod failed on $KROOT"
+    touch "$KROOT/.depmod"
+fi
+
+fetch_pinned "$BUSYBOX_PKG" "$BUSYBOX_VERSION" "BUSYBOX_VERSION" '^busybox-static$'
+unpack "$DEB"
+BUSYBOX=$TREE/bin/busybox
+[ -x "$BUSYBOX" ] || die "$DEB: no /bin/busybox"
+
+fetch_pinned pxelinux "$SYSLINUX_VERSION" "SYSLINUX_VERSION" '^pxelinux$'
+unpack "$DEB"
+PXELINUX=$TREE/usr/lib/PXELINUX/pxelinux.0
+fetch_pinned syslinux-common "$SYSLINUX_VERSION" "SYSLINUX_VERSION" '^syslinux-common$'
+unpack "$DEB"
+LDLINUX=$TREE/usr/lib/syslinux/modules/bios/ldlinux.c32
+[ -f "$PXELINUX" ] || die "$PXELINUX missing from the pxelinux package"
+[ -f "$LDLINUX" ] || die "$LDLINUX missing from the syslinux-common package"
+
+# --- bmr ------------------------------------------------------------------------------------
+if [ -z "$BMR_BIN" ]; then
+    log "building a static bmr (cargo build --profile rescue)"
+    [ ! -d "${HOME:-/root}/.cargo/bin" ] || PATH=${HOME:-/root}/.cargo/bin:$PATH
+    command -v cargo >/dev/null || die "cargo not found: install Rust or pass --bmr PATH"
+    # crt-static gives a static-pie that runs without any library; getrandom must not probe
+    # for glibc's getrandom wrapper.
+    (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom"' \
+        cargo build --profile rescue --target x86_64-unknown-linux-gnu --bin bmr) ||
+        die "cargo build of bmr failed"
+    BMR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/rescue/bmr
+fi
+file -L "$BMR_BIN" | grep -Eq 'statically linked|static-pie linked' ||
+    die "$BMR_BIN is not statically linked (file says: $(file -bL "$BMR_BIN" | cut -c1-80))"
+BMR_VERSION=$("$BMR_BIN" --version 2>/dev/null | head -n 1) || BMR_VERSION="bmr (unknown version)"
+
+# --- initramfs ------------------------------------------------------------------------------
+log "initramfs: $BMR_VERSION, busybox, kernel $KVER modules"
+R=$WORK/initramfs
+mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,usr/share/udhcpc,etc/bmr/ca,etc/udhcpc,root,mnt} \
+    "$R"/{proc,sys,dev,run,tmp,var,lib/modules/"$KVER"}
+ln -s ../run "$R/var/run"
+install -m 0755 "$BUSYBOX" "$R/bin/busybox"
+while IFS= read -r applet; do
+    case $applet in */*) ;; *) continue ;; esac
+    [ -e "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
+done < <("$BUSYBOX" --list-full)
+install -m 0755 "$BMR_BIN" "$R/bin/bmr"
+install -m 0755 "$ROOT/initramfs/init" "$R/init"
+install -m 0755 "$ROOT/initramfs/udhcpc.script" "$R/etc/udhcpc/default.script"
+ln -s /etc/udhcpc/default.script "$R/usr/share/udhcpc/default.script"
+for ca in "${CAS[@]}"; do install -m 0644 "$ca" "$R/etc/bmr/ca/"; done
+# The kernel opens /dev/console before init runs; mknod needs root (init copes without it).
+[ "$(id -u)" != 0 ] || mknod -m 0600 "$R/dev/console" c 5 1
+
+# Modules: the list plus everything they depend on, laid out as in the kernel package.
+MODDIR=lib/modules/$KVER
+: >"$R/etc/bmr/modules"
+while read -r m flag _; do
+    case $m in '' | '#'*) continue ;; esac
+    case ${flag:-} in '' | hw | optional) ;; *) die "initramfs/modules.list: $m: unknown word '$flag'" ;; esac
+    if ! deps=$(modprobe -d "$KROOT" -S "$KVER" --show-depends "$m" 2>/dev/null); then
+        [ "${flag:-}" = optional ] || die "module $m (initramfs/modules.list) is not in kernel $KVER"
+        log "optional module $m is not in kernel $KVER: left out"
+        continue
+    fi
+    [ "${flag:-}" = hw ] || echo "$m" >>"$R/etc/bmr/modules"
+    while read -r kind path _; do
+        [ "$kind" = insmod ] || continue
+        rel=${path#"$KROOT"/}
+        rel=${rel#./}
+        [ -f "$R/$rel" ] && continue
+        mkdir -p "$R/$(dirname "$rel")"
+        cp "$KROOT/$rel" "$R/$rel"
+    done <<<"$deps"
+done <"$ROOT/initramfs/modules.list"
+cp "$KROOT/$MODDIR"/modules.{order,builtin,builtin.modinfo} "$R/$MODDIR/"
+depmod -b "$R" "$KVER" || die "depmod failed in the initramfs tree"
+
+cat >"$R/etc/mdev.conf" <<'EOF'
+# Device nodes come from devtmpfs; mdev only loads drivers for devices that appear later.
+-$MODALIAS=.* 0:0 0660 ! @modprobe -q "$MODALIAS"
+.* 0:0 0660 !
+EOF
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
+printf 'root:x:0:\ntty:x:5:\ndisk:x:6:\n' >"$R/etc/group"
+printf '127.0.0.1\tlocalhost bmr-rescue\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
+printf 'hosts: files dns\n' >"$R/etc/nsswitch.conf"
+printf 'bmr-rescue\n' >"$R/etc/hostname"
+cat >"$R/etc/os-release" <<EOF
+NAME="bmr rescue"
+ID=bmr-rescue
+PRETTY_NAME="bmr rescue ($BMR_VERSION, Linux $KVER)"
+VERSION="$BMR_VERSION"
+EOF
+cat >"$R/etc/profile" <<'EOF'
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+PS1='bmr-rescue:\w# '
+EOF
+
+# newc cpio, zstd -19: the kernel unpacks it fast and it keeps the PXE download and the ISO
+# small. With fixed timestamps the archive depends only on its contents, so an unchanged one is
+# taken from the cache instead of being compressed again (most of a re-build's time).
+find "$R" -exec touch -h -d "@${SOURCE_DATE_EPOCH:-0}" {} +
+(cd "$R" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --null -o -H newc -R 0:0 --reproducible --quiet) >"$WORK/initramfs.cpio" ||
+    die "cannot pack the initramfs"
+mkdir -p "$CACHE/initramfs"
+INITRD=$CACHE/initramfs/$(sha256sum <"$WORK/initramfs.cpio" | cut -c1-16).img
+if [ ! -s "$INITRD" ]; then
+    zstd -q -19 -T0 <"$WORK/initramfs.cpio" >"$INITRD.tmp" || die "cannot compress the initramfs"
+    mv "$INITRD.tmp" "$INITRD"
+    # Keep only the newest few.
+    find "$CACHE/initramfs" -name '*.img' -printf '%T@ %p\n' | sort -rn | tail -n +4 |
+        cut -d' ' -f2- | xargs -r rm -f
+fi
+
+# --- ISO ------------------------------------------------------------------------------------
+log "ISO: grub-mkrescue (BIOS + UEFI, CD + USB)"
+I=$WORK/iso
+mkdir -p "$I/boot/grub" "$I/bmr/ca"
+cp "$VMLINUZ" "$I/boot/vmlinuz"
+cp "$INITRD" "$I/boot/initramfs.img"
+grub_cfg_padded "$APPEND" >"$I/boot/grub/grub.cfg"
+for ca in "${CAS[@]}"; do install -m 0644 "$ca" "$I/bmr/ca/"; done
+grub-mkrescue -o "$WORK/bmr-rescue.iso" --compress=xz --fonts= --locales= --themes= \
+    --install-modules="$GRUB_MODULES" "$I" -- -volid "$VOLID" >"$WORK/mkrescue.log" 2>&1 ||
+    { cat "$WORK/mkrescue.log" >&2; die "grub-mkrescue failed"; }
+iso_mb=$(( ($(stat -c %s "$WORK/bmr-rescue.iso") + 1048575) / 1048576 ))
+[ "$iso_mb" -le "$ISO_MAX_MB" ] ||
+    die "the ISO is $iso_mb MB, over the $ISO_MAX_MB MB limit (modules.list or GRUB_MODULES grew?)"
+mv "$WORK/bmr-rescue.iso" "$OUT/bmr-rescue.iso"
+
+# --- PXE ------------------------------------------------------------------------------------
+log "PXE bundle"
+P=$WORK/pxe
+mkdir -p "$P/pxelinux.cfg"
+cp "$VMLINUZ" "$P/vmlinuz"
+cp "$INITRD" "$P/initramfs.img"
+ipxe_script "$APPEND" >"$P/boot.ipxe"
+pxelinux_cfg "$APPEND" >"$P/pxelinux.cfg/default"
+grub_netboot_cfg "$APPEND" >"$P/grub-netboot.cfg"
+cp "$PXELINUX" "$LDLINUX" "$P/"
+rm -rf "$OUT/pxe"
+mv "$P" "$OUT/pxe"
+
+(cd "$OUT" && sha256sum bmr-rescue.iso pxe/vmlinuz pxe/initramfs.img pxe/boot.ipxe \
+    pxe/pxelinux.0 pxe/ldlinux.c32 pxe/pxelinux.cfg/default pxe/grub-netboot.cfg) >"$OUT/SHA256SUMS"
+
+# Repeated at the end: cargo's output would have scrolled them away.
+for w in ${WARNINGS[@]+"${WARNINGS[@]}"}; do printf '%s: WARNING: %s\n' "$PROG" "$w" >&2; done
+size() { numfmt --to=iec-i --suffix=B "$(stat -c %s "$1")"; }
+log "done: kernel $KVER, $BMR_VERSION${APPEND:+, extra kernel arguments: $APPEND}"
+printf '%s\n' \
+    "$OUT/bmr-rescue.iso ($(size "$OUT/bmr-rescue.iso"))" \
+    "$OUT/pxe/ (vmlinuz $(size "$OUT/pxe/vmlinuz"), initramfs.img $(size "$OUT/pxe/initramfs.img"))" \
+    "$OUT/SHA256SUMS"

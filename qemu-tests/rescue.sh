@@ -1,0 +1,152 @@
+#!/bin/bash
+# The rescue system in QEMU: the ISO as CD and as USB stick under SeaBIOS and OVMF, and the PXE
+# bundle through iPXE, each restoring the sample machine unattended over HTTP from the host onto
+# a blank disk that is then checked on the host; the bad paths, each of which must end in one
+# clear `BMR-RESULT: failed` line; and the TUI driven over the serial console.
+#
+#   qemu-tests/rescue.sh            all cases (two at a time)
+#   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
+#
+# Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
+source "$(dirname "$0")/lib.sh"
+
+CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
+       tui-serial no-network wrong-host unreachable two-disks not-blank)
+
+# A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
+happy() {
+    local name=$1 fw=$2 how=$3 bus=${4:-virtio}
+    local t=$WORK/$name-target.img
+    rm -f "$t" && truncate -s 128M "$t"
+    boot "$name" "$fw" "$how" \
+        "bmr.repo=$REPO_URL bmr.host=sample bmr.target=auto bmr.verify bmr.report=http://10.0.2.2:$PORT/report" \
+        "$bus:$t"
+    local r
+    r=$(result_of "$name")
+    [[ $r == "BMR-RESULT: ok restored host sample"* ]] || { log "$name: result: ${r:-none}"; return 1; }
+    check_target "$t"
+}
+
+# The first MiB of a disk image is still all zeros.
+blank() { [ "$(head -c 1M "$1" | tr -d '\0' | wc -c)" = 0 ]; }
+
+# A bad path: the result line must say `failed` and contain $2; the target must be unchanged.
+refused() {
+    local name=$1 want=$2
+    local r
+    r=$(result_of "$name")
+    [[ $r == "BMR-RESULT: failed "* && $r == *"$want"* ]] || {
+        log "$name: want a failed line with '$want', got: ${r:-none}"
+        return 1
+    }
+}
+
+case_cd-bios() { happy cd-bios bios cd; }
+case_usb-bios() { happy usb-bios bios usb sata; }
+case_cd-uefi() { happy cd-uefi uefi cd nvme; }
+case_usb-uefi() { happy usb-uefi uefi usb; }
+case_pxe-bios() { happy pxe-bios bios pxe; }
+case_pxe-uefi() { happy pxe-uefi uefi pxe sata; }
+
+# The repository on a USB disk, found by itself; target=auto must pass over that disk.
+case_usb-repo() {
+    local t=$WORK/usb-repo-target.img m=$WORK/usb-repo-media.img tree=$WORK/usb-repo-tree
+    rm -rf "$t" "$m" "$tree" && truncate -s 128M "$t"
+    mkdir -p "$tree/backups" && cp -a "$WORK/repo" "$tree/backups/bmr"
+    mke2fs -q -t ext4 -L BMRUSB -d "$tree" "$m" 64M
+    boot usb-repo bios cd "bmr.repo=auto bmr.target=auto" "virtio:$t" "usb:$m"
+    local r
+    r=$(result_of usb-repo)
+    [[ $r == "BMR-RESULT: ok restored host sample"* ]] || { log "usb-repo: result: ${r:-none}"; return 1; }
+    check_target "$t"
+}
+
+case_no-network() {
+    local t=$WORK/no-network-target.img
+    rm -f "$t" && truncate -s 128M "$t"
+    NET=none boot no-network bios cd "bmr.repo=$REPO_URL bmr.target=auto bmr.wait=10" "virtio:$t"
+    refused no-network "no network" && blank "$t"
+}
+
+case_wrong-host() {
+    local t=$WORK/wrong-host-target.img
+    rm -f "$t" && truncate -s 128M "$t"
+    boot wrong-host bios cd "bmr.repo=$REPO_URL bmr.host=nosuchhost bmr.target=auto" "virtio:$t"
+    refused wrong-host 'no backups of host "nosuchhost"' && blank "$t"
+}
+
+case_unreachable() {
+    local t=$WORK/unreachable-target.img
+    rm -f "$t" && truncate -s 128M "$t"
+    boot unreachable bios cd "bmr.repo=http://10.0.2.2:9/repo bmr.target=auto" "virtio:$t"
+    refused unreachable "cannot fetch http://10.0.2.2:9/repo/bmr-repo.json" && blank "$t"
+}
+
+case_two-disks() {
+    local a=$WORK/two-disks-a.img b=$WORK/two-disks-b.img
+    rm -f "$a" "$b" && truncate -s 128M "$a" "$b"
+    boot two-disks bios cd "bmr.repo=$REPO_URL bmr.target=auto bmr.yes" "virtio:$a" "sata:$b"
+    refused two-disks "bmr.target=auto: 2 disks fit" && blank "$a" && blank "$b"
+}
+
+case_not-blank() {
+    local t=$WORK/not-blank-target.img before
+    rm -f "$t" && truncate -s 128M "$t" && mkfs.ext4 -q -F -L keepme "$t"
+    before=$(sha256sum < "$t")
+    boot not-blank bios cd "bmr.repo=$REPO_URL bmr.target=/dev/vda" "virtio:$t"
+    refused not-blank "add bmr.yes" && [ "$(sha256sum < "$t")" = "$before" ]
+}
+
+case_tui-serial() {
+    local t=$WORK/tui-serial-target.img
+    rm -f "$t" && truncate -s 128M "$t"
+    rm -f "$WORK/tui-serial.sock"
+    python3 "$ROOT/qemu-tests/serial_tui.py" "$WORK/tui-serial.sock" "$REPO_URL" "$WORK/tui-serial.log" &
+    local driver=$!
+    SERIAL=unix boot tui-serial uefi cd "" "virtio:$t"
+    wait "$driver" || { log "tui-serial: the serial driver failed (log: $WORK/tui-serial.log)"; return 1; }
+    check_target "$t"
+}
+
+# How many of the given processes are still running.
+running() {
+    local n=0 p
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+    echo "$n"
+}
+
+main() {
+    [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
+    [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
+    mkdir -p "$WORK"
+    make_sample
+    start_server
+    trap stop_server EXIT
+    local want=("$@")
+    [ ${#want[@]} -gt 0 ] || want=("${CASES[@]}")
+    local jobs=${BMR_QEMU_JOBS:-2} c pids=()
+    rm -f "$WORK"/*.result
+    for c in "${want[@]}"; do
+        declare -F "case_$c" >/dev/null || { log "unknown case $c (cases: ${CASES[*]})"; exit 2; }
+    done
+    for c in "${want[@]}"; do
+        # The HTTP server is a child too: count only the running cases.
+        while [ "$(running "${pids[@]}")" -ge "$jobs" ]; do sleep 1; done
+        (
+            if "case_$c" 2>"$WORK/$c.err"; then
+                echo "PASS $c" | tee "$WORK/$c.result"
+            else
+                echo "FAIL $c ($(tail -n 1 "$WORK/$c.err"); log at $WORK/$c.log)" | tee "$WORK/$c.result"
+            fi
+        ) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    local pass fail
+    pass=$(cat "$WORK"/*.result | grep -c '^PASS' || true)
+    fail=$(cat "$WORK"/*.result | grep -c '^FAIL' || true)
+    echo "$pass passed, $fail failed"
+    [ "$fail" = 0 ]
+}
+
+main "$@"

@@ -1,0 +1,82 @@
+"""Drive bmr's TUI over a QEMU serial console (a unix socket): pick the URL entry, type the
+repository URL, take the newest point, the first disk, confirm by typing its name, wait for
+the restore, then choose "Power off". Everything received is written to LOG.
+
+usage: serial_tui.py SOCKET REPO_URL LOG"""
+import re
+import socket
+import sys
+import time
+
+sock_path, url, log_path = sys.argv[1:4]
+log = open(log_path, "wb")
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+for _ in range(600):
+    try:
+        s.connect(sock_path)
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    sys.exit("serial_tui: cannot connect to " + sock_path)
+
+buf = b""
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def wait(text, timeout=600):
+    """Read until `text` appears (escape sequences removed), then drop what was read."""
+    global buf
+    end = time.time() + timeout
+    s.settimeout(1)
+    while time.time() < end:
+        plain = ANSI.sub(b"", buf)
+        i = plain.find(text.encode())
+        if i >= 0:
+            buf = b""
+            return
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        log.write(data)
+        log.flush()
+        buf += data
+    sys.exit(f"serial_tui: timed out waiting for {text!r}")
+
+
+def send(keys):
+    time.sleep(0.5)
+    s.sendall(keys.encode())
+
+
+wait("press Enter to start on this console", 300)
+send("\r")
+wait("Repository")
+send("\r")  # "Enter a URL": the first entry when no local repository was found
+wait("Repository URL")
+send(url + "\r")
+wait("Point in time for sample")
+send("\r")
+wait("Target disk")
+send("\r")
+wait("Read everything back")
+send("\r")
+wait("Type vda to start")
+send("vda\r")
+wait("Done:", 900)
+wait("Next")
+send("j")  # from "Reboot" down to "Power off"
+send("\r")
+# Until QEMU exits on power-off.
+s.settimeout(120)
+try:
+    while True:
+        data = s.recv(4096)
+        if not data:
+            break
+        log.write(data)
+except socket.timeout:
+    sys.exit("serial_tui: the machine did not power off")
