@@ -64,6 +64,8 @@ wait("Target disk")
 send("\r")
 wait("Read everything back")
 send("\r")
+wait("grow the last partition")  # the target is bigger than the sample
+send("\r")
 wait("Type vda to start")
 send("vda\r")
 wait("Done:", 900)

@@ -36,7 +36,7 @@ impl Drop for MountGuard {
 }
 
 /// The partition node of a block device (created under /run/bmr if udev has not made it).
-fn partition_node(disk: &Path, number: u32) -> Result<PathBuf> {
+pub(crate) fn partition_node(disk: &Path, number: u32) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(disk)?;
     let sys = PathBuf::from(format!(
@@ -80,17 +80,27 @@ fn partition_node(disk: &Path, number: u32) -> Result<PathBuf> {
 }
 
 pub fn mount_area(disk: &Disk, area: &Area, tag: &str) -> Result<MountGuard> {
+    mount_range(disk, area.start, area.len, area.partition, tag)
+}
+
+/// Mount the filesystem in [start, start+len) of a restored disk: its partition node on a
+/// block device, a loop mount over the range of an image file.
+pub fn mount_range(
+    disk: &Disk,
+    start: u64,
+    len: u64,
+    partition: Option<u32>,
+    tag: &str,
+) -> Result<MountGuard> {
     let dir = PathBuf::from(format!("/run/bmr/mnt-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = Command::new("mount");
     if disk.is_block {
-        let n = area
-            .partition
-            .context("an unpartitioned disk on a block device")?;
+        let n = partition.context("an unpartitioned disk on a block device")?;
         cmd.arg(partition_node(&disk.path, n)?);
     } else {
         cmd.arg("-o")
-            .arg(format!("loop,offset={},sizelimit={}", area.start, area.len))
+            .arg(format!("loop,offset={start},sizelimit={len}"))
             .arg(&disk.path);
     }
     let out = cmd.arg(&dir).output().context("cannot run mount")?;
@@ -98,7 +108,7 @@ pub fn mount_area(disk: &Disk, area: &Area, tag: &str) -> Result<MountGuard> {
         let _ = std::fs::remove_dir(&dir);
         bail!(
             "cannot mount the restored filesystem at offset {}: {}",
-            area.start,
+            start,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -500,6 +500,15 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         &plans_areas(&plans),
         &mut warnings,
     )?;
+    let efi_boot = match &layout.table {
+        crate::layout::Table::Gpt(g) => crate::fixup::efiboot::record(
+            &g.partitions
+                .iter()
+                .map(|p| p.unique_guid.clone())
+                .collect::<Vec<_>>(),
+        ),
+        _ => Vec::new(),
+    };
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         version: MANIFEST_VERSION,
@@ -527,6 +536,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         stats: stats.clone(),
         warnings: warnings.clone(),
         tocs,
+        efi_boot,
     };
     repo.write_atomic(
         &crate::manifest::manifest_path(&host, &id),

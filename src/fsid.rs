@@ -142,11 +142,18 @@ pub fn identify_bytes(head: &[u8]) -> Option<(String, String, String)> {
 /// Identify what is on `dev` (a block device or an image file).
 pub fn identify(dev: &Path) -> Option<Fs> {
     let f = File::open(dev).ok()?;
+    let mut fs = identify_at(&f, 0)?;
+    fs.dev = dev.display().to_string();
+    Some(fs)
+}
+
+/// Identify the filesystem starting at `offset` of `f` (a partition inside a disk).
+pub fn identify_at(f: &File, offset: u64) -> Option<Fs> {
     let mut head = vec![0u8; 65536 + 4096];
     // Short devices (a 1 MiB partition) read what there is; the rest stays zero.
     let mut got = 0;
     while got < head.len() {
-        match f.read_at(&mut head[got..], got as u64) {
+        match f.read_at(&mut head[got..], offset + got as u64) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
@@ -156,7 +163,7 @@ pub fn identify(dev: &Path) -> Option<Fs> {
     }
     let (fstype, label, uuid) = identify_bytes(&head)?;
     Some(Fs {
-        dev: dev.display().to_string(),
+        dev: String::new(),
         fstype,
         label,
         uuid,

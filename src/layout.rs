@@ -405,7 +405,7 @@ fn check_sector_size(ss: u64) -> Result<()> {
     Ok(())
 }
 
-fn gpt_array_sectors(num: u32, size: u32, ss: u64) -> u64 {
+pub(crate) fn gpt_array_sectors(num: u32, size: u32, ss: u64) -> u64 {
     (u64::from(num) * u64::from(size)).div_ceil(ss)
 }
 

@@ -6,6 +6,7 @@ pub mod chunkindex;
 pub mod cli;
 pub mod device;
 pub mod files;
+pub mod fixup;
 pub mod fsid;
 pub mod fsmap;
 pub mod fsread;

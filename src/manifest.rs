@@ -134,6 +134,9 @@ pub struct Manifest {
     /// Tables of contents of the filesystems in `areas`.
     #[serde(default)]
     pub tocs: Vec<TocRef>,
+    /// The source machine's UEFI boot entries that start a loader from this disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efi_boot: Vec<crate::fixup::efiboot::BootRecord>,
 }
 
 /// A table of contents (file list) stored beside a manifest.

@@ -45,6 +45,8 @@ pub struct RestoreOptions {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub fixups: crate::fixup::FixupOptions,
 }
 
 pub struct RestoreSummary {
@@ -757,6 +759,9 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
         for line in plan_lines(m, &disk.path, disk.size, fresh, resume, total) {
             println!("{line}");
         }
+        for line in crate::fixup::plan_lines(m, &opts.fixups) {
+            println!("  {line}");
+        }
         Ok((disk, resume, mark))
     })();
     let (disk, resume, mark) = match result {
@@ -832,6 +837,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
             );
         }
     }
+    crate::fixup::run(m, &disk, &opts.fixups)?;
     Ok(RestoreSummary {
         id: inc.as_ref().map_or(m.id.clone(), |i| i.id.clone()),
         written: total - ctx.skipped.load(Ordering::Relaxed),

@@ -325,6 +325,14 @@ impl Ui {
             .with_prompt("Read everything back afterwards to verify it?")
             .default(false)
             .interact_on(&self.term)?;
+        let grow = size > m.disk.size
+            && Confirm::with_theme(&self.theme)
+                .with_prompt(format!(
+                    "The target is {} bigger: grow the last partition and its filesystem to fill it?",
+                    human_bytes(size - m.disk.size)
+                ))
+                .default(false)
+                .interact_on(&self.term)?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
@@ -350,6 +358,10 @@ impl Ui {
             no_precheck: false,
             threads: None,
             quiet: false,
+            fixups: crate::fixup::FixupOptions {
+                grow,
+                ..Default::default()
+            },
         };
         let s = crate::restore::run(&opts)?;
         crate::restore::print_summary(&s);

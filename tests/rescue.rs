@@ -348,6 +348,9 @@ fn tui_restore_through_a_pseudo_terminal() {
             "{s}"
         );
         t.keys("Enter");
+        // The target is bigger than the source disk: keep the partitions as they were.
+        t.wait("grow the last partition");
+        t.keys("Enter");
         t.wait("Type t.img to start");
         if pass == 0 {
             t.text("sda");

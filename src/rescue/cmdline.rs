@@ -31,6 +31,8 @@ pub struct Params {
     pub target: Option<String>,
     pub yes: bool,
     pub verify: bool,
+    /// Grow the last partition and its ext filesystem to the end of a bigger target.
+    pub grow: bool,
     pub after: After,
     pub report: Option<String>,
     pub ip: Option<String>,
@@ -50,6 +52,7 @@ impl Default for Params {
             target: None,
             yes: false,
             verify: false,
+            grow: false,
             after: After::Poweroff,
             report: None,
             ip: None,
@@ -133,6 +136,7 @@ pub fn parse(cmdline: &str) -> Params {
                 "ca" => p.ca.push(text(key, value)?),
                 "yes" => p.yes = flag(key, value)?,
                 "verify" => p.verify = flag(key, value)?,
+                "grow" => p.grow = flag(key, value)?,
                 "after" => {
                     p.after = match text(key, value)?.as_str() {
                         "poweroff" => After::Poweroff,

@@ -294,6 +294,10 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
         no_precheck: false,
         threads: None,
         quiet: false,
+        fixups: crate::fixup::FixupOptions {
+            grow: p.grow,
+            ..Default::default()
+        },
     };
     let s = crate::restore::run(&opts)?;
     crate::restore::print_summary(&s);

@@ -1,0 +1,366 @@
+//! Fix-ups after the blocks are written: what keeps a restored system from booting on new
+//! hardware. Each step prints what it did; a step that fails fails the restore.
+
+pub mod devnames;
+pub mod efiboot;
+pub mod grow;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::device::Disk;
+use crate::layout::{DiskLayout, Table};
+use crate::manifest::Manifest;
+use crate::progress::human_bytes;
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FixupOptions {
+    /// On a bigger target, grow the last partition and its ext2/3/4 filesystem to the end.
+    #[arg(long)]
+    pub grow: bool,
+    /// Create a UEFI boot entry for the restored system in this machine's NVRAM and put it
+    /// first (always done in the rescue system, never elsewhere unless asked: it changes how
+    /// the machine running bmr boots).
+    #[arg(long)]
+    pub efi_boot_entry: bool,
+    /// Leave the restored system exactly as backed up: no device-name rewrite, no UEFI
+    /// fallback loader or boot entry.
+    #[arg(long, conflicts_with = "grow")]
+    pub no_fixups: bool,
+}
+
+/// A data partition of the restored disk.
+struct Part {
+    slot: u32,
+    start: u64,
+    len: u64,
+    type_guid: String,
+    unique_guid: String,
+}
+
+fn partitions(l: &DiskLayout) -> Vec<Part> {
+    match &l.table {
+        Table::Gpt(g) => g
+            .partitions
+            .iter()
+            .map(|p| Part {
+                slot: p.slot,
+                start: p.first_lba * l.sector_size,
+                len: (p.last_lba + 1 - p.first_lba) * l.sector_size,
+                type_guid: p.type_guid.to_lowercase(),
+                unique_guid: p.unique_guid.to_lowercase(),
+            })
+            .collect(),
+        _ => l
+            .data_partitions()
+            .into_iter()
+            .map(|p| Part {
+                slot: p.number,
+                start: p.start,
+                len: p.len,
+                type_guid: String::new(),
+                unique_guid: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn is_ext(fstype: &str) -> bool {
+    matches!(fstype, "ext2" | "ext3" | "ext4")
+}
+
+/// What the fix-ups will do, for the restore plan.
+pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
+    if o.no_fixups {
+        return vec!["fix-ups   none (--no-fixups)".into()];
+    }
+    let mut v = Vec::new();
+    if o.grow {
+        v.push(
+            "fix-up    grow the last partition and its ext filesystem to the end of the disk"
+                .into(),
+        );
+    }
+    v.push("fix-up    device paths (/dev/sdXN) in fstab, crypttab and GRUB files -> UUID=".into());
+    let esp = match &m.disk.table {
+        Table::Gpt(g) => g
+            .partitions
+            .iter()
+            .any(|p| p.type_guid.eq_ignore_ascii_case(efiboot::ESP_TYPE)),
+        _ => false,
+    };
+    if esp {
+        v.push(
+            "fix-up    UEFI: fallback loader EFI/BOOT/BOOTX64.EFI, boot entry first in BootOrder"
+                .into(),
+        );
+    }
+    v
+}
+
+/// A partition of the target as a device path: its node on a block device, or a loop device
+/// over the range of an image file (detached on drop).
+struct PartDev {
+    path: PathBuf,
+    is_loop: bool,
+}
+
+impl PartDev {
+    fn open(disk: &Disk, p: &Part) -> Result<PartDev> {
+        if disk.is_block {
+            return Ok(PartDev {
+                path: crate::apply::partition_node(&disk.path, p.slot)?,
+                is_loop: false,
+            });
+        }
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "-o", &p.start.to_string(), "--sizelimit"])
+            .arg(p.len.to_string())
+            .arg(&disk.path)
+            .output()
+            .context("cannot run losetup")?;
+        if !out.status.success() {
+            bail!(
+                "cannot set up a loop device over partition {} of {}: {}",
+                p.slot,
+                disk.path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(PartDev {
+            path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+            is_loop: true,
+        })
+    }
+}
+
+impl Drop for PartDev {
+    fn drop(&mut self) {
+        if self.is_loop {
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        }
+    }
+}
+
+/// The kernel's name for the disk a path names (`/dev/sda` -> `sda`), if it is a device path.
+fn disk_key(path: &str) -> Option<String> {
+    let name = path.strip_prefix("/dev/")?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// Wait until the kernel sees partition `p` of a block device at its new size.
+fn wait_for_size(disk: &Disk, p: &Part) {
+    if !disk.is_block {
+        return;
+    }
+    for _ in 0..50 {
+        let sectors = crate::apply::partition_node(&disk.path, p.slot)
+            .ok()
+            .and_then(|n| n.file_name().map(|n| n.to_string_lossy().to_string()))
+            .and_then(|n| std::fs::read_to_string(format!("/sys/class/block/{n}/size")).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if sectors.is_some_and(|s| s * 512 == p.len) {
+            return;
+        }
+        disk.reread_partitions();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn step(name: &str, what: &str) {
+    println!("fix-up {name}: {what}");
+}
+
+/// Run the fix-ups on a restored target.
+pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
+    if o.no_fixups {
+        return Ok(());
+    }
+    if o.grow {
+        match grow::grow_table(disk)? {
+            None => step(
+                "grow",
+                "the last partition already ends at the end of the disk",
+            ),
+            Some(g) => {
+                step(
+                    "grow",
+                    &format!(
+                        "partition {} grown from {} to {}",
+                        g.slot,
+                        human_bytes(g.old_len),
+                        human_bytes(g.new_len)
+                    ),
+                );
+                let p = Part {
+                    slot: g.slot,
+                    start: g.start,
+                    len: g.new_len,
+                    type_guid: String::new(),
+                    unique_guid: String::new(),
+                };
+                wait_for_size(disk, &p);
+                let fstype = crate::fsid::identify_at(&disk.file, p.start).map(|f| f.fstype);
+                match fstype.as_deref() {
+                    Some(t) if is_ext(t) => {
+                        let dev = PartDev::open(disk, &p)?;
+                        step("grow", &grow::grow_ext(&dev.path)?);
+                    }
+                    other => step(
+                        "grow",
+                        &format!(
+                            "its {} filesystem keeps its size (bmr grows ext2/3/4): grow it after boot",
+                            other.unwrap_or("unknown")
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)
+        .context("cannot read the restored partition table")?;
+    let parts = partitions(&layout);
+    device_names(m, disk, &parts)?;
+    if let Some(esp) = parts.iter().find(|p| p.type_guid == efiboot::ESP_TYPE) {
+        uefi(m, disk, esp, &layout, o)?;
+    }
+    Ok(())
+}
+
+fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
+    let target = disk
+        .is_block
+        .then(|| {
+            disk.path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+        })
+        .flatten();
+    let source = disk_key(&m.source);
+    if source.is_some() && source == target {
+        step(
+            "device names",
+            &format!("the disk is {} as before: nothing to change", m.source),
+        );
+        return Ok(());
+    }
+    let uuids: HashMap<u32, String> = parts
+        .iter()
+        .filter_map(|p| {
+            let f = crate::fsid::identify_at(&disk.file, p.start)?;
+            (!f.uuid.is_empty()).then_some((p.slot, f.uuid))
+        })
+        .collect();
+    let mut changed = 0;
+    for p in parts {
+        let Some(f) = crate::fsid::identify_at(&disk.file, p.start) else {
+            continue;
+        };
+        if !is_ext(&f.fstype) {
+            continue;
+        }
+        let mnt = crate::apply::mount_range(
+            disk,
+            p.start,
+            p.len,
+            Some(p.slot),
+            &format!("fix{}", p.slot),
+        )?;
+        let texts: Vec<(&str, PathBuf, String)> = devnames::FILES
+            .iter()
+            .filter_map(|rel| {
+                let path = mnt.dir.join(rel);
+                std::fs::read_to_string(&path).ok().map(|t| (*rel, path, t))
+            })
+            .collect();
+        if texts.is_empty() {
+            continue;
+        }
+        let named: BTreeSet<String> = texts
+            .iter()
+            .flat_map(|(rel, _, t)| devnames::disks_named(rel, t))
+            .collect();
+        let disk_name = match (&source, named.len()) {
+            (Some(s), _) => s.clone(),
+            (None, 1) => named.iter().next().cloned().unwrap_or_default(),
+            (None, 0) => continue,
+            (None, _) => {
+                step(
+                    "device names",
+                    &format!(
+                        "partition {}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
+                        p.slot,
+                        named.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+                continue;
+            }
+        };
+        for (rel, path, text) in &texts {
+            let Some((new, diff)) = devnames::rewrite(rel, text, &disk_name, &uuids) else {
+                continue;
+            };
+            std::fs::write(path, new).with_context(|| {
+                format!("cannot write /{rel} on the restored partition {}", p.slot)
+            })?;
+            step(
+                "device names",
+                &format!("partition {} /{rel}: /dev/{disk_name}N -> UUID=", p.slot),
+            );
+            for d in diff {
+                println!("    {d}");
+            }
+            changed += 1;
+        }
+    }
+    if changed == 0 {
+        step("device names", "no device paths to rewrite");
+    }
+    Ok(())
+}
+
+fn uefi(m: &Manifest, disk: &Disk, p: &Part, layout: &DiskLayout, o: &FixupOptions) -> Result<()> {
+    let esp = efiboot::Esp {
+        slot: p.slot,
+        guid: p.unique_guid.clone(),
+        first_lba: p.start / layout.sector_size,
+        sectors: p.len / layout.sector_size,
+        sector_size: layout.sector_size,
+    };
+    let state = efiboot::inspect(&disk.file, &esp, &m.efi_boot)?;
+    let Some(loader) = state.loader else {
+        step(
+            "UEFI",
+            if state.has_fallback {
+                "only the fallback loader EFI/BOOT/BOOTX64.EFI is on the ESP: the firmware boots it"
+            } else {
+                "no loader on the ESP (EFI/<name>/shimx64.efi or grubx64.efi): the system boots by BIOS"
+            },
+        );
+        return Ok(());
+    };
+    step(
+        "UEFI",
+        &efiboot::ensure_fallback(&disk.file, &disk.path, &esp, &loader)?,
+    );
+    let want_entry = o.efi_boot_entry || crate::rescue::in_rescue_system();
+    if !disk.is_block {
+        step("UEFI", "no boot entry for an image file");
+    } else if !want_entry {
+        step(
+            "UEFI",
+            "no boot entry written (not in the rescue system; --efi-boot-entry does it)",
+        );
+    } else if !efiboot::firmware_is_uefi() {
+        step(
+            "UEFI",
+            "this machine did not boot by UEFI: no NVRAM to write; the fallback loader boots it",
+        );
+    } else {
+        step("UEFI", &efiboot::nvram_entry(&esp, &loader)?);
+    }
+    Ok(())
+}

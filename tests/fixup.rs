@@ -1,0 +1,299 @@
+//! Fix-ups after a restore, on image files: device paths in fstab/crypttab/GRUB rewritten to
+//! UUID=, the UEFI fallback loader created on the ESP, `--grow` on GPT and MBR, and
+//! `--no-fixups` leaving the system exactly as backed up. Checked with debugfs, mtools,
+//! sgdisk, sfdisk, dumpe2fs and e2fsck.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const ESP_TYPE: &str = "ef00";
+
+/// A GPT disk like an old Debian install: ESP (partition 1, FAT16 with EFI/debian/grubx64.efi
+/// and grub.cfg) and an ext4 root (partition 2) whose fstab and grub.cfg name /dev/sda1 and
+/// /dev/sda2. Backed up as host old1 from the image file (so its device name is unknown).
+fn old_install(tmp: &Tmp) -> String {
+    let esp = tmp.path("esp");
+    std::fs::create_dir_all(esp.join("EFI/debian")).unwrap();
+    std::fs::write(esp.join("EFI/debian/grubx64.efi"), b"MZ pretend loader").unwrap();
+    std::fs::write(
+        esp.join("EFI/debian/grub.cfg"),
+        "search.fs_uuid x root\nconfigfile ($root)/boot/grub/grub.cfg\n",
+    )
+    .unwrap();
+    let root = tmp.path("root");
+    populate(&root, 3);
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("boot/grub")).unwrap();
+    std::fs::write(
+        root.join("etc/fstab"),
+        "# <file system> <mount point> <type> <options> <dump> <pass>\n\
+         /dev/sda2 / ext4 errors=remount-ro 0 1\n/dev/sda1 /boot/efi vfat umask=0077 0 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("boot/grub/grub.cfg"),
+        "menuentry 'Debian' {\n\tlinux /boot/vmlinuz root=/dev/sda2 ro quiet\n}\n",
+    )
+    .unwrap();
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s 64M {d} && sgdisk -n 1:2048:+16M -t 1:{ESP_TYPE} -n 2:0:+40M -t 2:8300 {d} >/dev/null",
+        d = disk.display()
+    ));
+    let fat = tmp.path("esp.img");
+    make_fat(&fat, 16, 16, &esp, "-n ESP");
+    place(&disk, &fat, MIB);
+    let ext = tmp.path("root.img");
+    make_ext(&ext, 40, "ext4", "-L root", &root);
+    place(&disk, &ext, 17 * MIB);
+    let repo = tmp.s("repo");
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "old1",
+        &disk.display().to_string(),
+    ]);
+    repo
+}
+
+fn debugfs_cat(disk: &Path, offset: u64, len: u64, tmp: &Tmp, file: &str) -> String {
+    let part = tmp.path("part.img");
+    extract(disk, offset, len, &part);
+    sh(&format!(
+        "debugfs -R 'cat {file}' {} 2>/dev/null",
+        part.display()
+    ))
+}
+
+fn ext_uuid(disk: &Path, offset: u64, len: u64, tmp: &Tmp) -> String {
+    let part = tmp.path("part.img");
+    extract(disk, offset, len, &part);
+    sh(&format!("blkid -o value -s UUID {}", part.display()))
+        .trim()
+        .to_string()
+}
+
+/// Partition `n`'s (first, last) sector from sgdisk.
+fn gpt_range(disk: &Path, n: u32) -> (u64, u64) {
+    let out = sh(&format!("sgdisk -i {n} {}", disk.display()));
+    let num = |key: &str| -> u64 {
+        out.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {out}"))
+    };
+    (num("First sector"), num("Last sector"))
+}
+
+#[test]
+fn device_names_uefi_fallback_and_grow_on_gpt() {
+    let tmp = Tmp::new("fixup-gpt");
+    let repo = old_install(&tmp);
+    let target = tmp.path("t.img");
+    let t = target.display().to_string();
+    let out = bmr_ok(&[
+        "restore", "--repo", &repo, "--host", "old1", "--target", &t, "--grow", "--verify",
+    ]);
+    for want in [
+        "fix-up    grow the last partition",
+        "fix-up grow: partition 2 grown from 40.0 MiB to",
+        "fix-up device names: partition 2 /etc/fstab",
+        "-/dev/sda2 / ext4 errors=remount-ro 0 1",
+        "fix-up device names: partition 2 /boot/grub/grub.cfg",
+        "fix-up UEFI: copied EFI/debian/grubx64.efi to EFI/BOOT/BOOTX64.EFI, EFI/BOOT/grub.cfg",
+        "no boot entry for an image file",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // The restored target is 64 MiB (the source's size): grow needs a bigger disk. Restore
+    // again onto 96 MiB.
+    let big = tmp.path("big.img");
+    sh(&format!("truncate -s 96M {}", big.display()));
+    let out = bmr_ok(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "old1",
+        "--target",
+        &big.display().to_string(),
+        "--grow",
+        "--yes",
+    ]);
+    assert!(
+        out.contains("fix-up grow: partition 2 grown from 40.0 MiB to 79.0 MiB"),
+        "{out}"
+    );
+    assert!(sh(&format!("sgdisk -v {}", big.display())).contains("No problems found"));
+    let (first, last) = gpt_range(&big, 2);
+    let total = 96 * MIB / 512;
+    assert_eq!(
+        last,
+        total - 34,
+        "partition 2 must end at the last usable sector"
+    );
+    let (off, len) = (first * 512, (last + 1 - first) * 512);
+    let part = tmp.path("grown.img");
+    extract(&big, off, len, &part);
+    sh(&format!("e2fsck -fn {}", part.display()));
+    let blocks = sh(&format!("dumpe2fs -h {} 2>/dev/null", part.display()));
+    let count: u64 = blocks
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("block count");
+    let bsize: u64 = blocks
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("block size");
+    // resize2fs may leave the last few blocks that cannot form a group.
+    assert!(
+        count * bsize <= len && len - count * bsize < 64 * 1024,
+        "the filesystem fills the partition: {} of {len} bytes",
+        count * bsize
+    );
+
+    let root_uuid = ext_uuid(&big, off, len, &tmp);
+    let esp_img = tmp.path("esp-check.img");
+    extract(&big, MIB, 16 * MIB, &esp_img);
+    let fat_id = sh(&format!("blkid -o value -s UUID {}", esp_img.display()))
+        .trim()
+        .to_string();
+    let fstab = debugfs_cat(&big, off, len, &tmp, "/etc/fstab");
+    assert!(
+        fstab.contains(&format!("UUID={root_uuid} / ext4 errors=remount-ro 0 1"))
+            && fstab.contains(&format!("UUID={fat_id} /boot/efi vfat")),
+        "{fstab}"
+    );
+    assert!(fstab.contains("# <file system>"), "comments stay: {fstab}");
+    let grub = debugfs_cat(&big, off, len, &tmp, "/boot/grub/grub.cfg");
+    assert!(
+        grub.contains(&format!("root=UUID={root_uuid} ro quiet")),
+        "{grub}"
+    );
+    // The fallback loader is the system's loader, and its grub.cfg came along.
+    let esp = format!("{}@@{}", big.display(), MIB);
+    assert_eq!(
+        sh(&format!("mtype -i {esp} ::/EFI/BOOT/BOOTX64.EFI")),
+        "MZ pretend loader"
+    );
+    assert!(sh(&format!("mtype -i {esp} ::/EFI/BOOT/grub.cfg")).contains("configfile"));
+    sh(&format!("fsck.fat -n {}", esp_img.display()));
+}
+
+#[test]
+fn no_fixups_leaves_the_system_as_backed_up() {
+    let tmp = Tmp::new("fixup-none");
+    let repo = old_install(&tmp);
+    let target = tmp.path("t.img");
+    let out = bmr_ok(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "old1",
+        "--target",
+        &target.display().to_string(),
+        "--no-fixups",
+    ]);
+    assert!(
+        out.contains("fix-ups   none (--no-fixups)") && !out.contains("fix-up "),
+        "{out}"
+    );
+    let fstab = debugfs_cat(&target, 17 * MIB, 40 * MIB, &tmp, "/etc/fstab");
+    assert!(fstab.contains("/dev/sda2 / ext4"), "{fstab}");
+    let (ok, _) = sh_status(&format!(
+        "mtype -i {}@@{} ::/EFI/BOOT/BOOTX64.EFI",
+        target.display(),
+        MIB
+    ));
+    assert!(!ok, "no fallback loader without fix-ups");
+}
+
+#[test]
+fn grow_on_mbr_and_refusal_for_a_logical_last_partition() {
+    let tmp = Tmp::new("fixup-mbr");
+    let tree = tmp.path("tree");
+    populate(&tree, 5);
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s 48M {d} && echo 'start=2048, size=40M, type=83, bootable' | sfdisk -q {d}",
+        d = disk.display()
+    ));
+    let ext = tmp.path("fs.img");
+    make_ext(&ext, 40, "ext4", "", &tree);
+    place(&disk, &ext, MIB);
+    let repo = tmp.s("repo");
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "m1",
+        &disk.display().to_string(),
+    ]);
+    let big = tmp.path("big.img");
+    sh(&format!("truncate -s 80M {}", big.display()));
+    let out = bmr_ok(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "m1",
+        "--target",
+        &big.display().to_string(),
+        "--grow",
+    ]);
+    assert!(
+        out.contains("fix-up grow: partition 1 grown from 40.0 MiB to 79.0 MiB"),
+        "{out}"
+    );
+    let (_, parts) = sfdisk_parts(&big);
+    assert_eq!(parts[0].1, MIB);
+    assert_eq!(
+        parts[0].2,
+        79 * MIB,
+        "partition 1 ends at the end of the disk"
+    );
+    let part = tmp.path("p1.img");
+    extract(&big, MIB, 79 * MIB, &part);
+    sh(&format!("e2fsck -fn {}", part.display()));
+    assert!(sh(&format!("sfdisk -d {}", big.display())).contains("bootable"));
+
+    // Root in a logical partition at the end (Debian's old default layout): refused, clearly.
+    let disk2 = tmp.path("src2.img");
+    sh(&format!(
+        "truncate -s 48M {d} && printf 'start=2048, size=8M, type=83\\nstart=18432, type=5\\nstart=20480, type=83\\n' | sfdisk -q {d}",
+        d = disk2.display()
+    ));
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "m2",
+        &disk2.display().to_string(),
+    ]);
+    let big2 = tmp.path("big2.img");
+    sh(&format!("truncate -s 80M {}", big2.display()));
+    let err = bmr_fails(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "m2",
+        "--target",
+        &big2.display().to_string(),
+        "--grow",
+    ]);
+    assert!(
+        err.contains("logical one inside an extended partition"),
+        "{err}"
+    );
+}
