@@ -8,15 +8,6 @@
 # thing written inside the repository is the output (default target/rescue/) and cargo's build.
 set -euo pipefail
 
-# Pinned packages. When the mirror no longer has a pinned version the build warns and takes the
-# newest one available of the same series: then update these.
-KERNEL_PKG=linux-image-6.1.0-56-amd64
-KERNEL_VERSION=6.1.192-2
-KERNEL_FALLBACK='^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$'
-BUSYBOX_PKG=busybox-static
-BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
-SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
-
 # Host tools: Debian package -> what must exist once it is installed.
 TOOLS=(
     grub-common:/usr/bin/grub-mkrescue
@@ -29,6 +20,7 @@ TOOLS=(
     zstd:/usr/bin/zstd
     xz-utils:/usr/bin/xz # grub-mkrescue --compress=xz
     file:/usr/bin/file
+    e2fsprogs:/usr/sbin/resize2fs # copied into the initramfs for the fix-ups
 )
 # GRUB modules the ISO's menu needs (plus their dependencies); the rest stay out to keep it small.
 GRUB_MODULES="linux normal configfile echo test serial terminal search search_fs_uuid search_label iso9660 part_msdos part_gpt fat all_video gfxterm"
@@ -38,6 +30,8 @@ PROG=build.sh
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=iso-build/lib.sh
 source "$ROOT/iso-build/lib.sh"
+# shellcheck source=iso-build/debs.sh
+source "$ROOT/iso-build/debs.sh"
 
 log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 WARNINGS=()
@@ -98,80 +92,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- Debian packages ------------------------------------------------------------------------
-APT_OPTS=(-qq)
-[ "$(id -u)" != 0 ] || APT_OPTS+=(-o APT::Sandbox::User=root) # _apt cannot write the cache
-APT_UPDATED=
-
-# fetch PKG VERSION: the .deb in the cache (downloaded once); sets DEB.
-fetch() {
-    local pkg=$1 ver=$2
-    DEB=$CACHE/debs/${pkg}_${ver/:/%3a}_amd64.deb
-    [ -s "$DEB" ] && return 0
-    local tmp
-    tmp=$(mktemp -d "$CACHE/debs/.download.XXXXXX")
-    if (cd "$tmp" && apt-get download "${APT_OPTS[@]}" "$pkg=$ver") >"$tmp/log" 2>&1; then
-        mv "$tmp"/*.deb "$DEB"
-        rm -rf "$tmp"
-        return 0
-    fi
-    rm -rf "$tmp"
-    return 1
-}
-
-# fetch_pinned PKG VERSION VARIABLES FALLBACK_REGEX: the pinned version, else (loudly) the
-# newest package matching the regex. Sets DEB.
-fetch_pinned() {
-    local pkg=$1 ver=$2 vars=$3 regex=$4
-    fetch "$pkg" "$ver" && return 0
-    if [ -z "$APT_UPDATED" ] && [ "$(id -u)" = 0 ]; then
-        APT_UPDATED=1
-        log "cannot download $pkg=$ver: running apt-get update"
-        apt-get update -qq >&2 || true
-        fetch "$pkg" "$ver" && return 0
-    fi
-    local new newver
-    new=$(apt-cache search --names-only "$regex" | awk '{print $1}' | grep -E "$regex" |
-        sort -V | tail -n 1) || true
-    newver=$([ -n "$new" ] && apt-cache policy "$new" | awk '/Candidate:/ {print $2}') || true
-    if [ -z "$new" ] || [ -z "$newver" ] || [ "$newver" = "(none)" ]; then
-        die "cannot download $pkg=$ver and found no replacement: check the apt mirror or set $vars"
-    fi
-    warn "$pkg=$ver is no longer on the mirror; using $new=$newver instead.
-    Update $vars at the top of iso-build/build.sh to pin it."
-    fetch "$new" "$newver" ||
-        die "cannot download $new=$newver: check the apt mirror or set $vars"
-}
-
-# unpack DEB: its contents, extracted once into the cache; sets TREE.
-unpack() {
-    TREE=$CACHE/tree/$(basename "$1" .deb)
-    [ -f "$TREE/.unpacked" ] && return 0
-    rm -rf "$TREE"
-    mkdir -p "$TREE"
-    dpkg-deb -x "$1" "$TREE" || die "cannot unpack $1 (a damaged download? delete it)"
-    touch "$TREE/.unpacked"
-}
-
 log "Debian packages (cache: $CACHE)"
-fetch_pinned "$KERNEL_PKG" "$KERNEL_VERSION" "KERNEL_PKG and KERNEL_VERSION" "$KERNEL_FALLBACK"
-unpack "$DEB"
-KROOT=$TREE
-KVERS=("$KROOT"/lib/modules/*)
-[ ${#KVERS[@]} = 1 ] || die "$DEB: expected one /lib/modules/VERSION"
-[ -d "${KVERS[0]}" ] || die "$DEB: no /lib/modules/VERSION"
-KVER=${KVERS[0]##*/}
-VMLINUZ=$KROOT/boot/vmlinuz-$KVER
-[ -f "$VMLINUZ" ] || die "$DEB: no /boot/vmlinuz-$KVER"
-# Debian's package leaves modules.dep to the postinst; resolve dependencies against our copy.
-if [ ! -f "$KROOT/.depmod" ]; then
-    depmod -b "$KROOT" "$KVER" || die "depmod failed on $KROOT"
-    touch "$KROOT/.depmod"
-fi
-
-fetch_pinned "$BUSYBOX_PKG" "$BUSYBOX_VERSION" "BUSYBOX_VERSION" '^busybox-static$'
-unpack "$DEB"
-BUSYBOX=$TREE/bin/busybox
-[ -x "$BUSYBOX" ] || die "$DEB: no /bin/busybox"
+kernel_tree
+busybox_bin
 
 fetch_pinned pxelinux "$SYSLINUX_VERSION" "SYSLINUX_VERSION" '^pxelinux$'
 unpack "$DEB"
@@ -210,6 +133,27 @@ while IFS= read -r applet; do
     [ -e "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
 done < <("$BUSYBOX" --list-full)
 install -m 0755 "$BMR_BIN" "$R/bin/bmr"
+# What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP), with their
+# shared libraries, as initramfs-tools' copy_exec does.
+copy_exec() {
+    local bin=$1 lib
+    install -D -m 0755 "$bin" "$R$bin"
+    for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+        # 0755: the kernel runs the dynamic loader itself, and only if it is executable.
+        [ -e "$R$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$R$lib"
+    done
+}
+for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/bin/mtools; do
+    [ -x "$t" ] || die "$t is missing: install e2fsprogs and mtools"
+    copy_exec "$t"
+done
+for t in mcopy mmd mdir mtype; do ln -s mtools "$R/usr/bin/$t"; done
+# mtools converts FAT names through iconv (code page 850): glibc loads that from gconv.
+GCONV=/usr/lib/x86_64-linux-gnu/gconv
+mkdir -p "$R$GCONV"
+cp -r "$GCONV"/gconv-modules "$GCONV"/gconv-modules.d "$GCONV"/gconv-modules.cache \
+    "$GCONV"/IBM850.so "$GCONV"/IBM437.so "$R$GCONV/" || die "glibc's gconv modules are missing"
+ln -sf /usr/sbin/e2fsck "$R/sbin/fsck.ext4"
 install -m 0755 "$ROOT/initramfs/init" "$R/init"
 install -m 0755 "$ROOT/initramfs/udhcpc.script" "$R/etc/udhcpc/default.script"
 ln -s /etc/udhcpc/default.script "$R/usr/share/udhcpc/default.script"

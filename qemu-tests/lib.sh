@@ -10,8 +10,9 @@ BMR=$ROOT/target/release/bmr
 OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
 OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
 BOOT_TIMEOUT=${BMR_BOOT_TIMEOUT:-600}
-# What the rescue kernel always gets (the same as iso-build's entries).
-BASE_KARGS="console=tty0 console=ttyS0,115200n8 loglevel=4 panic=10"
+# BASE_KARGS (what the rescue kernel always gets) and die.
+# shellcheck source=iso-build/lib.sh
+source "$ROOT/iso-build/lib.sh"
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -44,16 +45,18 @@ make_sample() {
     touch "$s/done"
 }
 
-# Serve the repository on the host's loopback (the guest reaches it at 10.0.2.2).
+# Serve a repository (default: the sample's) on the host's loopback; the guest reaches it at
+# 10.0.2.2. Uploaded reports land in DIR.posts/.
 SERVER_PID=
 start_server() {
-    local pf=$WORK/port
+    local dir=${1:-$WORK/repo}
+    local pf=$dir.port
     rm -f "$pf"
-    python3 "$ROOT/tests/flaky_http.py" --dir "$WORK/repo" --port-file "$pf" \
-        --posts "$WORK/posts" &
+    mkdir -p "$dir.posts"
+    python3 "$ROOT/tests/flaky_http.py" --dir "$dir" --port-file "$pf" --posts "$dir.posts" &
     SERVER_PID=$!
-    mkdir -p "$WORK/posts"
     for _ in $(seq 100); do [ -s "$pf" ] && break; sleep 0.1; done
+    [ -s "$pf" ] || { log "the test HTTP server did not start"; return 1; }
     PORT=$(cat "$pf")
     REPO_URL="http://10.0.2.2:$PORT"
 }
@@ -75,11 +78,7 @@ boot() {
     else
         args+=(-serial "file:$log")
     fi
-    if [ "$fw" = uefi ]; then
-        cp "$OVMF_VARS" "$d/vars.fd"
-        args+=(-M q35 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
-               -drive "if=pflash,format=raw,unit=1,file=$d/vars.fd")
-    fi
+    [ "$fw" != uefi ] || firmware_args args "$d"
     case $how in
     cd|usb)
         "$ROOT/iso-build/set-kargs.sh" "$RESCUE/bmr-rescue.iso" "$d/rescue.iso" "$kargs" >/dev/null
@@ -106,19 +105,35 @@ boot() {
                -device "virtio-net-pci,netdev=n0,bootindex=0")
         ;;
     esac
+    disk_args args "$@"
+    timeout "$BOOT_TIMEOUT" qemu-system-x86_64 "${args[@]}" </dev/null >"$d/qemu.out" 2>&1 || true
+}
+
+# firmware_args ARRAY DIR: OVMF with a fresh NVRAM (a new machine's) in DIR/vars.fd.
+firmware_args() {
+    local -n a=$1
+    cp "$OVMF_VARS" "$2/vars.fd"
+    a+=(-M q35 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
+        -drive "if=pflash,format=raw,unit=1,file=$2/vars.fd")
+}
+
+# disk_args ARRAY BUS:FILE...: the disks, BUS virtio | sata | nvme | usb.
+disk_args() {
+    local -n a=$1
+    shift
     local i=0 spec bus file
     for spec in "$@"; do
         bus=${spec%%:*} file=${spec#*:}
-        args+=(-drive "if=none,id=d$i,format=raw,file=$file")
+        a+=(-drive "if=none,id=d$i,format=raw,file=$file")
         case $bus in
-        virtio) args+=(-device "virtio-blk-pci,drive=d$i,serial=BMRDISK$i") ;;
-        sata) args+=(-device "ahci,id=ahci$i" -device "ide-hd,drive=d$i,bus=ahci$i.0") ;;
-        nvme) args+=(-device "nvme,serial=BMRNVME$i,drive=d$i") ;;
-        usb) args+=(-device "qemu-xhci,id=xhci$i" -device "usb-storage,bus=xhci$i.0,drive=d$i") ;;
+        virtio) a+=(-device "virtio-blk-pci,drive=d$i,serial=BMRDISK$i") ;;
+        sata) a+=(-device "ahci,id=ahci$i" -device "ide-hd,drive=d$i,bus=ahci$i.0") ;;
+        nvme) a+=(-device "nvme,serial=BMRNVME$i,drive=d$i") ;;
+        usb) a+=(-device "qemu-xhci,id=xhci$i" -device "usb-storage,bus=xhci$i.0,drive=d$i") ;;
+        *) log "unknown disk bus $bus"; return 2 ;;
         esac
         i=$((i + 1))
     done
-    timeout "$BOOT_TIMEOUT" qemu-system-x86_64 "${args[@]}" </dev/null >"$d/qemu.out" 2>&1 || true
 }
 
 # The result line the rescue system printed on the serial console.

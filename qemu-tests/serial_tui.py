@@ -1,14 +1,24 @@
 """Drive bmr's TUI over a QEMU serial console (a unix socket): pick the URL entry, type the
-repository URL, take the newest point, the first disk, confirm by typing its name, wait for
-the restore, then choose "Power off". Everything received is written to LOG.
+repository URL, take the newest point of the host, the first disk, answer the grow question,
+confirm by typing the disk's name, wait for the restore, then choose "Power off". Everything
+received is written to LOG.
 
-usage: serial_tui.py SOCKET REPO_URL LOG"""
+usage: serial_tui.py SOCKET REPO_URL LOG [--host NAME] [--target vda] [--grow]"""
+import argparse
 import re
 import socket
 import sys
 import time
 
-sock_path, url, log_path = sys.argv[1:4]
+ap = argparse.ArgumentParser()
+ap.add_argument("sock_path")
+ap.add_argument("url")
+ap.add_argument("log_path")
+ap.add_argument("--host", default="sample")
+ap.add_argument("--target", default="vda")
+ap.add_argument("--grow", action="store_true")
+args = ap.parse_args()
+sock_path, url, log_path = args.sock_path, args.url, args.log_path
 log = open(log_path, "wb")
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 for _ in range(600):
@@ -58,16 +68,16 @@ wait("Repository")
 send("\r")  # "Enter a URL": the first entry when no local repository was found
 wait("Repository URL")
 send(url + "\r")
-wait("Point in time for sample")
+wait(f"Point in time for {args.host}")
 send("\r")
 wait("Target disk")
 send("\r")
 wait("Read everything back")
 send("\r")
-wait("grow the last partition")  # the target is bigger than the sample
-send("\r")
-wait("Type vda to start")
-send("vda\r")
+wait("grow the last partition")  # the target is bigger than the source disk
+send("y" if args.grow else "n")
+wait(f"Type {args.target} to start")
+send(args.target + "\r")
 wait("Done:", 900)
 wait("Next")
 send("j")  # from "Reboot" down to "Power off"

@@ -59,6 +59,23 @@ impl Disk {
         Self::from_file(path, file, direct)
     }
 
+    /// Give up the exclusive claim on a block device (keeping it open) so its restored
+    /// partitions can be mounted: the kernel refuses to mount a partition of a disk that is
+    /// held with O_EXCL.
+    pub fn release_exclusive(&mut self) -> Result<()> {
+        if !self.is_block {
+            return Ok(());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot reopen {}", self.path.display()))?;
+        self.direct = None;
+        self.file = file;
+        Ok(())
+    }
+
     fn from_file(path: &Path, file: File, direct: Option<File>) -> Result<Disk> {
         let meta = file
             .metadata()

@@ -718,6 +718,7 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     let min_size = min_target_size(m);
 
     // Target checks that need no write access come before the (possibly long) chunk check.
+    crate::fixup::preflight(&opts.fixups, &opts.target)?;
     if opts.target.exists() {
         crate::safety::check_restore_target(&opts.target, src.local_path())?;
     }
@@ -826,6 +827,11 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     if opts.verify {
         verify_target(&l, &disk, &layout, threads, opts.quiet)?;
     }
+    // The blocks are written: what follows mounts the restored filesystems.
+    let skipped = ctx.skipped.load(Ordering::Relaxed);
+    drop(ctx);
+    let mut disk = disk;
+    disk.release_exclusive()?;
     if let Some(i) = &inc {
         for (ai, current, desired) in &apply_plan {
             let area = &m.areas[*ai as usize];
@@ -840,8 +846,8 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
     crate::fixup::run(m, &disk, &opts.fixups)?;
     Ok(RestoreSummary {
         id: inc.as_ref().map_or(m.id.clone(), |i| i.id.clone()),
-        written: total - ctx.skipped.load(Ordering::Relaxed),
-        skipped: ctx.skipped.load(Ordering::Relaxed),
+        written: total - skipped,
+        skipped,
         elapsed: start.elapsed(),
         verified: opts.verify,
     })

@@ -1,6 +1,7 @@
 //! Fix-ups after the blocks are written: what keeps a restored system from booting on new
 //! hardware. Each step prints what it did; a step that fails fails the restore.
 
+pub mod bootloader;
 pub mod devnames;
 pub mod efiboot;
 pub mod grow;
@@ -26,9 +27,13 @@ pub struct FixupOptions {
     /// the machine running bmr boots).
     #[arg(long)]
     pub efi_boot_entry: bool,
+    /// Run the restored system's own grub-install and grub-mkconfig in a chroot (for what
+    /// the other steps cannot fix). Needs the target disk itself, not an image file.
+    #[arg(long)]
+    pub reinstall_bootloader: bool,
     /// Leave the restored system exactly as backed up: no device-name rewrite, no UEFI
     /// fallback loader or boot entry.
-    #[arg(long, conflicts_with = "grow")]
+    #[arg(long, conflicts_with_all = ["grow", "reinstall_bootloader", "efi_boot_entry"])]
     pub no_fixups: bool,
 }
 
@@ -72,6 +77,18 @@ fn is_ext(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4")
 }
 
+/// Refuse, before anything is written, what the fix-ups cannot do on this target.
+pub fn preflight(o: &FixupOptions, target: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_block = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if o.reinstall_bootloader && !is_block {
+        bail!(
+            "--reinstall-bootloader runs grub-install on the target disk: give a disk (/dev/...), not an image file"
+        );
+    }
+    Ok(())
+}
+
 /// What the fix-ups will do, for the restore plan.
 pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
     if o.no_fixups {
@@ -92,6 +109,12 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
             .any(|p| p.type_guid.eq_ignore_ascii_case(efiboot::ESP_TYPE)),
         _ => false,
     };
+    if o.reinstall_bootloader {
+        v.push(
+            "fix-up    reinstall GRUB with the restored system's grub-install and grub-mkconfig"
+                .into(),
+        );
+    }
     if esp {
         v.push(
             "fix-up    UEFI: fallback loader EFI/BOOT/BOOTX64.EFI, boot entry first in BootOrder"
@@ -226,6 +249,42 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     device_names(m, disk, &parts)?;
     if let Some(esp) = parts.iter().find(|p| p.type_guid == efiboot::ESP_TYPE) {
         uefi(m, disk, esp, &layout, o)?;
+    }
+    if o.reinstall_bootloader {
+        reinstall_bootloader(disk, &parts)?;
+    }
+    Ok(())
+}
+
+fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
+    let root = parts.iter().find_map(|p| {
+        let f = crate::fsid::identify_at(&disk.file, p.start)?;
+        if !is_ext(&f.fstype) {
+            return None;
+        }
+        let mnt = crate::apply::mount_range(
+            disk,
+            p.start,
+            p.len,
+            Some(p.slot),
+            &format!("root{}", p.slot),
+        )
+        .ok()?;
+        mnt.dir.join("etc/fstab").is_file().then_some(mnt)
+    });
+    let Some(root) = root else {
+        bail!(
+            "--reinstall-bootloader: no root filesystem (ext2/3/4 with /etc/fstab) on the restored disk"
+        );
+    };
+    let esp = parts
+        .iter()
+        .find(|p| p.type_guid == efiboot::ESP_TYPE)
+        .map(|p| crate::apply::partition_node(&disk.path, p.slot))
+        .transpose()?;
+    let uefi = efiboot::firmware_is_uefi();
+    for line in bootloader::reinstall(&root.dir, &disk.path, esp.as_deref(), uefi)? {
+        step("bootloader", &line);
     }
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct Params {
     pub verify: bool,
     /// Grow the last partition and its ext filesystem to the end of a bigger target.
     pub grow: bool,
+    /// `bmr.bootloader=reinstall`: run the restored system's grub-install in a chroot.
+    pub reinstall_bootloader: bool,
     pub after: After,
     pub report: Option<String>,
     pub ip: Option<String>,
@@ -53,6 +55,7 @@ impl Default for Params {
             yes: false,
             verify: false,
             grow: false,
+            reinstall_bootloader: false,
             after: After::Poweroff,
             report: None,
             ip: None,
@@ -137,6 +140,14 @@ pub fn parse(cmdline: &str) -> Params {
                 "yes" => p.yes = flag(key, value)?,
                 "verify" => p.verify = flag(key, value)?,
                 "grow" => p.grow = flag(key, value)?,
+                "bootloader" => match value {
+                    Some("reinstall") => p.reinstall_bootloader = true,
+                    Some("keep") => p.reinstall_bootloader = false,
+                    _ => bail!(
+                        "bmr.bootloader={}: use reinstall or keep",
+                        value.unwrap_or("")
+                    ),
+                },
                 "after" => {
                     p.after = match text(key, value)?.as_str() {
                         "poweroff" => After::Poweroff,
@@ -174,14 +185,15 @@ mod tests {
         let p = parse(
             "BOOT_IMAGE=/vmlinuz console=ttyS0 bmr.repo=https://10.0.2.2:8443/repo bmr.host=web1 \
              bmr.at=\"2026-11-20 18:00\" bmr.target=auto bmr.yes bmr.verify=1 bmr.after=reboot \
-             bmr.report=http://h/r bmr.ip=10.0.0.5/24:10.0.0.1 bmr.ca=corp.pem bmr.wait=5 quiet",
+             bmr.report=http://h/r bmr.ip=10.0.0.5/24:10.0.0.1 bmr.ca=corp.pem bmr.wait=5 bmr.grow \
+             bmr.bootloader=reinstall quiet",
         );
         assert!(p.errors.is_empty(), "{:?}", p.errors);
         assert_eq!(p.repo.as_deref(), Some("https://10.0.2.2:8443/repo"));
         assert_eq!(p.host.as_deref(), Some("web1"));
         assert_eq!(p.at.as_deref(), Some("2026-11-20 18:00"));
         assert_eq!(p.target.as_deref(), Some("auto"));
-        assert!(p.yes && p.verify);
+        assert!(p.yes && p.verify && p.grow && p.reinstall_bootloader);
         assert_eq!(p.after, After::Reboot);
         assert_eq!(p.ca, vec!["corp.pem".to_string()]);
         assert_eq!(p.wait, Duration::from_secs(5));

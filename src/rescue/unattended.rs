@@ -296,6 +296,7 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
         quiet: false,
         fixups: crate::fixup::FixupOptions {
             grow: p.grow,
+            reinstall_bootloader: p.reinstall_bootloader,
             ..Default::default()
         },
     };

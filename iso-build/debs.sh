@@ -1,0 +1,92 @@
+# Debian packages for the rescue system and the drills' sample machine: the pinned versions, and
+# download-once into the cache ${BMR_CACHE:-/var/cache/bmr-build}. Sourced by iso-build/build.sh
+# and qemu-tests/machine.sh; the caller defines log, warn and die and sets CACHE.
+
+# Pinned packages. When the mirror no longer has a pinned version the build warns and takes the
+# newest one available of the same series: then update these.
+KERNEL_PKG=linux-image-6.1.0-56-amd64
+KERNEL_VERSION=6.1.192-2
+KERNEL_FALLBACK='^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$'
+BUSYBOX_PKG=busybox-static
+BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
+SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
+
+APT_OPTS=(-qq)
+[ "$(id -u)" != 0 ] || APT_OPTS+=(-o APT::Sandbox::User=root) # _apt cannot write the cache
+APT_UPDATED=
+
+# fetch PKG VERSION: the .deb in the cache (downloaded once); sets DEB.
+fetch() {
+    local pkg=$1 ver=$2
+    DEB=$CACHE/debs/${pkg}_${ver/:/%3a}_amd64.deb
+    [ -s "$DEB" ] && return 0
+    local tmp
+    tmp=$(mktemp -d "$CACHE/debs/.download.XXXXXX")
+    if (cd "$tmp" && apt-get download "${APT_OPTS[@]}" "$pkg=$ver") >"$tmp/log" 2>&1; then
+        mv "$tmp"/*.deb "$DEB"
+        rm -rf "$tmp"
+        return 0
+    fi
+    rm -rf "$tmp"
+    return 1
+}
+
+# fetch_pinned PKG VERSION VARIABLES FALLBACK_REGEX: the pinned version, else (loudly) the
+# newest package matching the regex. Sets DEB.
+fetch_pinned() {
+    local pkg=$1 ver=$2 vars=$3 regex=$4
+    fetch "$pkg" "$ver" && return 0
+    if [ -z "$APT_UPDATED" ] && [ "$(id -u)" = 0 ]; then
+        APT_UPDATED=1
+        log "cannot download $pkg=$ver: running apt-get update"
+        apt-get update -qq >&2 || true
+        fetch "$pkg" "$ver" && return 0
+    fi
+    local new newver
+    new=$(apt-cache search --names-only "$regex" | awk '{print $1}' | grep -E "$regex" |
+        sort -V | tail -n 1) || true
+    newver=$([ -n "$new" ] && apt-cache policy "$new" | awk '/Candidate:/ {print $2}') || true
+    if [ -z "$new" ] || [ -z "$newver" ] || [ "$newver" = "(none)" ]; then
+        die "cannot download $pkg=$ver and found no replacement: check the apt mirror or set $vars"
+    fi
+    warn "$pkg=$ver is no longer on the mirror; using $new=$newver instead.
+    Update $vars at the top of iso-build/debs.sh to pin it."
+    fetch "$new" "$newver" ||
+        die "cannot download $new=$newver: check the apt mirror or set $vars"
+}
+
+# unpack DEB: its contents, extracted once into the cache; sets TREE.
+unpack() {
+    TREE=$CACHE/tree/$(basename "$1" .deb)
+    [ -f "$TREE/.unpacked" ] && return 0
+    rm -rf "$TREE"
+    mkdir -p "$TREE"
+    dpkg-deb -x "$1" "$TREE" || die "cannot unpack $1 (a damaged download? delete it)"
+    touch "$TREE/.unpacked"
+}
+
+# kernel_tree: the pinned kernel, unpacked, with modules.dep; sets KROOT, KVER, VMLINUZ.
+kernel_tree() {
+    fetch_pinned "$KERNEL_PKG" "$KERNEL_VERSION" "KERNEL_PKG and KERNEL_VERSION" "$KERNEL_FALLBACK"
+    unpack "$DEB"
+    KROOT=$TREE
+    local kvers=("$KROOT"/lib/modules/*)
+    [ ${#kvers[@]} = 1 ] || die "$DEB: expected one /lib/modules/VERSION"
+    [ -d "${kvers[0]}" ] || die "$DEB: no /lib/modules/VERSION"
+    KVER=${kvers[0]##*/}
+    VMLINUZ=$KROOT/boot/vmlinuz-$KVER
+    [ -f "$VMLINUZ" ] || die "$DEB: no /boot/vmlinuz-$KVER"
+    # Debian's package leaves modules.dep to the postinst; resolve dependencies against our copy.
+    if [ ! -f "$KROOT/.depmod" ]; then
+        depmod -b "$KROOT" "$KVER" || die "depmod failed on $KROOT"
+        touch "$KROOT/.depmod"
+    fi
+}
+
+# busybox_bin: the pinned static busybox; sets BUSYBOX.
+busybox_bin() {
+    fetch_pinned "$BUSYBOX_PKG" "$BUSYBOX_VERSION" "BUSYBOX_VERSION" '^busybox-static$'
+    unpack "$DEB"
+    BUSYBOX=$TREE/bin/busybox
+    [ -x "$BUSYBOX" ] || die "$DEB: no /bin/busybox"
+}

@@ -1,0 +1,162 @@
+#!/bin/bash
+# One DR drill, end to end: build the small bootable source machine (qemu-tests/machine.sh),
+# take an image backup on Monday and an incremental after each of Tuesday's, Wednesday's and
+# Thursday's changes, boot the rescue system in QEMU and restore Thursday unattended over HTTP
+# onto a blank, bigger disk on another bus, then boot the restored disk (SeaBIOS, and OVMF with
+# an empty NVRAM for GPT) and check from its serial console that it came up with exactly
+# Thursday's files. Prints a short report; exit status 0 when the drill passed.
+#
+#   qemu-tests/drill.sh [--layout gpt|mbr] [--rescue-firmware bios|uefi] [--bus virtio|sata|nvme]
+#                       [--delivery cd|usb|pxe] [--grow] [--tui] [--name NAME]
+#
+# Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
+source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/machine.sh"
+
+LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW= TUI= NAME=
+while [ $# -gt 0 ]; do
+    case $1 in
+    --layout) LAYOUT=$2; shift ;;
+    --rescue-firmware) FW=$2; shift ;;
+    --bus) BUS=$2; shift ;;
+    --delivery) DELIVERY=$2; shift ;;
+    --grow) GROW=1 ;;
+    --tui) TUI=1 ;;
+    --name) NAME=$2; shift ;;
+    *) log "drill.sh: unknown option $1 (see the comment at the top)"; exit 2 ;;
+    esac
+    shift
+done
+case $LAYOUT/$FW in
+gpt/bios | gpt/uefi | mbr/bios) ;;
+mbr/uefi) log "drill.sh: an MBR disk boots by BIOS only: use --rescue-firmware bios"; exit 2 ;;
+*) log "drill.sh: bad --layout or --rescue-firmware"; exit 2 ;;
+esac
+NAME=${NAME:-drill-$LAYOUT-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}}
+D=$WORK/$NAME
+HOST=drill-$LAYOUT
+STEPS=()
+step() { STEPS+=("$*"); log "[$NAME] $*"; }
+fail() {
+    step "FAILED: $*"
+    report
+    exit 1
+}
+report() {
+    echo "== drill $NAME: $LAYOUT disk, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}"
+    printf '   %s\n' "${STEPS[@]}"
+}
+
+# The root partition of the source disk, mounted read-write on the host for a day's changes.
+ROOT_MNT=
+mount_root() {
+    # shellcheck source=/dev/null
+    . "$D/src/info"
+    ROOT_MNT=$D/root-mnt
+    mkdir -p "$ROOT_MNT"
+    mount -o "loop,offset=$ROOT_OFFSET,sizelimit=$ROOT_SIZE" "$D/src/disk.img" "$ROOT_MNT"
+}
+umount_root() { umount "$ROOT_MNT"; }
+
+# The TSM scenario's days (docs/incrementals.md): Thursday leaves file3 (Wednesday's content) and
+# file4; file1 and file2 are gone.
+day() {
+    local d=$ROOT_MNT/data
+    case $1 in
+    monday)
+        rm -rf "${d:?}"/* && mkdir -p "$d"
+        echo "file 1, Monday" >"$d/file1"
+        echo "file 2, Monday" >"$d/file2"
+        echo "file 3, Monday" >"$d/file3"
+        ;;
+    tuesday) echo "file 4, Tuesday" >"$d/file4" ;;
+    wednesday) rm "$d/file2" && echo "file 3, changed on Wednesday" >"$d/file3" ;;
+    thursday) rm "$d/file1" ;;
+    esac
+}
+
+backup_week() {
+    local repo=$D/repo
+    rm -rf "$repo"
+    mount_root
+    day monday
+    cp -a "$ROOT_MNT/data" "$D/monday-data"
+    umount_root
+    "$BMR" backup --repo "$repo" --host "$HOST" "$D/src/disk.img" >"$D/backup.log" 2>&1 ||
+        fail "image backup (log: $D/backup.log)"
+    step "Monday: image backup of the $LAYOUT disk"
+    local today
+    for today in tuesday wednesday thursday; do
+        mount_root
+        day "$today"
+        "$BMR" backup --incremental --repo "$repo" --host "$HOST" "$ROOT_MNT" >>"$D/backup.log" 2>&1 ||
+            { umount_root; fail "$today incremental (log: $D/backup.log)"; }
+        if [ "$today" = thursday ]; then
+            rm -rf "$D/expected-tree" && mkdir -p "$D/expected-tree"
+            cp -a "$ROOT_MNT/data" "$D/expected-tree/data"
+        fi
+        umount_root
+        step "${today^}: changes made, incremental backup"
+    done
+    THURSDAY=$("$BMR" list --repo "$repo" --host "$HOST" --json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["snapshots"][-1]["id"])')
+}
+
+restore_in_rescue() {
+    local t=$D/target.img size=384M
+    rm -f "$t" && truncate -s "$size" "$t"
+    local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=auto bmr.verify"
+    kargs+="${GROW:+ bmr.grow} bmr.report=http://10.0.2.2:$PORT/report"
+    if [ -n "$TUI" ]; then
+        rm -f "$WORK/$NAME-rescue.sock"
+        python3 "$ROOT/qemu-tests/serial_tui.py" "$WORK/$NAME-rescue.sock" "$REPO_URL" \
+            "$WORK/$NAME-rescue.log" --host "$HOST" --target "$BUS_NAME" ${GROW:+--grow} &
+        local driver=$!
+        SERIAL=unix boot "$NAME-rescue" "$FW" "$DELIVERY" "" "$BUS:$t"
+        wait "$driver" || fail "the TUI driver (log: $WORK/$NAME-rescue.log)"
+        step "rescue ($FW, $DELIVERY): restored Thursday through the TUI over the serial console"
+    else
+        boot "$NAME-rescue" "$FW" "$DELIVERY" "$kargs" "$BUS:$t"
+        local r
+        r=$(result_of "$NAME-rescue")
+        [[ $r == "BMR-RESULT: ok "* ]] || fail "rescue: ${r:-no result line} (log: $WORK/$NAME-rescue.log)"
+        step "rescue ($FW, $DELIVERY): ${r#BMR-RESULT: }"
+    fi
+    local line
+    while IFS= read -r line; do
+        STEPS+=("  $line")
+    done < <(tr -d '\r' <"$WORK/$NAME-rescue.log" | grep -a -E '^(applied incremental|fix-up [^ ])' || true)
+}
+
+# Boot the restored disk and compare what it reports with Thursday's files.
+boot_restored() {
+    local fw=$1 log
+    boot_disk "$NAME-$fw" "$fw" "$BUS:$D/target.img"
+    log=$WORK/$NAME-$fw.log
+    expected_report "$D/expected-tree" >"$D/expected.txt"
+    machine_report "$log" >"$D/got-$fw.txt"
+    if diff -u "$D/expected.txt" "$D/got-$fw.txt" >"$D/diff-$fw.txt"; then
+        step "restored disk booted under $fw on $BUS: up, fstab ok, exactly Thursday's $(grep -c '^BMR-FILE' "$D/expected.txt") files"
+    else
+        fail "restored disk under $fw: $(head -c 600 "$D/diff-$fw.txt") (serial log: $log)"
+    fi
+}
+
+main() {
+    [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
+    [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
+    rm -rf "$D" && mkdir -p "$D"
+    make_machine "$D/src" "$LAYOUT" >"$D/machine.log" 2>&1 || fail "building the source machine (log: $D/machine.log)"
+    step "source machine built: $LAYOUT, $(du -h --apparent-size "$D/src/disk.img" | cut -f1) disk"
+    backup_week
+    start_server "$D/repo"
+    trap stop_server EXIT
+    case $BUS in virtio) BUS_NAME=vda ;; sata) BUS_NAME=sda ;; nvme) BUS_NAME=nvme0n1 ;; esac
+    restore_in_rescue
+    boot_restored bios
+    [ "$LAYOUT" = mbr ] || boot_restored uefi
+    step "PASSED"
+    report
+}
+
+main
