@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # the pins are for the scripts that source this
 # Debian packages for the rescue system and the drills' sample machine: the pinned versions, and
 # download-once into the cache ${BMR_CACHE:-/var/cache/bmr-build}. Sourced by iso-build/build.sh
 # and qemu-tests/machine.sh; the caller defines log, warn and die and sets CACHE.

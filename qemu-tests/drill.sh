@@ -10,10 +10,12 @@
 #                       [--delivery cd|usb|pxe] [--grow] [--tui] [--name NAME]
 #
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
+# shellcheck source=qemu-tests/lib.sh
 source "$(dirname "$0")/lib.sh"
+# shellcheck source=qemu-tests/machine.sh
 source "$(dirname "$0")/machine.sh"
 
-LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW= TUI= NAME=
+LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME=''
 while [ $# -gt 0 ]; do
     case $1 in
     --layout) LAYOUT=$2; shift ;;
@@ -48,6 +50,7 @@ report() {
 }
 
 # The root partition of the source disk, mounted read-write on the host for a day's changes.
+# shellcheck disable=SC2153 # ROOT_OFFSET, ROOT_SIZE, ROOT_PART come from machine.sh's info file
 ROOT_MNT=
 mount_root() {
     # shellcheck source=/dev/null
@@ -128,17 +131,39 @@ restore_in_rescue() {
     done < <(tr -d '\r' <"$WORK/$NAME-rescue.log" | grep -a -E '^(applied incremental|fix-up [^ ])' || true)
 }
 
-# Boot the restored disk and compare what it reports with Thursday's files.
+# Boot the restored disk (or DISK) and compare what it reports with Thursday's files.
 boot_restored() {
-    local fw=$1 log
-    boot_disk "$NAME-$fw" "$fw" "$BUS:$D/target.img"
+    local fw=$1 what=${2:-} disk=${3:-$D/target.img} log
+    boot_disk "$NAME-$fw" "$fw" "$BUS:$disk"
     log=$WORK/$NAME-$fw.log
     expected_report "$D/expected-tree" >"$D/expected.txt"
     machine_report "$log" >"$D/got-$fw.txt"
     if diff -u "$D/expected.txt" "$D/got-$fw.txt" >"$D/diff-$fw.txt"; then
-        step "restored disk booted under $fw on $BUS: up, fstab ok, exactly Thursday's $(grep -c '^BMR-FILE' "$D/expected.txt") files"
+        step "restored disk booted under $fw${what:+ $what} on $BUS: up, fstab ok, exactly Thursday's $(grep -c '^BMR-FILE' "$D/expected.txt") files"
     else
         fail "restored disk under $fw: $(head -c 600 "$D/diff-$fw.txt") (serial log: $log)"
+    fi
+}
+
+# The restored root filesystem on the host: clean, and with --grow filling the disk.
+check_root_fs() {
+    # shellcheck source=/dev/null
+    . "$D/src/info"
+    local start size total loopdev
+    read -r start size < <(sfdisk -J "$D/target.img" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][$ROOT_PART - 1]; print(p['start'], p['size'])")
+    loopdev=$(losetup -f --show -r -o $((start * 512)) --sizelimit $((size * 512)) "$D/target.img")
+    local ok=1
+    e2fsck -fn "$loopdev" >"$D/e2fsck.log" 2>&1 || ok=
+    losetup -d "$loopdev"
+    [ -n "$ok" ] || fail "e2fsck -fn of the restored root found problems (log: $D/e2fsck.log)"
+    if [ -n "$GROW" ]; then
+        total=$(( $(stat -c %s "$D/target.img") / 512 ))
+        # GPT keeps 33 sectors for its backup at the end; MBR needs nothing.
+        [ $((start + size)) -ge $((total - 33)) ] ||
+            fail "--grow: the root partition ends at sector $((start + size)) of $total"
+        step "restored root: e2fsck clean, grown to $(numfmt --to=iec-i --suffix=B $((size * 512))) (the disk's end)"
+    else
+        step "restored root: e2fsck clean"
     fi
 }
 
@@ -153,8 +178,19 @@ main() {
     trap stop_server EXIT
     case $BUS in virtio) BUS_NAME=vda ;; sata) BUS_NAME=sda ;; nvme) BUS_NAME=nvme0n1 ;; esac
     restore_in_rescue
+    check_root_fs
     boot_restored bios
-    [ "$LAYOUT" = mbr ] || boot_restored uefi
+    if [ "$LAYOUT" = gpt ]; then
+        boot_restored uefi "with an empty NVRAM"
+    fi
+    if [ "$FW" = uefi ]; then
+        # The same machine again, its NVRAM as the rescue system left it; without the fallback
+        # loader only the new boot entry can start it.
+        cp "$D/target.img" "$D/no-fallback.img"
+        MTOOLS_SKIP_CHECK=1 mdel -i "$D/no-fallback.img@@$((2 * 1048576))" ::/EFI/BOOT/BOOTX64.EFI
+        VARS=$WORK/$NAME-rescue/vars.fd boot_restored uefi "by its new NVRAM boot entry" "$D/no-fallback.img"
+        rm -f "$D/no-fallback.img"
+    fi
     step "PASSED"
     report
 }

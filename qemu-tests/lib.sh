@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034 # variables are for the scripts that source this
 # Shared by the QEMU tests: paths, the sample machine, the HTTP server, booting the rescue
 # system (CD, USB stick or PXE; SeaBIOS or OVMF) and checking a restored disk on the host.
 # Everything runs under TCG; timeouts are generous and nothing asserts on time.
@@ -60,7 +61,7 @@ start_server() {
     PORT=$(cat "$pf")
     REPO_URL="http://10.0.2.2:$PORT"
 }
-stop_server() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true; }
+stop_server() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; fi; }
 
 # boot NAME FIRMWARE DELIVERY "KARGS" [DISK_SPEC...]
 #   FIRMWARE: bios | uefi.  DELIVERY: cd | usb | pxe (iPXE from QEMU's TFTP).
@@ -109,27 +110,28 @@ boot() {
     timeout "$BOOT_TIMEOUT" qemu-system-x86_64 "${args[@]}" </dev/null >"$d/qemu.out" 2>&1 || true
 }
 
-# firmware_args ARRAY DIR: OVMF with a fresh NVRAM (a new machine's) in DIR/vars.fd.
+# firmware_args ARRAY DIR [VARS]: OVMF with a fresh NVRAM (a new machine's), or a copy of
+# VARS (the same machine again), in DIR/vars.fd.
 firmware_args() {
-    local -n a=$1
-    cp "$OVMF_VARS" "$2/vars.fd"
-    a+=(-M q35 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
-        -drive "if=pflash,format=raw,unit=1,file=$2/vars.fd")
+    local -n _argv=$1
+    cp "${3:-$OVMF_VARS}" "$2/vars.fd"
+    _argv+=(-M q35 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
+           -drive "if=pflash,format=raw,unit=1,file=$2/vars.fd")
 }
 
 # disk_args ARRAY BUS:FILE...: the disks, BUS virtio | sata | nvme | usb.
 disk_args() {
-    local -n a=$1
+    local -n _argv=$1
     shift
     local i=0 spec bus file
     for spec in "$@"; do
         bus=${spec%%:*} file=${spec#*:}
-        a+=(-drive "if=none,id=d$i,format=raw,file=$file")
+        _argv+=(-drive "if=none,id=d$i,format=raw,file=$file")
         case $bus in
-        virtio) a+=(-device "virtio-blk-pci,drive=d$i,serial=BMRDISK$i") ;;
-        sata) a+=(-device "ahci,id=ahci$i" -device "ide-hd,drive=d$i,bus=ahci$i.0") ;;
-        nvme) a+=(-device "nvme,serial=BMRNVME$i,drive=d$i") ;;
-        usb) a+=(-device "qemu-xhci,id=xhci$i" -device "usb-storage,bus=xhci$i.0,drive=d$i") ;;
+        virtio) _argv+=(-device "virtio-blk-pci,drive=d$i,serial=BMRDISK$i") ;;
+        sata) _argv+=(-device "ahci,id=ahci$i" -device "ide-hd,drive=d$i,bus=ahci$i.0") ;;
+        nvme) _argv+=(-device "nvme,serial=BMRNVME$i,drive=d$i") ;;
+        usb) _argv+=(-device "qemu-xhci,id=xhci$i" -device "usb-storage,bus=xhci$i.0,drive=d$i") ;;
         *) log "unknown disk bus $bus"; return 2 ;;
         esac
         i=$((i + 1))

@@ -12,7 +12,8 @@
 #            3 ext4 root. mbr: 1 ext4 root, GRUB's core.img in the gap after the MBR.
 #       Like an old install, /etc/fstab and the kernel's root= name /dev/sdaN: on any other bus
 #       the disk only boots once bmr has rewritten them to UUID=.
-#   boot_disk NAME bios|uefi BUS:FILE...   boot it (uefi: a fresh copy of OVMF_VARS)
+#   boot_disk NAME bios|uefi BUS:FILE...   boot it (uefi: a fresh copy of OVMF_VARS, or of
+#       $VARS: the NVRAM of a machine that ran before)
 #   machine_report LOG / expected_report TREE   what it printed / what it must print
 #
 # Its init prints `BMR-MACHINE: up HOST`, `BMR-MACHINE: fstab ok` (every fstab entry mounted)
@@ -143,8 +144,10 @@ EOF
 grub_image() {
     local format=$1 out=$2 dir=$3
     shift 3
+    # shellcheck disable=SC2016 # $root and $prefix are GRUB's
     printf 'search --no-floppy --fs-uuid --set=root %s\nset prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n' \
         "$ROOT_UUID" >"$dir/early.cfg"
+    # shellcheck disable=SC2086 # one module per word
     grub-mkimage -O "$format" -p /boot/grub -c "$dir/early.cfg" -o "$out" $GRUB_COMMON "$@"
 }
 
@@ -235,7 +238,7 @@ boot_disk() {
     rm -rf "$d" && mkdir -p "$d"
     local args=(-accel tcg -m 512 -smp 1 -no-reboot -display none -monitor none -nic none
                 -serial "file:$WORK/$name.log")
-    [ "$fw" = bios ] || firmware_args args "$d"
+    [ "$fw" = bios ] || firmware_args args "$d" "${VARS:-}"
     disk_args args "$@"
     timeout "${MACHINE_TIMEOUT:-300}" qemu-system-x86_64 "${args[@]}" </dev/null >"$d/qemu.out" 2>&1 || true
 }

@@ -8,6 +8,7 @@
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
 #
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
+# shellcheck source=qemu-tests/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo

@@ -1,6 +1,7 @@
 #!/bin/bash
 # The test suite: formatting, lints, unit and integration tests (real loop devices, mke2fs,
-# sgdisk, mtools: run as root), then the rescue system built and booted in QEMU.
+# sgdisk, mtools: run as root), then the rescue system built and booted in QEMU, and the DR
+# drill matrix (restored machines booted in QEMU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -11,3 +12,4 @@ iso-build/build.sh
 # The boot paths the restore cases below do not take: pxelinux, GRUB netboot, the shell entry.
 iso-build/smoke.sh pxelinux-bios grub-netboot-uefi cd-uefi
 qemu-tests/rescue.sh
+qemu-tests/run.sh

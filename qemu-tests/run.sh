@@ -1,0 +1,64 @@
+#!/bin/bash
+# The DR drill matrix (qemu-tests/drill.sh), two drills at a time. Together they cover: GPT
+# disks restored onto virtio, SATA and NVMe and booted under SeaBIOS and under OVMF with an
+# empty NVRAM; MBR disks on all three buses under SeaBIOS; the rescue system delivered as CD,
+# USB stick and PXE under both firmwares; one drill through the TUI over the serial console;
+# one with --grow.
+#
+#   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
+#   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
+# shellcheck source=qemu-tests/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+# name: drill.sh options
+declare -A DRILLS=(
+    [gpt-virtio-cd]="--layout gpt --rescue-firmware bios --bus virtio --delivery cd"
+    [gpt-nvme-usb-uefi-grow]="--layout gpt --rescue-firmware uefi --bus nvme --delivery usb --grow"
+    [gpt-sata-pxe]="--layout gpt --rescue-firmware bios --bus sata --delivery pxe"
+    [gpt-virtio-tui-uefi]="--layout gpt --rescue-firmware uefi --bus virtio --delivery cd --tui"
+    [mbr-virtio-usb]="--layout mbr --rescue-firmware bios --bus virtio --delivery usb"
+    [mbr-nvme-pxe]="--layout mbr --rescue-firmware bios --bus nvme --delivery pxe"
+    [mbr-sata-cd]="--layout mbr --rescue-firmware bios --bus sata --delivery cd"
+)
+ORDER=(gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd gpt-sata-pxe
+       mbr-virtio-usb mbr-nvme-pxe mbr-sata-cd)
+
+running() {
+    local n=0 p
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && n=$((n + 1)); done
+    echo "$n"
+}
+
+main() {
+    local want=("$@") name pids=()
+    [ ${#want[@]} -gt 0 ] || want=("${ORDER[@]}")
+    for name in "${want[@]}"; do
+        [ -n "${DRILLS[$name]:-}" ] || { log "unknown drill $name (drills: ${ORDER[*]})"; exit 2; }
+    done
+    [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
+    (cd "$ROOT" && cargo build --release -q)
+    mkdir -p "$WORK"
+    rm -f "$WORK"/drill-*.result
+    for name in "${want[@]}"; do
+        while [ "$(running "${pids[@]}")" -ge "${BMR_QEMU_JOBS:-2}" ]; do sleep 1; done
+        (
+            # shellcheck disable=SC2086 # the options are words
+            if "$ROOT/qemu-tests/drill.sh" --name "drill-$name" ${DRILLS[$name]} \
+                >"$WORK/drill-$name.report" 2>"$WORK/drill-$name.err"; then
+                echo "PASS $name" | tee "$WORK/drill-$name.result"
+            else
+                echo "FAIL $name" | tee "$WORK/drill-$name.result"
+            fi
+            cat "$WORK/drill-$name.report"
+        ) &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    local pass fail
+    pass=$(cat "$WORK"/drill-*.result | grep -c '^PASS' || true)
+    fail=$(cat "$WORK"/drill-*.result | grep -c '^FAIL' || true)
+    echo "$pass passed, $fail failed"
+    [ "$fail" = 0 ]
+}
+
+main "$@"
