@@ -7,7 +7,11 @@
 # Thursday's files. Prints a short report; exit status 0 when the drill passed.
 #
 #   qemu-tests/drill.sh [--layout gpt|mbr] [--rescue-firmware bios|uefi] [--bus virtio|sata|nvme]
-#                       [--delivery cd|usb|pxe] [--grow] [--tui] [--name NAME]
+#                       [--delivery cd|usb|pxe] [--grow] [--tui] [--reinstall-bootloader]
+#                       [--name NAME]
+#
+# --reinstall-bootloader drills a machine whose BIOS boot code is gone: a Debian root with GRUB's
+# tools, restored with bmr.bootloader=reinstall, must boot by the GRUB its own grub-install wrote.
 #
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
 # shellcheck source=qemu-tests/lib.sh
@@ -15,7 +19,7 @@ source "$(dirname "$0")/lib.sh"
 # shellcheck source=qemu-tests/machine.sh
 source "$(dirname "$0")/machine.sh"
 
-LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME=''
+LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME='' REINSTALL=''
 while [ $# -gt 0 ]; do
     case $1 in
     --layout) LAYOUT=$2; shift ;;
@@ -24,6 +28,7 @@ while [ $# -gt 0 ]; do
     --delivery) DELIVERY=$2; shift ;;
     --grow) GROW=1 ;;
     --tui) TUI=1 ;;
+    --reinstall-bootloader) REINSTALL=1 ;;
     --name) NAME=$2; shift ;;
     *) log "drill.sh: unknown option $1 (see the comment at the top)"; exit 2 ;;
     esac
@@ -34,7 +39,7 @@ gpt/bios | gpt/uefi | mbr/bios) ;;
 mbr/uefi) log "drill.sh: an MBR disk boots by BIOS only: use --rescue-firmware bios"; exit 2 ;;
 *) log "drill.sh: bad --layout or --rescue-firmware"; exit 2 ;;
 esac
-NAME=${NAME:-drill-$LAYOUT-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}}
+NAME=${NAME:-drill-$LAYOUT-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}${REINSTALL:+-reinstall}}
 D=$WORK/$NAME
 HOST=drill-$LAYOUT
 STEPS=()
@@ -45,7 +50,7 @@ fail() {
     exit 1
 }
 report() {
-    echo "== drill $NAME: $LAYOUT disk, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}"
+    echo "== drill $NAME: $LAYOUT disk, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}${REINSTALL:+, boot code lost and reinstalled}"
     printf '   %s\n' "${STEPS[@]}"
 }
 
@@ -106,10 +111,12 @@ backup_week() {
 }
 
 restore_in_rescue() {
-    local t=$D/target.img size=384M
+    # Bigger than the source disk by half, as a replacement disk usually is.
+    local t=$D/target.img size
+    size=$(( $(stat -c %s "$D/src/disk.img") * 3 / 2 ))
     rm -f "$t" && truncate -s "$size" "$t"
     local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=auto bmr.verify"
-    kargs+="${GROW:+ bmr.grow} bmr.report=http://10.0.2.2:$PORT/report"
+    kargs+="${GROW:+ bmr.grow}${REINSTALL:+ bmr.bootloader=reinstall} bmr.report=http://10.0.2.2:$PORT/report"
     if [ -n "$TUI" ]; then
         rm -f "$WORK/$NAME-rescue.sock"
         python3 "$ROOT/qemu-tests/serial_tui.py" "$WORK/$NAME-rescue.sock" "$REPO_URL" \
@@ -171,8 +178,17 @@ main() {
     [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
     [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
     rm -rf "$D" && mkdir -p "$D"
-    make_machine "$D/src" "$LAYOUT" >"$D/machine.log" 2>&1 || fail "building the source machine (log: $D/machine.log)"
-    step "source machine built: $LAYOUT, $(du -h --apparent-size "$D/src/disk.img" | cut -f1) disk"
+    make_machine "$D/src" "$LAYOUT" "${REINSTALL:+grub}" >"$D/machine.log" 2>&1 ||
+        fail "building the source machine (log: $D/machine.log)"
+    step "source machine built: $LAYOUT, $(du -h --apparent-size "$D/src/disk.img" | cut -f1) disk${REINSTALL:+, Debian root with GRUB}"
+    if [ -n "$REINSTALL" ]; then
+        # The MBR's boot code and GRUB's core image in the BIOS boot partition (or the gap after
+        # the MBR) are gone: by BIOS this disk no longer boots until GRUB is reinstalled.
+        dd if=/dev/zero of="$D/src/disk.img" bs=440 count=1 conv=notrunc status=none
+        dd if=/dev/zero of="$D/src/disk.img" bs=512 seek=$([ "$LAYOUT" = gpt ] && echo 2048 || echo 1) \
+            count=$([ "$LAYOUT" = gpt ] && echo 2048 || echo 2047) conv=notrunc status=none
+        step "its BIOS boot code wiped (MBR code and GRUB's core image)"
+    fi
     backup_week
     start_server "$D/repo"
     trap stop_server EXIT

@@ -6,7 +6,10 @@
 #
 #   qemu-tests/machine.sh selftest
 #
-#   make_machine DIR gpt|mbr   DIR/disk.img (256 MiB) + DIR/tree (its root) + DIR/info
+#   make_machine DIR gpt|mbr [busybox|grub]   DIR/disk.img + DIR/tree (its root) + DIR/info
+#       busybox (256 MiB): kernel, busybox, the reporting init. grub (640 MiB): the same on a
+#       Debian minbase root with GRUB's tools (grub-install, grub-mkconfig), for
+#       --reinstall-bootloader.
 #       gpt: 1 BIOS boot partition, 2 ESP (FAT32, GRUB at EFI/debian/grubx64.efi only: a new
 #            machine's empty NVRAM finds nothing until bmr's fix-ups add EFI/BOOT/BOOTX64.EFI),
 #            3 ext4 root. mbr: 1 ext4 root, GRUB's core.img in the gap after the MBR.
@@ -27,6 +30,12 @@ CACHE=${BMR_CACHE:-/var/cache/bmr-build}
 mkdir -p "$CACHE/debs" "$CACHE/tree"
 
 MACHINE_HOST=drill-source
+MACHINE_KARGS="console=tty0 console=ttyS0,115200n8 panic=-1 loglevel=4"
+# The grub flavour's Debian root: minbase plus GRUB's tools, made once by debootstrap and kept
+# in the download cache.
+DEBIAN_SUITE=bookworm
+DEBIAN_MIRROR=${BMR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+DEBIAN_PKGS=grub-pc-bin,grub-efi-amd64-bin,grub2-common
 # Fixed identities: the same inputs give the same disk.
 ROOT_UUID=6d1f5a2e-0c3b-4d8e-9a71-2b5c8e4f3a10
 ESP_ID=B3E1A7C2
@@ -35,10 +44,29 @@ DISK_GUID=8B3C2F10-5E4D-4A7B-9C6E-1F2A3B4C5D6E
 MODULES="virtio_pci virtio_blk ahci sd_mod nvme crc32c_generic ext4 vfat nls_cp437 nls_ascii"
 GRUB_COMMON="part_gpt part_msdos ext2 search search_fs_uuid normal linux configfile echo test serial terminal"
 
+# debian_root: the cached Debian tree (debootstrap on first use); prints its path.
+debian_root() {
+    local key dir
+    key=$(echo "$DEBIAN_SUITE $DEBIAN_MIRROR $DEBIAN_PKGS" | sha256sum | cut -c1-12)
+    dir=$CACHE/debian-$key
+    if [ ! -f "$dir/.done" ]; then
+        command -v debootstrap >/dev/null ||
+            die "the grub machine needs debootstrap: apt-get install debootstrap"
+        rm -rf "${dir:?}"
+        log "debootstrap $DEBIAN_SUITE (minbase + $DEBIAN_PKGS) into $dir"
+        debootstrap --variant=minbase --include="$DEBIAN_PKGS" "$DEBIAN_SUITE" "$dir" \
+            "$DEBIAN_MIRROR" >"$CACHE/debootstrap.log" 2>&1 ||
+            die "debootstrap failed (log: $CACHE/debootstrap.log)"
+        rm -f "$dir"/var/cache/apt/archives/*.deb
+        touch "$dir/.done"
+    fi
+    echo "$dir"
+}
+
 # The machine's initramfs: find root= (a device path or UUID=), mount it, switch to it.
 machine_initrd() {
     local out=$1 r=$2/initrd
-    rm -rf "$r" && mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,newroot,etc,lib/modules}
+    rm -rf "${r:?}" && mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,newroot,etc,lib/modules}
     install -m 0755 "$BUSYBOX" "$r/bin/busybox"
     local m kind path rel
     for m in $MODULES; do
@@ -82,16 +110,22 @@ EOF
 
 # The root filesystem's tree: busybox, the reporting init, fstab, GRUB's menu, kernel, /data.
 machine_tree() {
-    local t=$1 layout=$2 rootdev=$3
-    rm -rf "$t" && mkdir -p "$t"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,boot/grub,boot/efi,data/sub,tmp}
+    local t=$1 layout=$2 rootdev=$3 flavour=$4
+    rm -rf "${t:?}" && mkdir -p "$t"
+    # The grub flavour is a Debian system (minbase with GRUB's tools), so that bmr's
+    # --reinstall-bootloader has a real grub-install and grub-mkconfig to run.
+    [ "$flavour" = busybox ] || cp -a "$(debian_root)/." "$t/"
+    mkdir -p "$t"/{bin,sbin,etc/default,proc,sys,dev,run,boot/grub,boot/efi,data/sub,tmp,usr/local/bb}
+    # The init's tools: busybox's applets, kept apart from the distribution's own.
     install -m 0755 "$BUSYBOX" "$t/bin/busybox"
     local applet
     while IFS= read -r applet; do
-        case $applet in */*) [ -e "$t/$applet" ] || ln -s /bin/busybox "$t/$applet" ;; esac
+        ln -sf /bin/busybox "$t/usr/local/bb/${applet##*/}"
     done < <("$BUSYBOX" --list-full)
     rm -f "$t/sbin/init"
     cat >"$t/sbin/init" <<'EOF'
-#!/bin/sh
+#!/bin/busybox sh
+export PATH=/usr/local/bb
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -130,12 +164,23 @@ serial --unit=0 --speed=115200
 terminal_input serial console
 terminal_output serial console
 menuentry '$MACHINE_HOST' {
-	linux /boot/vmlinuz root=$rootdev ro console=tty0 console=ttyS0,115200n8 panic=-1 loglevel=4
-	initrd /boot/initrd.img
+	linux /boot/vmlinuz-$KVER root=$rootdev ro $MACHINE_KARGS
+	initrd /boot/initrd.img-$KVER
 }
 EOF
-    printf 'GRUB_CMDLINE_LINUX="root=%s"\n' "$rootdev" >"$t/etc/default-grub.example"
-    cp "$VMLINUZ" "$t/boot/vmlinuz"
+    # What grub-mkconfig reads (the kernel and initrd carry Debian's names, which it looks for).
+    cat >"$t/etc/default/grub" <<EOF
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=0
+GRUB_DISTRIBUTOR=Debian
+GRUB_TERMINAL="serial console"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="$MACHINE_KARGS"
+GRUB_DISABLE_RECOVERY=true
+GRUB_DISABLE_OS_PROBER=true
+EOF
+    cp "$VMLINUZ" "$t/boot/vmlinuz-$KVER"
     echo "created with the machine" >"$t/data/readme.txt"
     echo "one level down" >"$t/data/sub/nested.txt"
 }
@@ -169,8 +214,10 @@ install_grub_bios() {
 }
 
 make_machine() {
-    local dir=$1 layout=$2
+    local dir=$1 layout=$2 flavour=${3:-busybox}
+    [ -n "$flavour" ] || flavour=busybox
     case $layout in gpt | mbr) ;; *) die "make_machine: layout gpt or mbr, not $layout" ;; esac
+    case $flavour in busybox | grub) ;; *) die "make_machine: flavour busybox or grub, not $flavour" ;; esac
     local need
     for need in grub-mkimage:grub-common /usr/lib/grub/i386-pc/boot.img:grub-pc-bin \
         /usr/lib/grub/x86_64-efi/linux.mod:grub-efi-amd64-bin mcopy:mtools mkfs.fat:dosfstools \
@@ -180,9 +227,9 @@ make_machine() {
     done
     kernel_tree
     busybox_bin
-    rm -rf "$dir" && mkdir -p "$dir"
+    rm -rf "${dir:?}" && mkdir -p "$dir"
     local disk=$dir/disk.img rootdev root_off root_part
-    truncate -s 256M "$disk"
+    truncate -s "$([ "$flavour" = grub ] && echo 640M || echo 256M)" "$disk"
     if [ "$layout" = gpt ]; then
         sgdisk -U "$DISK_GUID" \
             -n 1:2048:+1M -t 1:ef02 -c 1:bios -u 1:1B1A1B1A-0000-4000-8000-000000000001 \
@@ -200,8 +247,8 @@ start=2048, type=83, bootable' | sfdisk -q "$disk"
     root_off=$((start * 512))
     local root_size=$((size * 512))
 
-    machine_tree "$dir/tree" "$layout" "$rootdev"
-    machine_initrd "$dir/tree/boot/initrd.img" "$dir"
+    machine_tree "$dir/tree" "$layout" "$rootdev" "$flavour"
+    machine_initrd "$dir/tree/boot/initrd.img-$KVER" "$dir"
     E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$ROOT_UUID" \
         -E "offset=$root_off,root_owner=0:0" -d "$dir/tree" "$disk" "$((root_size / 1024))k"
 

@@ -3,7 +3,8 @@
 # disks restored onto virtio, SATA and NVMe and booted under SeaBIOS and under OVMF with an
 # empty NVRAM; MBR disks on all three buses under SeaBIOS; the rescue system delivered as CD,
 # USB stick and PXE under both firmwares; one drill through the TUI over the serial console;
-# one with --grow.
+# one with --grow; one whose BIOS boot code is lost, restored with --reinstall-bootloader (a
+# Debian root with GRUB's tools, from debootstrap).
 #
 #   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
 #   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
@@ -19,9 +20,10 @@ declare -A DRILLS=(
     [mbr-virtio-usb]="--layout mbr --rescue-firmware bios --bus virtio --delivery usb"
     [mbr-nvme-pxe]="--layout mbr --rescue-firmware bios --bus nvme --delivery pxe"
     [mbr-sata-cd]="--layout mbr --rescue-firmware bios --bus sata --delivery cd"
+    [gpt-sata-cd-reinstall]="--layout gpt --rescue-firmware bios --bus sata --delivery cd --reinstall-bootloader"
 )
-ORDER=(gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd gpt-sata-pxe
-       mbr-virtio-usb mbr-nvme-pxe mbr-sata-cd)
+ORDER=(gpt-sata-cd-reinstall gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd
+       gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe mbr-sata-cd)
 
 running() {
     local n=0 p

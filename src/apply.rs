@@ -80,7 +80,7 @@ pub(crate) fn partition_node(disk: &Path, number: u32) -> Result<PathBuf> {
 }
 
 pub fn mount_area(disk: &Disk, area: &Area, tag: &str) -> Result<MountGuard> {
-    mount_range(disk, area.start, area.len, area.partition, tag)
+    mount_range(disk, area.start, area.len, area.partition, tag, false)
 }
 
 /// Mount the filesystem in [start, start+len) of a restored disk: its partition node on a
@@ -91,16 +91,22 @@ pub fn mount_range(
     len: u64,
     partition: Option<u32>,
     tag: &str,
+    read_only: bool,
 ) -> Result<MountGuard> {
     let dir = PathBuf::from(format!("/run/bmr/mnt-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = Command::new("mount");
+    // A read-only mount leaves a clean filesystem byte for byte as restored.
+    let ro = if read_only { "ro," } else { "" };
     if disk.is_block {
         let n = partition.context("an unpartitioned disk on a block device")?;
+        if read_only {
+            cmd.args(["-o", "ro"]);
+        }
         cmd.arg(partition_node(&disk.path, n)?);
     } else {
         cmd.arg("-o")
-            .arg(format!("loop,offset={start},sizelimit={len}"))
+            .arg(format!("{ro}loop,offset={start},sizelimit={len}"))
             .arg(&disk.path);
     }
     let out = cmd.arg(&dir).output().context("cannot run mount")?;

@@ -314,6 +314,9 @@ impl Ui {
         for l in crate::restore::plan_lines(m, &target, size, false, false, total) {
             self.say(&l);
         }
+        for l in crate::fixup::plan_lines(m, &crate::fixup::FixupOptions::default()) {
+            self.say(&format!("  {l}"));
+        }
         if let Some(inc) = &point.inc {
             self.say(&format!(
                 "  then      apply incremental {} ({}): changed files and deletions",

@@ -262,15 +262,17 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
         if !is_ext(&f.fstype) {
             return None;
         }
-        let mnt = crate::apply::mount_range(
-            disk,
-            p.start,
-            p.len,
-            Some(p.slot),
-            &format!("root{}", p.slot),
-        )
-        .ok()?;
-        mnt.dir.join("etc/fstab").is_file().then_some(mnt)
+        let tag = format!("root{}", p.slot);
+        let is_root = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, true)
+            .ok()?
+            .dir
+            .join("etc/fstab")
+            .is_file();
+        is_root
+            .then(|| {
+                crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, false).ok()
+            })
+            .flatten()
     });
     let Some(root) = root else {
         bail!(
@@ -321,31 +323,27 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
         if !is_ext(&f.fstype) {
             continue;
         }
-        let mnt = crate::apply::mount_range(
-            disk,
-            p.start,
-            p.len,
-            Some(p.slot),
-            &format!("fix{}", p.slot),
-        )?;
-        let texts: Vec<(&str, PathBuf, String)> = devnames::FILES
-            .iter()
-            .filter_map(|rel| {
-                let path = mnt.dir.join(rel);
-                std::fs::read_to_string(&path).ok().map(|t| (*rel, path, t))
-            })
-            .collect();
-        if texts.is_empty() {
-            continue;
-        }
+        let tag = format!("fix{}", p.slot);
+        // Read-only first: a filesystem with nothing to change stays exactly as restored.
+        let texts: Vec<(&str, String)> = {
+            let mnt = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, true)?;
+            devnames::FILES
+                .iter()
+                .filter_map(|rel| {
+                    std::fs::read_to_string(mnt.dir.join(rel))
+                        .ok()
+                        .map(|t| (*rel, t))
+                })
+                .collect()
+        };
         let named: BTreeSet<String> = texts
             .iter()
-            .flat_map(|(rel, _, t)| devnames::disks_named(rel, t))
+            .flat_map(|(rel, t)| devnames::disks_named(rel, t))
             .collect();
         let disk_name = match (&source, named.len()) {
+            (_, 0) => continue,
             (Some(s), _) => s.clone(),
             (None, 1) => named.iter().next().cloned().unwrap_or_default(),
-            (None, 0) => continue,
             (None, _) => {
                 step(
                     "device names",
@@ -358,11 +356,18 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
                 continue;
             }
         };
-        for (rel, path, text) in &texts {
-            let Some((new, diff)) = devnames::rewrite(rel, text, &disk_name, &uuids) else {
-                continue;
-            };
-            std::fs::write(path, new).with_context(|| {
+        let rewrites: Vec<(&str, String, Vec<String>)> = texts
+            .iter()
+            .filter_map(|(rel, text)| {
+                devnames::rewrite(rel, text, &disk_name, &uuids).map(|(n, d)| (*rel, n, d))
+            })
+            .collect();
+        if rewrites.is_empty() {
+            continue;
+        }
+        let mnt = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, false)?;
+        for (rel, new, diff) in rewrites {
+            std::fs::write(mnt.dir.join(rel), new).with_context(|| {
                 format!("cannot write /{rel} on the restored partition {}", p.slot)
             })?;
             step(
