@@ -109,15 +109,15 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
             .any(|p| p.type_guid.eq_ignore_ascii_case(efiboot::ESP_TYPE)),
         _ => false,
     };
-    if o.reinstall_bootloader {
-        v.push(
-            "fix-up    reinstall GRUB with the restored system's grub-install and grub-mkconfig"
-                .into(),
-        );
-    }
     if esp {
         v.push(
             "fix-up    UEFI: fallback loader EFI/BOOT/BOOTX64.EFI, boot entry first in BootOrder"
+                .into(),
+        );
+    }
+    if o.reinstall_bootloader {
+        v.push(
+            "fix-up    reinstall GRUB with the restored system's grub-install and grub-mkconfig"
                 .into(),
         );
     }
