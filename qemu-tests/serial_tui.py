@@ -58,8 +58,30 @@ def wait(text, timeout=600):
 
 
 def send(keys):
-    time.sleep(0.5)
+    # Give the prompt time to put the terminal in raw mode: keys that arrive before are lost.
+    time.sleep(1)
     s.sendall(keys.encode())
+
+
+def seen(text, timeout):
+    """Like wait, but False instead of exiting when `text` does not come."""
+    global buf
+    end = time.time() + timeout
+    s.settimeout(1)
+    while time.time() < end:
+        if ANSI.sub(b"", buf).find(text.encode()) >= 0:
+            buf = b""
+            return True
+        try:
+            data = s.recv(4096)
+        except socket.timeout:
+            continue
+        if not data:
+            return False
+        log.write(data)
+        log.flush()
+        buf += data
+    return False
 
 
 wait("press Enter to start on this console", 300)
@@ -80,7 +102,14 @@ wait(f"Type {args.target} to start")
 send(args.target + "\r")
 wait("Done:", 900)
 wait("Next")
-send("j")  # from "Reboot" down to "Power off"
+# From "Reboot" down to "Power off"; checked on screen, since a key sent while the menu is
+# still being drawn is lost.
+for _ in range(5):
+    send("j")
+    if seen("> Power off", 20):
+        break
+else:
+    sys.exit("serial_tui: the Next menu did not move to Power off")
 send("\r")
 # Until QEMU exits on power-off.
 s.settimeout(120)
