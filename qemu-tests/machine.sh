@@ -144,7 +144,6 @@ while read -r dev mnt type _; do
     fi
 done </etc/fstab
 if [ -z "$bad" ]; then echo "BMR-MACHINE: fstab ok"; else echo "BMR-MACHINE: fstab failed$bad"; fi
-n=0
 cd /data && find . -type f | LC_ALL=C sort | while read -r f; do
     echo "BMR-FILE: $(sha256sum <"$f" | cut -d' ' -f1) ${f#./}"
 done

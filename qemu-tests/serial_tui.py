@@ -34,8 +34,10 @@ buf = b""
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def wait(text, timeout=600):
-    """Read until `text` appears (escape sequences removed), then drop what was read."""
+def seen(text, timeout):
+    """Read until `text` appears (escape sequences removed) and drop what came before it and
+    the text itself; what arrived after it stays, since one read often holds two prompts.
+    False when `text` does not come in time."""
     global buf
     end = time.time() + timeout
     s.settimeout(1)
@@ -43,34 +45,7 @@ def wait(text, timeout=600):
         plain = ANSI.sub(b"", buf)
         i = plain.find(text.encode())
         if i >= 0:
-            buf = b""
-            return
-        try:
-            data = s.recv(4096)
-        except socket.timeout:
-            continue
-        if not data:
-            break
-        log.write(data)
-        log.flush()
-        buf += data
-    sys.exit(f"serial_tui: timed out waiting for {text!r}")
-
-
-def send(keys):
-    # Give the prompt time to put the terminal in raw mode: keys that arrive before are lost.
-    time.sleep(1)
-    s.sendall(keys.encode())
-
-
-def seen(text, timeout):
-    """Like wait, but False instead of exiting when `text` does not come."""
-    global buf
-    end = time.time() + timeout
-    s.settimeout(1)
-    while time.time() < end:
-        if ANSI.sub(b"", buf).find(text.encode()) >= 0:
-            buf = b""
+            buf = plain[i + len(text):]
             return True
         try:
             data = s.recv(4096)
@@ -82,6 +57,17 @@ def seen(text, timeout):
         log.flush()
         buf += data
     return False
+
+
+def wait(text, timeout=600):
+    if not seen(text, timeout):
+        sys.exit(f"serial_tui: timed out waiting for {text!r}")
+
+
+def send(keys):
+    # Give the prompt time to put the terminal in raw mode: keys that arrive before are lost.
+    time.sleep(1)
+    s.sendall(keys.encode())
 
 
 wait("press Enter to start on this console", 300)

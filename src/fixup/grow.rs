@@ -28,7 +28,13 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
     let grown = match &mut layout.table {
         Table::Gpt(g) => {
             let last_usable =
-                total - 2 - crate::layout::gpt_array_sectors(g.num_entries, g.entry_size, ss);
+                total
+                    .saturating_sub(2)
+                    .saturating_sub(crate::layout::gpt_array_sectors(
+                        g.num_entries,
+                        g.entry_size,
+                        ss,
+                    ));
             let Some(p) = g.partitions.iter_mut().max_by_key(|p| p.last_lba) else {
                 return Ok(None);
             };
