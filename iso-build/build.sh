@@ -21,6 +21,7 @@ TOOLS=(
     xz-utils:/usr/bin/xz # grub-mkrescue --compress=xz
     file:/usr/bin/file
     e2fsprogs:/usr/sbin/resize2fs # copied into the initramfs for the fix-ups
+    lvm2:/usr/sbin/lvm            # copied into the initramfs: LVM snapshots and volume groups
 )
 # GRUB modules the ISO's menu needs (plus their dependencies); the rest stay out to keep it small.
 GRUB_MODULES="linux normal configfile echo test serial terminal search search_fs_uuid search_label iso9660 part_msdos part_gpt fat all_video gfxterm"
@@ -133,8 +134,9 @@ while IFS= read -r applet; do
     [ -e "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
 done < <("$BUSYBOX" --list-full)
 install -m 0755 "$BMR_BIN" "$R/bin/bmr"
-# What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP), with their
-# shared libraries, as initramfs-tools' copy_exec does.
+# What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP), LVM (imaging a
+# disk with volume groups, activating them after a restore) and mke2fs, with their shared
+# libraries, as initramfs-tools' copy_exec does.
 copy_exec() {
     local bin=$1 lib
     install -D -m 0755 "$bin" "$R$bin"
@@ -143,11 +145,31 @@ copy_exec() {
         [ -e "$R$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$R$lib"
     done
 }
-for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/bin/mtools; do
-    [ -x "$t" ] || die "$t is missing: install e2fsprogs and mtools"
+for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm; do
+    [ -x "$t" ] || die "$t is missing: install e2fsprogs, mtools and lvm2"
     copy_exec "$t"
 done
 for t in mcopy mmd mdir mtype; do ln -s mtools "$R/usr/bin/$t"; done
+for t in mkfs.ext4 mkfs.ext3 mkfs.ext2; do ln -s mke2fs "$R/usr/sbin/$t"; done
+for t in pvs pvscan pvcreate pvdisplay pvresize vgs vgscan vgchange vgcreate vgdisplay \
+    vgcfgrestore vgcfgbackup lvs lvscan lvcreate lvremove lvchange lvdisplay lvextend lvresize; do
+    ln -s lvm "$R/usr/sbin/$t"
+done
+[ ! -f /etc/mke2fs.conf ] || install -m 0644 /etc/mke2fs.conf "$R/etc/mke2fs.conf"
+install -D -m 0644 "$ROOT/initramfs/lvm.conf" "$R/etc/lvm/lvm.conf"
+# Busybox's cut-down applets of the same names (mke2fs, mkfs.ext2, ...) must not shadow the real
+# tools: drop their links, and, as this busybox's shell runs its own applets before searching
+# PATH, alias the names in the login shell's profile (written below).
+SHADOWED=
+for t in "$R"/usr/sbin/* "$R"/usr/bin/*; do
+    [ "$(readlink "$t")" != /bin/busybox ] || continue
+    n=${t##*/}
+    for d in bin sbin usr/bin usr/sbin; do
+        [ "$R/$d/$n" = "$t" ] || [ "$(readlink "$R/$d/$n" 2>/dev/null)" != /bin/busybox ] || rm -f "$R/$d/$n"
+    done
+    ! "$BUSYBOX" --list | grep -qx "$n" || SHADOWED="$SHADOWED
+alias $n=${t#"$R"}"
+done
 # mtools converts FAT names through iconv (code page 850): glibc loads that from gconv.
 GCONV=/usr/lib/x86_64-linux-gnu/gconv
 mkdir -p "$R$GCONV"
@@ -205,6 +227,7 @@ cat >"$R/etc/profile" <<'EOF'
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 PS1='bmr-rescue:\w# '
 EOF
+echo "$SHADOWED" >>"$R/etc/profile"
 
 # newc cpio, zstd -19: the kernel unpacks it fast and it keeps the PXE download and the ISO
 # small. With fixed timestamps the archive depends only on its contents, so an unchanged one is

@@ -8,10 +8,16 @@
 #
 #   qemu-tests/drill.sh [--layout gpt|mbr] [--rescue-firmware bios|uefi] [--bus virtio|sata|nvme]
 #                       [--delivery cd|usb|pxe] [--grow] [--tui] [--reinstall-bootloader]
-#                       [--name NAME]
+#                       [--lvm] [--name NAME]
 #
 # --reinstall-bootloader drills a machine whose BIOS boot code is gone: a Debian root with GRUB's
 # tools, restored with bmr.bootloader=reinstall, must boot by the GRUB its own grub-install wrote.
+#
+# --lvm (GPT) gives the machine a fourth partition holding an LVM volume group, and takes
+# Monday's image inside a guest (the host kernel has no device-mapper): the rescue system
+# makes an ext4 logical volume, keeps it mounted and written to, and runs
+# `bmr backup --snapshot lvm`. After the restore it activates the restored volume group and
+# checks the LV's files are exactly those of the snapshot's moment (qemu-tests/lvm-*.guest).
 #
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
 # shellcheck source=qemu-tests/lib.sh
@@ -19,7 +25,7 @@ source "$(dirname "$0")/lib.sh"
 # shellcheck source=qemu-tests/machine.sh
 source "$(dirname "$0")/machine.sh"
 
-LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME='' REINSTALL=''
+LAYOUT=gpt FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME='' REINSTALL='' LVM=''
 while [ $# -gt 0 ]; do
     case $1 in
     --layout) LAYOUT=$2; shift ;;
@@ -29,6 +35,7 @@ while [ $# -gt 0 ]; do
     --grow) GROW=1 ;;
     --tui) TUI=1 ;;
     --reinstall-bootloader) REINSTALL=1 ;;
+    --lvm) LVM=1 ;;
     --name) NAME=$2; shift ;;
     *) log "drill.sh: unknown option $1 (see the comment at the top)"; exit 2 ;;
     esac
@@ -39,9 +46,13 @@ gpt/bios | gpt/uefi | mbr/bios) ;;
 mbr/uefi) log "drill.sh: an MBR disk boots by BIOS only: use --rescue-firmware bios"; exit 2 ;;
 *) log "drill.sh: bad --layout or --rescue-firmware"; exit 2 ;;
 esac
-NAME=${NAME:-drill-$LAYOUT-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}${REINSTALL:+-reinstall}}
+if [ -n "$LVM" ] && { [ "$LAYOUT" != gpt ] || [ -n "$TUI$GROW$REINSTALL" ]; }; then
+    log "drill.sh: --lvm drills a GPT disk, without --tui, --grow or --reinstall-bootloader"
+    exit 2
+fi
+NAME=${NAME:-drill-$LAYOUT-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}${REINSTALL:+-reinstall}${LVM:+-lvm}}
 D=$WORK/$NAME
-HOST=drill-$LAYOUT
+HOST=drill-$LAYOUT${LVM:+-lvm}
 STEPS=()
 step() { STEPS+=("$*"); log "[$NAME] $*"; }
 fail() {
@@ -50,7 +61,7 @@ fail() {
     exit 1
 }
 report() {
-    echo "== drill $NAME: $LAYOUT disk, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}${REINSTALL:+, boot code lost and reinstalled}"
+    echo "== drill $NAME: $LAYOUT disk, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}${REINSTALL:+, boot code lost and reinstalled}${LVM:+, LVM volume imaged through a snapshot}"
     printf '   %s\n' "${STEPS[@]}"
 }
 
@@ -90,9 +101,13 @@ backup_week() {
     day monday
     cp -a "$ROOT_MNT/data" "$D/monday-data"
     umount_root
-    "$BMR" backup --repo "$repo" --host "$HOST" "$D/src/disk.img" >"$D/backup.log" 2>&1 ||
-        fail "image backup (log: $D/backup.log)"
-    step "Monday: image backup of the $LAYOUT disk"
+    if [ -n "$LVM" ]; then
+        image_backup_in_guest "$repo"
+    else
+        "$BMR" backup --repo "$repo" --host "$HOST" "$D/src/disk.img" >"$D/backup.log" 2>&1 ||
+            fail "image backup (log: $D/backup.log)"
+        step "Monday: image backup of the $LAYOUT disk"
+    fi
     local today
     for today in tuesday wednesday thursday; do
         mount_root
@@ -110,6 +125,37 @@ backup_week() {
         python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["snapshots"][-1]["id"])')
 }
 
+# A fourth partition for LVM: the guest makes the volume group (the host cannot).
+add_lvm_partition() {
+    local disk=$D/src/disk.img
+    truncate -s +64M "$disk"
+    sgdisk -e -n 4:0:0 -t 4:8e00 -c 4:lvm -u 4:1B1A1B1A-0000-4000-8000-000000000004 "$disk" >/dev/null
+}
+
+# Monday's image, taken in the rescue system (bmr.break shell) through an LVM snapshot onto a
+# repository disk, which the host then reads.
+image_backup_in_guest() {
+    local repo=$1 rdisk=$D/repo-disk.img mnt=$D/repo-mnt
+    rm -f "$rdisk" && truncate -s 256M "$rdisk"
+    mke2fs -q -t ext4 -L repo "$rdisk"
+    rm -f "$WORK/$NAME-backup.sock"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-backup.sock" "$WORK/$NAME-backup.log" \
+        "$ROOT/qemu-tests/lvm-backup.guest" 2>"$D/backup-driver.err" &
+    local driver=$!
+    SERIAL=unix boot "$NAME-backup" bios cd "bmr.break" "virtio:$D/src/disk.img" "virtio:$rdisk"
+    wait "$driver" || fail "image backup in the guest: $(tail -n 1 "$D/backup-driver.err") (log: $WORK/$NAME-backup.log)"
+    tr -d '\r' <"$WORK/$NAME-backup.log" | grep -a -E '^[0-9a-f]{64}  ' | sort -k 2 >"$D/lv-expected.sums"
+    [ -s "$D/lv-expected.sums" ] || fail "the guest printed no checksums (log: $WORK/$NAME-backup.log)"
+    mkdir -p "$mnt"
+    mount -o ro,loop "$rdisk" "$mnt"
+    cp -a "$mnt/repo" "$repo"
+    umount "$mnt"
+    local consistency
+    consistency=$(python3 -c 'import json,sys,glob; print(json.load(open(glob.glob(sys.argv[1] + "/hosts/*/snapshots/*.json")[0]))["consistency"])' "$repo")
+    [ "$consistency" = snapshot ] || fail "the guest's image says consistency=$consistency, not snapshot"
+    step "Monday: image backup in a guest through an LVM snapshot, the LV mounted and written to ($(wc -l <"$D/lv-expected.sums") files; refused without --snapshot)"
+}
+
 restore_in_rescue() {
     # Bigger than the source disk by half, as a replacement disk usually is.
     local t=$D/target.img size
@@ -117,7 +163,22 @@ restore_in_rescue() {
     rm -f "$t" && truncate -s "$size" "$t"
     local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=auto bmr.verify"
     kargs+="${GROW:+ bmr.grow}${REINSTALL:+ bmr.bootloader=reinstall} bmr.report=http://10.0.2.2:$PORT/report"
-    if [ -n "$TUI" ]; then
+    if [ -n "$LVM" ]; then
+        rm -f "$WORK/$NAME-rescue.sock"
+        python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-rescue.sock" "$WORK/$NAME-rescue.log" \
+            "$ROOT/qemu-tests/lvm-check.guest" --after-result 2>"$D/check-driver.err" &
+        local driver=$!
+        SERIAL=unix boot "$NAME-rescue" "$FW" "$DELIVERY" "$kargs bmr.after=shell" "$BUS:$t"
+        local r
+        r=$(result_of "$NAME-rescue")
+        [[ $r == "BMR-RESULT: ok "* ]] || fail "rescue: ${r:-no result line} (log: $WORK/$NAME-rescue.log)"
+        step "rescue ($FW, $DELIVERY): ${r#BMR-RESULT: }"
+        wait "$driver" || fail "the restored volume group: $(tail -n 1 "$D/check-driver.err") (log: $WORK/$NAME-rescue.log)"
+        tr -d '\r' <"$WORK/$NAME-rescue.log" | grep -a -E '^[0-9a-f]{64}  ' | sort -k 2 >"$D/lv-restored.sums"
+        diff -u "$D/lv-expected.sums" "$D/lv-restored.sums" >"$D/lv.diff" ||
+            fail "the restored LV's files differ from the snapshot's: $(head -c 600 "$D/lv.diff")"
+        step "restored volume group activates in the rescue system: vg0/data e2fsck clean, no snapshot left, exactly the $(wc -l <"$D/lv-expected.sums") files of the snapshot's moment"
+    elif [ -n "$TUI" ]; then
         rm -f "$WORK/$NAME-rescue.sock"
         python3 "$ROOT/qemu-tests/serial_tui.py" "$WORK/$NAME-rescue.sock" "$REPO_URL" \
             "$WORK/$NAME-rescue.log" --host "$HOST" --target "$BUS_NAME" ${GROW:+--grow} &
@@ -180,7 +241,8 @@ main() {
     rm -rf "$D" && mkdir -p "$D"
     make_machine "$D/src" "$LAYOUT" "${REINSTALL:+grub}" >"$D/machine.log" 2>&1 ||
         fail "building the source machine (log: $D/machine.log)"
-    step "source machine built: $LAYOUT, $(du -h --apparent-size "$D/src/disk.img" | cut -f1) disk${REINSTALL:+, Debian root with GRUB}"
+    [ -z "$LVM" ] || add_lvm_partition
+    step "source machine built: $LAYOUT, $(du -h --apparent-size "$D/src/disk.img" | cut -f1) disk${REINSTALL:+, Debian root with GRUB}${LVM:+, partition 4 for LVM}"
     if [ -n "$REINSTALL" ]; then
         # The MBR's boot code and GRUB's core image in the BIOS boot partition (or the gap after
         # the MBR) are gone: by BIOS this disk no longer boots until GRUB is reinstalled.

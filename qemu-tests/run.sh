@@ -4,7 +4,8 @@
 # empty NVRAM; MBR disks on all three buses under SeaBIOS; the rescue system delivered as CD,
 # USB stick and PXE under both firmwares; one drill through the TUI over the serial console;
 # one with --grow; one whose BIOS boot code is lost, restored with --reinstall-bootloader (a
-# Debian root with GRUB's tools, from debootstrap).
+# Debian root with GRUB's tools, from debootstrap); one whose image is taken inside a guest
+# through an LVM snapshot of a mounted, busy logical volume.
 #
 #   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
 #   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
@@ -21,8 +22,9 @@ declare -A DRILLS=(
     [mbr-nvme-pxe]="--layout mbr --rescue-firmware bios --bus nvme --delivery pxe"
     [mbr-sata-cd]="--layout mbr --rescue-firmware bios --bus sata --delivery cd"
     [gpt-sata-cd-reinstall]="--layout gpt --rescue-firmware bios --bus sata --delivery cd --reinstall-bootloader"
+    [gpt-sata-cd-uefi-lvm]="--layout gpt --rescue-firmware uefi --bus sata --delivery cd --lvm"
 )
-ORDER=(gpt-sata-cd-reinstall gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd
+ORDER=(gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd
        gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe mbr-sata-cd)
 
 running() {

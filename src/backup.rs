@@ -21,6 +21,7 @@ use crate::chunkindex::{ChunkRef, IndexWriter, Record};
 use crate::device::Disk;
 use crate::fsmap::UsedMap;
 use crate::layout::{DiskLayout, Table};
+use crate::lvm::Snapshots;
 use crate::manifest::{
     Area, AreaKind, Consistency, Content, DiskMeta, FsMeta, HOST_INDEX_FORMAT, HostIndex, HostList,
     IndexRef, Kind, MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, SnapshotSummary, Stats,
@@ -103,6 +104,7 @@ struct AreaPlan {
 fn plan_areas(
     disk: &Disk,
     layout: &DiskLayout,
+    snaps: Option<&Snapshots>,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<AreaPlan>> {
     let mut plans = Vec::new();
@@ -116,6 +118,7 @@ fn plan_areas(
             fs: None,
             used_bytes: len,
             note: None,
+            volumes: Vec::new(),
         },
         used: None,
     };
@@ -134,6 +137,38 @@ fn plan_areas(
     }
     for (num, start, len) in parts {
         let what = num.map_or("disk".to_string(), |n| format!("partition {n}"));
+        if let Some(pv) = snaps.and_then(|s| s.pv_at(start)) {
+            let lvs: Vec<String> = pv
+                .volumes
+                .iter()
+                .map(|v| {
+                    let fs =
+                        v.fs.as_ref()
+                            .map_or("no filesystem bmr maps", |f| &f.fstype);
+                    let how = if v.snapshot { "snapshot" } else { "inactive" };
+                    format!("{} ({fs}, {how})", v.name)
+                })
+                .collect();
+            plans.push(AreaPlan {
+                area: Area {
+                    kind: AreaKind::Partition,
+                    start,
+                    len,
+                    partition: num,
+                    content: Content::UsedBlocks,
+                    fs: None,
+                    used_bytes: pv.used.used_bytes(),
+                    note: Some(format!(
+                        "LVM physical volume of {}: {}",
+                        pv.vg,
+                        lvs.join(", ")
+                    )),
+                    volumes: pv.volumes.clone(),
+                },
+                used: Some(pv.used.clone()),
+            });
+            continue;
+        }
         match crate::fsmap::probe(&disk.file, start, len) {
             Ok(Some(fs)) => {
                 let used_bytes = fs.used.used_bytes();
@@ -153,6 +188,7 @@ fn plan_areas(
                         }),
                         used_bytes,
                         note: None,
+                        volumes: Vec::new(),
                     },
                     used: Some(fs.used),
                 });
@@ -190,6 +226,7 @@ struct Done {
 
 fn reader(
     disk: &Disk,
+    snaps: Option<&Snapshots>,
     plans: &[AreaPlan],
     free: &Receiver<Vec<u8>>,
     jobs: &Sender<Job>,
@@ -215,15 +252,18 @@ fn reader(
                 buf.clear();
                 buf.resize(wlen as usize, 0);
                 let span = first.0 as usize..(last.0 + last.1) as usize;
-                disk.file
-                    .read_exact_at(&mut buf[span.clone()], a.start + off + span.start as u64)
-                    .with_context(|| {
-                        format!(
-                            "cannot read {} at offset {}",
-                            disk.path.display(),
-                            a.start + off + span.start as u64
-                        )
-                    })?;
+                let at = a.start + off + span.start as u64;
+                match snaps {
+                    Some(s) => s.read_exact_at(&disk.file, &mut buf[span.clone()], at),
+                    None => disk.file.read_exact_at(&mut buf[span.clone()], at),
+                }
+                .with_context(|| {
+                    format!(
+                        "cannot read {} at offset {}",
+                        disk.path.display(),
+                        a.start + off + span.start as u64
+                    )
+                })?;
                 // Unused blocks inside the span are zeroed: they compress to nothing and dedup.
                 let mut pos = span.start;
                 for &(o, l) in &ranges {
@@ -338,18 +378,42 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         None => default_host()?,
     };
     crate::repo::check_host_name(&host)?;
-    if opts.snapshot == Some(SnapshotMode::Lvm) {
-        bail!(
-            "--snapshot lvm is not available in this build: back up from the rescue system, or use --allow-live"
-        );
-    }
     let disk_path = opts.disk()?;
     let disk = Disk::open_read(disk_path)?;
     let mut warnings = Vec::new();
+    let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)?;
+    for w in &layout.warnings {
+        eprintln!("warning: {w}");
+        warnings.push(w.clone());
+    }
+    // Snapshots first: a filesystem mounted from a logical volume they cover is no obstacle.
+    let snaps = match opts.snapshot {
+        Some(SnapshotMode::Lvm) => {
+            let parts: Vec<crate::lvm::Part> = layout
+                .data_partitions()
+                .iter()
+                .map(|p| (p.number, p.start, p.len))
+                .collect();
+            let s = Snapshots::take(&disk.file, &parts)?.with_context(|| {
+                format!(
+                    "--snapshot lvm: no LVM physical volume of a volume group on {}: back it up without --snapshot",
+                    disk_path.display()
+                )
+            })?;
+            Some(s)
+        }
+        None => None,
+    };
     let uses = crate::safety::mounts_on(&crate::safety::disk_devnums(disk_path))?;
-    let consistency = match uses.iter().find(|u| u.read_write) {
+    let live = uses.iter().find(|u| {
+        u.read_write
+            && !snaps
+                .as_ref()
+                .is_some_and(|s| s.covered.contains(&u.devnum))
+    });
+    let consistency = match live {
         Some(u) if !opts.allow_live => bail!(
-            "{} has {} mounted read-write on {}: back up from the rescue system, unmount it, or add --allow-live (crash-consistent)",
+            "{} has {} mounted read-write on {}: back up from the rescue system, unmount it, use --snapshot lvm (if it is a logical volume), or add --allow-live (crash-consistent)",
             disk_path.display(),
             u.source,
             u.mountpoint
@@ -363,14 +427,10 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
             warnings.push(msg);
             Consistency::CrashConsistent
         }
+        None if snaps.is_some() => Consistency::Snapshot,
         None => Consistency::Offline,
     };
-    let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)?;
-    for w in &layout.warnings {
-        eprintln!("warning: {w}");
-        warnings.push(w.clone());
-    }
-    let plans = plan_areas(&disk, &layout, &mut warnings)?;
+    let plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut warnings)?;
 
     let repo = LocalRepo::open_or_init(&opts.repo)?;
     // Shared: many backups may run at once; prune (exclusive) must wait for them.
@@ -413,9 +473,9 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     let repo = Arc::new(repo);
     let mut stats = Stats::default();
     let result: Result<()> = std::thread::scope(|s| {
-        let (disk, plans, free_rx) = (&disk, &plans, &free_rx);
+        let (disk, plans, free_rx, snaps) = (&disk, &plans, &free_rx, snaps.as_ref());
         // The job sender moves into the reader: when it finishes, workers see the end.
-        let reader_h = s.spawn(move || reader(disk, plans, free_rx, &job_tx));
+        let reader_h = s.spawn(move || reader(disk, snaps, plans, free_rx, &job_tx));
         for _ in 0..threads {
             let (repo, jobs, done) = (Arc::clone(&repo), job_rx.clone(), done_tx.clone());
             let level = opts.compression_level;
@@ -473,10 +533,12 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         }
         Ok(())
     });
+    let result = result.and_then(|()| snaps.as_ref().map_or(Ok(()), |s| s.check_valid()));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&idx_tmp);
         return Err(e);
     }
+    drop(snaps);
     drop(guard);
 
     let (hw, records) = index.finish()?;

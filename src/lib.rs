@@ -13,6 +13,7 @@ pub mod fsread;
 pub mod incremental;
 pub mod layout;
 pub mod list;
+pub mod lvm;
 pub mod manifest;
 pub mod progress;
 pub mod repo;

@@ -35,6 +35,9 @@ pub enum Consistency {
     Offline,
     /// Read while mounted read-write (`--allow-live`): like a power cut, needs fsck/journal replay.
     CrashConsistent,
+    /// LVM logical volumes read through snapshots (`--snapshot lvm`): each LV as of one
+    /// instant, nothing else mounted read-write.
+    Snapshot,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -79,6 +82,9 @@ pub struct Area {
     pub used_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// For an LVM physical volume: its logical volumes and where their extents lie.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::lvm::LvMeta>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

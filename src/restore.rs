@@ -604,6 +604,7 @@ pub fn plan_lines(
         match m.consistency {
             crate::manifest::Consistency::Offline => "offline",
             crate::manifest::Consistency::CrashConsistent => "crash-consistent",
+            crate::manifest::Consistency::Snapshot => "through LVM snapshots",
         }
     ));
     out.push(format!(

@@ -11,6 +11,9 @@ use crate::device::Disk;
 /// A mounted filesystem (or active swap) that lives on a disk we were asked to use.
 #[derive(Debug, Clone)]
 pub struct MountUse {
+    /// The mounted (or swapped-on) device: the disk, a partition, or a device stacked on
+    /// them such as an LVM logical volume.
+    pub devnum: u64,
     pub source: String,
     pub mountpoint: String,
     pub read_write: bool,
@@ -21,8 +24,43 @@ fn parse_devnum(s: &str) -> Option<u64> {
     Some(libc::makedev(maj.parse().ok()?, min.parse().ok()?))
 }
 
-/// Device numbers of a block device and its partitions, via sysfs.
+/// Device numbers of a block device, its partitions and what is stacked on them (LVM logical
+/// volumes, dm-crypt, MD arrays: the `holders` in sysfs), since a filesystem mounted from an LV
+/// is in use of the disk under it.
 fn devnums_of_block(dev: u64) -> HashSet<u64> {
+    let mut set = partitions_of(dev);
+    let mut todo: Vec<u64> = set.iter().copied().collect();
+    while let Some(d) = todo.pop() {
+        for h in holders(d) {
+            if set.insert(h) {
+                todo.push(h);
+            }
+        }
+    }
+    set
+}
+
+fn holders(dev: u64) -> Vec<u64> {
+    let dir = format!(
+        "/sys/dev/block/{}:{}/holders",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let dev = Path::new("/sys/class/block")
+                .join(e.file_name())
+                .join("dev");
+            parse_devnum(&std::fs::read_to_string(dev).ok()?)
+        })
+        .collect()
+}
+
+fn partitions_of(dev: u64) -> HashSet<u64> {
     let mut set = HashSet::from([dev]);
     let sys = PathBuf::from(format!(
         "/sys/dev/block/{}:{}",
@@ -96,6 +134,7 @@ pub fn mounts_on(devs: &HashSet<u64>) -> Result<Vec<MountUse>> {
             .unwrap_or("?")
             .to_string();
         uses.push(MountUse {
+            devnum: dev,
             source,
             mountpoint: unescape_mount(fields.get(4).copied().unwrap_or("?")),
             read_write: opts.split(',').any(|o| o == "rw"),
@@ -106,8 +145,11 @@ pub fn mounts_on(devs: &HashSet<u64>) -> Result<Vec<MountUse>> {
             let Some(p) = line.split_whitespace().next() else {
                 continue;
             };
-            if crate::device::block_devnum(Path::new(p)).is_some_and(|d| devs.contains(&d)) {
+            if let Some(d) = crate::device::block_devnum(Path::new(p))
+                && devs.contains(&d)
+            {
                 uses.push(MountUse {
+                    devnum: d,
                     source: p.to_string(),
                     mountpoint: "[swap]".into(),
                     read_write: true,
