@@ -247,8 +247,8 @@ main() {
         # The MBR's boot code and GRUB's core image in the BIOS boot partition (or the gap after
         # the MBR) are gone: by BIOS this disk no longer boots until GRUB is reinstalled.
         dd if=/dev/zero of="$D/src/disk.img" bs=440 count=1 conv=notrunc status=none
-        dd if=/dev/zero of="$D/src/disk.img" bs=512 seek=$([ "$LAYOUT" = gpt ] && echo 2048 || echo 1) \
-            count=$([ "$LAYOUT" = gpt ] && echo 2048 || echo 2047) conv=notrunc status=none
+        dd if=/dev/zero of="$D/src/disk.img" bs=512 seek="$([ "$LAYOUT" = gpt ] && echo 2048 || echo 1)" \
+            count="$([ "$LAYOUT" = gpt ] && echo 2048 || echo 2047)" conv=notrunc status=none
         step "its BIOS boot code wiped (MBR code and GRUB's core image)"
     fi
     backup_week
