@@ -253,35 +253,22 @@ pub fn run(
             format!("host {host} has no image backup yet: take one with bmr backup first")
         })?;
     let base = crate::manifest::read_manifest(&repo, host, &base_sum.id)?;
-    // The previous backup of any kind on this base (or the image for --differential).
+    // The newest backup of any kind on this base: the parent, unless --differential.
+    let latest = idx
+        .snapshots
+        .iter()
+        .filter(|s| s.id == base.id || s.base.as_deref() == Some(&base.id))
+        .enumerate()
+        .max_by_key(|(i, s)| (s.unix_time, *i))
+        .map(|(_, s)| s)
+        .map_or(base.id.clone(), |s| s.id.clone());
     let parent_id = if differential {
         base.id.clone()
     } else {
-        idx.snapshots
-            .iter()
-            .filter(|s| s.id == base.id || s.base.as_deref() == Some(&base.id))
-            .enumerate()
-            .max_by_key(|(i, s)| (s.unix_time, *i))
-            .map(|(_, s)| s)
-            .map_or(base.id.clone(), |s| s.id.clone())
+        latest.clone()
     };
-    let parent_tocs: Vec<(TocRef, String)> = if parent_id == base.id {
-        base.tocs
-            .iter()
-            .map(|t| (t.clone(), base.id.clone()))
-            .collect()
-    } else {
-        let p = crate::manifest::read_inc_manifest(&repo, host, &parent_id)?;
-        p.filesystems
-            .iter()
-            .map(|f| (f.toc.clone(), p.id.clone()))
-            .collect()
-    };
-    let (unix_time, time) = crate::timefmt::now();
-    let id = crate::timefmt::new_snapshot_id(unix_time);
-    let mut filesystems = Vec::new();
-    let mut stats = Stats::default();
-    let (mut changed, mut deleted, mut files) = (0, 0, 0);
+    // Which filesystem of the image each mount point holds, before anything is stored.
+    let mut targets = Vec::new();
     for mp in mountpoints {
         let mp =
             std::fs::canonicalize(mp).with_context(|| format!("cannot find {}", mp.display()))?;
@@ -305,6 +292,41 @@ pub fn run(
                 base.id
             );
         };
+        targets.push((mp, uuid, base_toc));
+    }
+    // A restore to this point applies only the filesystems named here: one the newest backup
+    // also covered would silently go back to the image's state.
+    if latest != base.id {
+        let newest = crate::manifest::read_inc_manifest(&repo, host, &latest)?;
+        if let Some(f) = newest
+            .filesystems
+            .iter()
+            .find(|f| !targets.iter().any(|(_, _, t)| t.area == f.toc.area))
+        {
+            bail!(
+                "incremental {latest} also covered {}: name it too (a restore to this point would lose its changes), or take a new image backup",
+                f.mountpoint
+            );
+        }
+    }
+    let parent_tocs: Vec<(TocRef, String)> = if parent_id == base.id {
+        base.tocs
+            .iter()
+            .map(|t| (t.clone(), base.id.clone()))
+            .collect()
+    } else {
+        let p = crate::manifest::read_inc_manifest(&repo, host, &parent_id)?;
+        p.filesystems
+            .iter()
+            .map(|f| (f.toc.clone(), p.id.clone()))
+            .collect()
+    };
+    let (unix_time, time) = crate::timefmt::now();
+    let id = crate::timefmt::new_snapshot_id(unix_time);
+    let mut filesystems = Vec::new();
+    let mut stats = Stats::default();
+    let (mut changed, mut deleted, mut files) = (0, 0, 0);
+    for (mp, uuid, base_toc) in targets {
         let area = base_toc.area;
         let prev: HashMap<Vec<u8>, FileMeta> =
             match parent_tocs.iter().find(|(t, _)| t.area == area) {

@@ -382,3 +382,59 @@ fn hundred_thousand_files_unchanged_incremental_stores_nothing() {
     assert_eq!(s.len(), 100_100);
     assert!(s[&b"d1/1"[..]].contains("size 7"));
 }
+
+#[test]
+fn incremental_must_name_every_filesystem_the_previous_one_covered() {
+    let tmp = Tmp::new("inc-cover");
+    let (a, b) = (tmp.path("a"), tmp.path("b"));
+    populate(&a, 1);
+    populate(&b, 2);
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "truncate -s 64M {d} && sgdisk -o -n 1:2048:+24M -n 2:0:+24M {d} >/dev/null",
+        d = disk.display()
+    ));
+    let (_, parts) = sfdisk_parts(&disk);
+    for (p, dir) in parts.iter().zip([&a, &b]) {
+        let img = tmp.path(&format!("p{}.img", p.0));
+        make_ext(&img, p.2 / MIB, "ext4", "", dir);
+        place(&disk, &img, p.1);
+    }
+    let repo = tmp.s("repo");
+    let d = disk.display().to_string();
+    bmr_ok(&["backup", "--repo", &repo, "--host", "h", "-q", &d]);
+    let mounts: Vec<MountRw> = parts
+        .iter()
+        .map(|p| {
+            let at = tmp.path(&format!("live{}", p.0));
+            std::fs::create_dir_all(&at).unwrap();
+            sh(&format!(
+                "mount -o loop,offset={},sizelimit={} {d} {}",
+                p.1,
+                p.2,
+                at.display()
+            ));
+            MountRw(at)
+        })
+        .collect();
+    let (m1, m2) = (
+        mounts[0].0.display().to_string(),
+        mounts[1].0.display().to_string(),
+    );
+    let inc = |mps: &[&str]| {
+        let mut args = vec!["backup", "--incremental", "--repo", &repo, "--host", "h"];
+        args.extend_from_slice(mps);
+        bmr(&args)
+    };
+    std::fs::write(mounts[1].0.join("new-on-b"), "tuesday").unwrap();
+    assert!(inc(&[&m1, &m2]).status.success());
+    let count = || sh(&format!("ls {repo}/hosts/h/snapshots/ | grep -c 'json$'"));
+    let before = count();
+    // Only the first: the second's Tuesday file would vanish from a restore to this point.
+    let out = inc(&[&m1]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("also covered") && e.contains(&m2), "{e}");
+    assert_eq!(count(), before, "a refused incremental left a snapshot");
+    assert!(inc(&[&m2, &m1]).status.success());
+}
