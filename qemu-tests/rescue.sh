@@ -2,7 +2,8 @@
 # The rescue system in QEMU: the ISO as CD and as USB stick under SeaBIOS and OVMF, and the PXE
 # bundle through iPXE, each restoring the sample machine unattended over HTTP from the host onto
 # a blank disk that is then checked on the host; the bad paths, each of which must end in one
-# clear `BMR-RESULT: failed` line; and the TUI driven over the serial console.
+# clear `BMR-RESULT: failed` line; the TUI driven over the serial console; and an incremental
+# of a FAT filesystem made and restored in the rescue shell (the host has no vfat).
 #
 #   qemu-tests/rescue.sh            all cases (two at a time)
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
@@ -12,7 +13,7 @@
 source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
-       tui-serial no-network wrong-host unreachable two-disks not-blank)
+       tui-serial fat-incremental no-network wrong-host unreachable two-disks not-blank)
 
 # A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
 happy() {
@@ -107,6 +108,19 @@ case_tui-serial() {
     SERIAL=unix boot tui-serial uefi cd "" "virtio:$t"
     wait "$driver" || { log "tui-serial: the serial driver failed (log: $WORK/tui-serial.log)"; return 1; }
     check_target "$t"
+}
+
+# FAT incrementals under the real vfat driver (the host has none): a script in the rescue shell
+# (qemu-tests/fat-incremental.guest) changes the sample's ESP, backs it up and restores it.
+case_fat-incremental() {
+    local src=$WORK/fat-incremental-source.img t=$WORK/fat-incremental-target.img
+    rm -f "$t" "$WORK/fat-incremental.sock" && truncate -s 128M "$t"
+    cp "$WORK/sample/disk.img" "$src"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/fat-incremental.sock" \
+        "$WORK/fat-incremental.log" "$ROOT/qemu-tests/fat-incremental.guest" &
+    local driver=$!
+    SERIAL=unix boot fat-incremental bios cd "bmr.break" "virtio:$src" "virtio:$t"
+    wait "$driver"  # its last line on stderr says which step failed
 }
 
 # How many of the given processes are still running.
