@@ -129,8 +129,12 @@ fn parse_report(json: &str) -> Result<Vec<Row>> {
 }
 
 fn report(cmd: &str, fields: &str, extra: &[&str]) -> Result<Vec<Row>> {
+    // Scan the devices rather than trust lvm's hints file: without udev to refresh it (a rescue
+    // system, loop devices) it can name a device that is now something else.
     let mut args = vec![
         cmd,
+        "--config",
+        "devices/hints=\"none\"",
         "--reportformat",
         "json",
         "--units",

@@ -28,8 +28,16 @@ impl Drop for Loop {
     }
 }
 
+/// lvm scans every block device, and loop devices come and go in the other test: the tests
+/// here take turns.
+static LVM_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Also, without udev lvm's hints go stale as loop devices come and go: scan instead.
 fn lvm(cmd: &str) -> String {
-    sh(&format!("LVM_SUPPRESS_FD_WARNINGS=1 {cmd} 2>/dev/null"))
+    let (verb, rest) = cmd.split_once(' ').unwrap_or((cmd, ""));
+    sh(&format!(
+        "LVM_SUPPRESS_FD_WARNINGS=1 {verb} --config 'devices/hints=\"none\"' {rest}"
+    ))
 }
 
 /// Add linear LVs (name, first extent, extents) to `vg` by restoring edited metadata:
@@ -73,6 +81,7 @@ fn lv_ranges(vg: &str, dev: &str) -> String {
 
 #[test]
 fn lvm_physical_volume_round_trip() {
+    let _turn = LVM_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = Tmp::new("lvm");
     let vg = format!("bmrt{}", std::process::id());
     let tree = tmp.path("tree");
@@ -165,6 +174,7 @@ fn lvm_physical_volume_round_trip() {
 
 #[test]
 fn lvm_refusals() {
+    let _turn = LVM_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = Tmp::new("lvm-refusals");
     let tree = tmp.path("tree");
     populate(&tree, 1);
