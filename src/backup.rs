@@ -245,6 +245,9 @@ fn reader(
                     .collect(),
                 None => vec![(0, wlen as u32)],
             };
+            if snaps.is_some() && crate::lvm::interrupted() {
+                bail!("interrupted");
+            }
             if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
                 let Ok(mut buf) = free.recv() else {
                     return Ok(()); // workers gone: the collector reports why

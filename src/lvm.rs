@@ -20,6 +20,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
 use crate::fsmap::{FsInfo, UsedMap};
 use crate::manifest::FsMeta;
 
@@ -87,6 +91,8 @@ pub struct Snapshots {
     made: Vec<String>,
     /// Device numbers of the logical volumes covered by a snapshot (mounted: fine).
     pub covered: HashSet<u64>,
+    /// Dropped after the snapshots are removed (fields drop after `drop`).
+    _held: HeldSignals,
 }
 
 fn lvm(args: &[&str]) -> Result<String> {
@@ -230,10 +236,66 @@ fn layout(segs: &[Seg]) -> Vec<(&str, &str, u64, u64, &str, &str)> {
 /// A partition of the disk: (number, byte offset, length).
 pub type Part = (u32, u64, u64);
 
+/// The signal (^C, SIGTERM, SIGHUP) that arrived while snapshots existed; 0: none. Such a
+/// signal is held until the snapshots are removed, then delivered: a killed backup must not
+/// leave snapshots filling up the volume group.
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn hold(sig: libc::c_int) {
+    PENDING.store(sig, Ordering::SeqCst);
+}
+
+/// The held signals with what they did before; restored, and a held one delivered, on drop.
+struct HeldSignals(Vec<(Signal, SigAction)>);
+
+impl HeldSignals {
+    fn hold() -> HeldSignals {
+        let act = SigAction::new(SigHandler::Handler(hold), SaFlags::empty(), SigSet::empty());
+        let mut saved = Vec::new();
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: `hold` only stores to an atomic, which is async-signal-safe.
+            match unsafe { sigaction(sig, &act) } {
+                // Ignored (nohup, a background job): stays ignored.
+                Ok(old) if matches!(old.handler(), SigHandler::SigIgn) => {
+                    let _ = unsafe { sigaction(sig, &old) };
+                }
+                Ok(old) => saved.push((sig, old)),
+                Err(e) => eprintln!("warning: cannot hold {sig} during the snapshots: {e}"),
+            }
+        }
+        HeldSignals(saved)
+    }
+}
+
+impl Drop for HeldSignals {
+    fn drop(&mut self) {
+        for (sig, old) in &self.0 {
+            // SAFETY: puts back the disposition this process had before.
+            let _ = unsafe { sigaction(*sig, old) };
+        }
+        let pending = PENDING.swap(0, Ordering::SeqCst);
+        if let Ok(sig) = Signal::try_from(pending) {
+            eprintln!(
+                "bmr: {sig}: the LVM snapshots are removed; nothing was stored as a snapshot"
+            );
+            let _ = nix::sys::signal::raise(sig);
+        }
+    }
+}
+
+/// A signal is waiting: stop reading, so the snapshots can be removed.
+pub fn interrupted() -> bool {
+    PENDING.load(Ordering::SeqCst) != 0
+}
+
 impl Snapshots {
     /// Find the PVs among `parts` (on `disk`), save their metadata, snapshot every active
     /// logical volume and work out what to read from where. `Ok(None)`: no PV on the disk.
     pub fn take(disk: &File, parts: &[Part]) -> Result<Option<Snapshots>> {
+        Self::take_held(disk, parts, HeldSignals::hold())
+    }
+
+    fn take_held(disk: &File, parts: &[Part], held: HeldSignals) -> Result<Option<Snapshots>> {
         let pv_rows = report("pvs", "pv_name,vg_name,pe_start,pv_pe_count", &[])?;
         // PV device -> (partition, vg, pe_start, pe_count)
         let mut pvs = Vec::new();
@@ -390,6 +452,7 @@ impl Snapshots {
             devices: Vec::new(),
             made: Vec::new(),
             covered: HashSet::new(),
+            _held: held,
         };
         for ((vg, lv), ss) in &lvs {
             let active = ss[0].attr.chars().nth(4) == Some('a');
@@ -417,6 +480,9 @@ impl Snapshots {
                 if let Some(d) = crate::device::block_devnum(Path::new(&format!("/dev/{vg}/{lv}")))
                 {
                     snaps.covered.insert(d);
+                }
+                if interrupted() {
+                    bail!("interrupted before the snapshot of {origin}");
                 }
                 lvm(&[
                     "lvcreate",
