@@ -631,23 +631,23 @@ pub fn plan_lines(
             (AreaKind::Partition, Some(n)) => format!("partition {n}"),
             (AreaKind::Partition, None) => "whole disk".to_string(),
         };
-        let fs = a.fs.as_ref().map_or_else(
-            || "stored whole".to_string(),
-            |f| {
-                format!(
-                    "{}{}{}",
-                    f.variant.as_deref().unwrap_or(&f.fstype),
-                    f.label
-                        .as_deref()
-                        .map(|l| format!(" \"{l}\""))
-                        .unwrap_or_default(),
-                    f.uuid
-                        .as_deref()
-                        .map(|u| format!(" {u}"))
-                        .unwrap_or_default()
-                )
-            },
-        );
+        let fs = match (&a.fs, a.volumes.as_slice()) {
+            (Some(f), _) => describe_fs(f),
+            (None, []) => "stored whole".to_string(),
+            (None, lvs) => {
+                let lvs: Vec<String> = lvs
+                    .iter()
+                    .map(|lv| {
+                        let fs = lv
+                            .fs
+                            .as_ref()
+                            .map_or("no filesystem bmr maps".into(), describe_fs);
+                        format!("{} ({fs}, {})", lv.name, human_bytes(lv.size))
+                    })
+                    .collect();
+                format!("LVM PV with {}", lvs.join(", "))
+            }
+        };
         out.push(format!(
             "  {what:<13} at {:>12} size {:>10}  {fs}, {} to write",
             a.start,
@@ -857,6 +857,22 @@ pub fn run(opts: &RestoreOptions) -> Result<RestoreSummary> {
 /// Load the file lists an incremental restore applies, and check that every chunk they name
 /// exists, before anything is written.
 type ApplyPlan = Vec<(u32, Vec<crate::toc::FileMeta>, Vec<crate::toc::FileMeta>)>;
+
+/// `ext4 "root" 6d1f...`: type, label and UUID of a filesystem, for the plan.
+fn describe_fs(f: &crate::manifest::FsMeta) -> String {
+    format!(
+        "{}{}{}",
+        f.variant.as_deref().unwrap_or(&f.fstype),
+        f.label
+            .as_deref()
+            .map(|l| format!(" \"{l}\""))
+            .unwrap_or_default(),
+        f.uuid
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default()
+    )
+}
 
 fn plan_apply(
     src: &dyn RepoSource,

@@ -149,9 +149,16 @@ fn lvm_physical_volume_round_trip() {
 
     let target = tmp.path("target.img");
     let t = target.display().to_string();
-    bmr_ok(&[
+    let out = bmr_ok(&[
         "restore", "--repo", &repo, "--host", "h1", "--target", &t, "--verify", "-q",
     ]);
+    // The plan names the LVs of the PV.
+    assert!(
+        out.contains(&format!(
+            "LVM PV with {vg}/data (ext4, 12.0 MiB), {vg}/raw (no filesystem"
+        )),
+        "{out}"
+    );
     // The PV label and metadata, the raw LV exactly, the ext4 LV by its used blocks and files.
     assert!(
         read_range(&disk, pv_start, pe) == read_range(&target, pv_start, pe),
