@@ -20,7 +20,8 @@ args = ap.parse_args()
 con = Console(args.sock_path, args.log_path, "serial_shell")
 
 if args.after_result:
-    m = con.search(r"BMR-RESULT: (\S+)", 900)
+    # Up to the end of the line: a read can end in the middle of a word ("o" of "ok").
+    m = con.search(r"BMR-RESULT: (\S+)[^\n]*\n", 900)
     if not m:
         con.fail("no BMR-RESULT line")
     if m.group(1) != b"ok":
@@ -36,7 +37,7 @@ for n, line in enumerate(open(args.script), 1):
     # The marker is split in the command so that its echo never matches; a newline, not ";",
     # separates it so that a line may end in "&".
     con.send(f"{cmd}\recho BMR-RC''=$?\r")
-    m = con.search(r"BMR-RC=(\d+)", 900)
+    m = con.search(r"BMR-RC=(\d+)\n", 900)
     if not m:
         con.fail(f"line {n} did not finish: {cmd}")
     rc = int(m.group(1))
