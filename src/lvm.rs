@@ -16,13 +16,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
-
-use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
-
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use serde::{Deserialize, Serialize};
 
 use crate::fsmap::{FsInfo, UsedMap};
 use crate::manifest::FsMeta;
