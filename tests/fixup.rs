@@ -265,6 +265,14 @@ fn grow_on_mbr_and_refusal_for_a_logical_last_partition() {
     extract(&big, MIB, 79 * MIB, &part);
     sh(&format!("e2fsck -fn {}", part.display()));
     assert!(sh(&format!("sfdisk -d {}", big.display())).contains("bootable"));
+    // The entry's CHS end address moved with it: byte for byte what sfdisk writes itself.
+    let fresh = tmp.path("fresh.img");
+    sh(&format!(
+        "truncate -s 80M {d} && echo 'start=2048, type=83, bootable' | sfdisk -q {d}",
+        d = fresh.display()
+    ));
+    let entry = |p: &Path| std::fs::read(p).unwrap()[446..462].to_vec();
+    assert_eq!(entry(&big), entry(&fresh), "partition entry 1 vs sfdisk's");
 
     // Root in a logical partition at the end (Debian's old default layout): refused, clearly.
     let disk2 = tmp.path("src2.img");

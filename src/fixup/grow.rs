@@ -81,7 +81,12 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
                 old_len: u64::from(p.sectors) * ss,
                 new_len: (end - start) * ss,
             };
+            let geometry = chs_geometry(&h);
             h[i].sectors = (end - start) as u32;
+            // Old BIOSes and some boot loaders still read the CHS end address.
+            if !h[i].last_chs.is_empty() {
+                h[i].last_chs = end_chs(end - 1, geometry);
+            }
             f.seek(SeekFrom::Start(0))?;
             h.write_into(&mut f)
                 .context("--grow: cannot write the grown MBR")?;
@@ -94,6 +99,50 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
         .context("--grow: cannot flush the target")?;
     disk.reread_partitions();
     Ok(Some(grown))
+}
+
+/// The CHS geometry (heads, sectors per track) the table's addresses were written with, so the
+/// grown entry's end address agrees with them; 255/63, what fdisk and sgdisk assume, when no
+/// address tells.
+fn chs_geometry(h: &mbrman::MBRHeader) -> (u8, u8) {
+    const CANDIDATES: [(u8, u8); 6] =
+        [(255, 63), (240, 63), (128, 63), (64, 32), (16, 63), (4, 32)];
+    let samples: Vec<(mbrman::CHS, u64)> = h
+        .iter()
+        .filter(|(_, p)| p.is_used() && p.sectors > 0)
+        .flat_map(|(_, p)| {
+            let start = u64::from(p.starting_lba);
+            [
+                (p.first_chs, start),
+                (p.last_chs, start + u64::from(p.sectors) - 1),
+            ]
+        })
+        // Empty and "beyond cylinder 1023" addresses say nothing about the geometry.
+        .filter(|(c, _)| c.sector > 0 && c.cylinder < 1023)
+        .collect();
+    CANDIDATES
+        .into_iter()
+        .find(|&(heads, sectors)| {
+            !samples.is_empty()
+                && samples.iter().all(|(c, lba)| {
+                    c.head < heads
+                        && c.sector <= sectors
+                        && (u64::from(c.cylinder) * u64::from(heads) + u64::from(c.head))
+                            * u64::from(sectors)
+                            + u64::from(c.sector)
+                            - 1
+                            == *lba
+                })
+        })
+        .unwrap_or((255, 63))
+}
+
+/// The CHS address of `lba`, or the "beyond cylinder 1023" marker fdisk writes.
+fn end_chs(lba: u64, (heads, sectors): (u8, u8)) -> mbrman::CHS {
+    u32::try_from(lba)
+        .ok()
+        .and_then(|l| mbrman::CHS::from_lba_exact(l, 1023, heads, sectors).ok())
+        .unwrap_or(mbrman::CHS::new(1023, heads - 1, sectors))
 }
 
 /// Check and grow an ext2/3/4 filesystem to fill its (grown) device.
@@ -129,4 +178,43 @@ pub fn grow_ext(dev: &std::path::Path) -> Result<String> {
         .unwrap_or("filesystem grown")
         .trim()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mbrman::{CHS, MBRHeader, MBRPartitionEntry};
+
+    fn entry(start: u32, sectors: u32, heads: u8, spt: u8) -> MBRPartitionEntry {
+        MBRPartitionEntry {
+            boot: mbrman::BOOT_INACTIVE,
+            first_chs: CHS::from_lba_exact(start, 1023, heads, spt).unwrap(),
+            sys: 0x83,
+            last_chs: CHS::from_lba_exact(start + sectors - 1, 1023, heads, spt).unwrap(),
+            starting_lba: start,
+            sectors,
+        }
+    }
+
+    #[test]
+    fn geometry_is_read_from_the_existing_addresses() {
+        let mut h = MBRHeader::new([1, 2, 3, 4]);
+        h[1] = entry(32, 4000, 4, 32);
+        h[2] = entry(4032, 8000, 4, 32);
+        assert_eq!(chs_geometry(&h), (4, 32));
+        h[2] = entry(4032, 8000, 255, 63);
+        assert_eq!(
+            chs_geometry(&h),
+            (255, 63),
+            "inconsistent: the usual default"
+        );
+        assert_eq!(chs_geometry(&MBRHeader::new([0; 4])), (255, 63));
+    }
+
+    #[test]
+    fn an_end_beyond_cylinder_1023_gets_the_marker() {
+        assert_eq!(end_chs(20 << 21, (255, 63)), CHS::new(1023, 254, 63));
+        assert_eq!(end_chs(u64::MAX, (255, 63)), CHS::new(1023, 254, 63));
+        assert_eq!(end_chs(163_839, (255, 63)), CHS::new(10, 50, 40));
+    }
 }
