@@ -153,6 +153,11 @@ image_backup_in_guest() {
     local consistency
     consistency=$(python3 -c 'import json,sys,glob; print(json.load(open(glob.glob(sys.argv[1] + "/hosts/*/snapshots/*.json")[0]))["consistency"])' "$repo")
     [ "$consistency" = snapshot ] || fail "the guest's image says consistency=$consistency, not snapshot"
+    # The disk's names in the guest (sysfs, no udev there), for the device-name fix-up.
+    local names
+    names=$(python3 -c 'import json,sys,glob; print(" ".join(json.load(open(glob.glob(sys.argv[1] + "/hosts/*/snapshots/*.json")[0])).get("source_names", [])))' "$repo")
+    [[ " $names " == *" /dev/vda "* && " $names " == *" /dev/disk/by-id/virtio-BMRDISK"* ]] ||
+        fail "the guest's image records the source disk's names as '$names', not /dev/vda and its by-id name"
     step "Monday: image backup in a guest through an LVM snapshot, the LV mounted and written to ($(wc -l <"$D/lv-expected.sums") files; refused without --snapshot)"
 }
 

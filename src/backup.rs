@@ -49,6 +49,11 @@ pub struct BackupOptions {
     /// Read a snapshot instead of the live disk.
     #[arg(long, value_enum)]
     pub snapshot: Option<SnapshotMode>,
+    /// Another name the disk had on its own machine (e.g. /dev/sda or a /dev/disk/by-id path)
+    /// when it is backed up elsewhere: a restore onto a new disk rewrites device paths in its
+    /// fstab and GRUB files that use that name. The names this machine knows are recorded anyway.
+    #[arg(long, value_name = "DEVICE")]
+    pub source_name: Vec<String>,
     /// zstd compression level (1 = fastest, 19 = smallest). Level 1 keeps backups of large
     /// disks fast; level 3 stores about 10% less.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -382,6 +387,13 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     };
     crate::repo::check_host_name(&host)?;
     let disk_path = opts.disk()?;
+    for n in &opts.source_name {
+        if crate::fixup::devnames::disk_key(n).is_none() {
+            bail!(
+                "--source-name {n}: not a whole disk's device path: give one like /dev/sda, /dev/nvme0n1 or /dev/disk/by-id/ata-MODEL_SERIAL"
+            );
+        }
+    }
     let disk = Disk::open_read(disk_path)?;
     let mut warnings = Vec::new();
     let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)?;
@@ -583,6 +595,13 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         time,
         unix_time,
         source: disk_path.display().to_string(),
+        source_names: {
+            let mut names = crate::fixup::devnames::names_of_disk(disk_path);
+            names.extend(opts.source_name.iter().cloned());
+            names.sort();
+            names.dedup();
+            names
+        },
         consistency,
         bmr_version: env!("CARGO_PKG_VERSION").into(),
         chunk_size: CHUNK_SIZE,

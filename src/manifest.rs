@@ -128,6 +128,10 @@ pub struct Manifest {
     pub time: String,
     pub unix_time: i64,
     pub source: String,
+    /// Other names of the source disk on its machine (kernel name, /dev/disk/by-id and by-path
+    /// links): device paths in the restored files that use them are rewritten on a new disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_names: Vec<String>,
     pub consistency: Consistency,
     pub bmr_version: String,
     pub chunk_size: u64,

@@ -614,6 +614,15 @@ pub fn plan_lines(
         m.disk.size / m.disk.sector_size,
         m.disk.sector_size
     ));
+    let aliases: Vec<&str> = m
+        .source_names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != m.source)
+        .collect();
+    if !aliases.is_empty() {
+        out.push(format!("            also named {}", aliases.join(", ")));
+    }
     out.push(format!(
         "  target    {} ({}){}{}",
         target.display(),

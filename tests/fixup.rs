@@ -187,6 +187,114 @@ fn device_names_uefi_fallback_and_grow_on_gpt() {
     sh(&format!("fsck.fat -n {}", esp_img.display()));
 }
 
+/// A disk imaged away from its machine (a USB dock, a dd copy): its fstab names it by-id and by
+/// its kernel name there, and names a partition of another disk. Only --source-name tells bmr
+/// which names were this disk's.
+#[test]
+fn device_names_given_with_source_name() {
+    let tmp = Tmp::new("fixup-names");
+    let root = tmp.path("root");
+    populate(&root, 4);
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let fstab = "/dev/disk/by-id/ata-OLD_DISK_S1-part2 / ext4 errors=remount-ro 0 1\n\
+                 /dev/sda1 /boot ext4 defaults 0 2\n\
+                 /dev/disk/by-id/ata-OTHER_DISK_S2-part1 /srv ext4 defaults 0 2\n";
+    std::fs::write(root.join("etc/fstab"), fstab).unwrap();
+    let boot = tmp.path("boot");
+    populate(&boot, 5);
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s 48M {d} && sgdisk -n 1:2048:+12M -n 2:0:+30M {d} >/dev/null",
+        d = disk.display()
+    ));
+    for (img, mib, dir, at) in [("boot.img", 12, &boot, 1), ("root.img", 30, &root, 13)] {
+        let img = tmp.path(img);
+        make_ext(&img, mib, "ext4", "", dir);
+        place(&disk, &img, at * MIB);
+    }
+    let repo = tmp.s("repo");
+    let src = disk.display().to_string();
+    let backup = |host: &str, names: &[&str]| {
+        let mut args = vec!["backup", "--repo", &repo, "--host", host, &src];
+        for n in names {
+            args.extend(["--source-name", n]);
+        }
+        bmr_ok(&args)
+    };
+    let restore = |host: &str, target: &str| {
+        let t = tmp.s(target);
+        sh(&format!("truncate -s 48M {t}"));
+        let out = bmr_ok(&["restore", "--repo", &repo, "--host", host, "--target", &t]);
+        (
+            out,
+            debugfs_cat(&tmp.path(target), 13 * MIB, 30 * MIB, &tmp, "/etc/fstab"),
+        )
+    };
+
+    // A partition is no disk: refused before anything is read.
+    let err = bmr_fails(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "x",
+        "--source-name",
+        "/dev/sda1",
+        &src,
+    ]);
+    assert!(
+        err.contains("--source-name /dev/sda1: not a whole disk"),
+        "{err}"
+    );
+
+    backup("named", &["/dev/sda", "/dev/disk/by-id/ata-OLD_DISK_S1"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&sh(&format!("cat {repo}/hosts/named/snapshots/*.json"))).unwrap();
+    assert_eq!(
+        manifest["source_names"],
+        serde_json::json!(["/dev/disk/by-id/ata-OLD_DISK_S1", "/dev/sda"])
+    );
+    let (out, new) = restore("named", "t1.img");
+    assert!(
+        out.contains("            also named /dev/disk/by-id/ata-OLD_DISK_S1, /dev/sda\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "fix-up device names: partition 2 /etc/fstab: /dev/disk/by-id/ata-OLD_DISK_S1-partN, /dev/sdaN -> UUID="
+        ),
+        "{out}"
+    );
+    let part = tmp.path("p.img");
+    extract(&tmp.path("t1.img"), MIB, 12 * MIB, &part);
+    let boot_uuid = sh(&format!("blkid -o value -s UUID {}", part.display()));
+    let root_uuid = ext_uuid(&tmp.path("t1.img"), 13 * MIB, 30 * MIB, &tmp);
+    assert_eq!(
+        new,
+        format!(
+            "UUID={root_uuid} / ext4 errors=remount-ro 0 1\nUUID={} /boot ext4 defaults 0 2\n\
+             /dev/disk/by-id/ata-OTHER_DISK_S2-part1 /srv ext4 defaults 0 2\n",
+            boot_uuid.trim()
+        )
+    );
+
+    // Without the names an image file's backup cannot tell which disk is which: nothing changes.
+    backup("unnamed", &[]);
+    let (out, same) = restore("unnamed", "t2.img");
+    assert!(out.contains("name partitions of several disks"), "{out}");
+    assert_eq!(same, fstab);
+
+    // A wrong name: nothing changes, and the log says what to do.
+    backup("wrong", &["/dev/sdb"]);
+    let (out, same) = restore("wrong", "t3.img");
+    assert!(
+        out.contains("not of the backed-up disk (sdb); left as they are")
+            && out.contains("--source-name"),
+        "{out}"
+    );
+    assert_eq!(same, fstab);
+}
+
 #[test]
 fn no_fixups_leaves_the_system_as_backed_up() {
     let tmp = Tmp::new("fixup-none");

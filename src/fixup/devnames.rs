@@ -3,6 +3,7 @@
 //! rewritten to `UUID=`, which names the filesystem wherever its disk shows up.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 
 /// Files (relative to a filesystem's root) that name devices: a root filesystem's, and a
 /// separate /boot's.
@@ -18,12 +19,18 @@ pub const FILES: &[&str] = &[
 ];
 
 /// A partition of some disk named by a device path: `/dev/sda3` is ("sda", 3),
-/// `/dev/nvme0n1p2` ("nvme0n1", 2), `/dev/disk/by-id/ata-X-part1` ("disk/by-id/ata-X", 1).
+/// `/dev/nvme0n1p2` ("nvme0n1", 2), `/dev/disk/by-id/ata-X-part1` ("disk/by-id/ata-X", 1),
+/// and by-path names alike.
 pub fn parse_partition(path: &str) -> Option<(String, u32)> {
     let name = path.strip_prefix("/dev/")?;
-    if let Some(id) = name.strip_prefix("disk/by-id/") {
-        let (disk, n) = id.rsplit_once("-part")?;
-        return Some((format!("disk/by-id/{disk}"), n.parse().ok()?));
+    for dir in ["disk/by-id/", "disk/by-path/"] {
+        if let Some(id) = name.strip_prefix(dir) {
+            let (disk, n) = id.rsplit_once("-part")?;
+            if disk.is_empty() || disk.contains('/') {
+                return None;
+            }
+            return Some((format!("{dir}{disk}"), n.parse().ok()?));
+        }
     }
     let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
     if digits == 0 || digits == name.len() {
@@ -115,11 +122,12 @@ pub fn disks_named(file: &str, text: &str) -> BTreeSet<String> {
 }
 
 /// The rewritten text and one `-old` / `+new` pair per changed line; None if nothing changed.
-/// `uuids` maps a partition number of `disk` to the UUID of what is on it now.
+/// `disks` are names of the restored disk (as [`parse_partition`] gives them); `uuids` maps its
+/// partition numbers to the UUIDs of what is on them now.
 pub fn rewrite(
     file: &str,
     text: &str,
-    disk: &str,
+    disks: &BTreeSet<String>,
     uuids: &HashMap<u32, String>,
 ) -> Option<(String, Vec<String>)> {
     let mut out = String::with_capacity(text.len());
@@ -132,7 +140,7 @@ pub fn rewrite(
             let Some((d, n)) = parse_partition(&body[a..b]) else {
                 continue;
             };
-            let Some(uuid) = uuids.get(&n).filter(|_| d == disk) else {
+            let Some(uuid) = uuids.get(&n).filter(|_| disks.contains(&d)) else {
                 continue;
             };
             new.push_str(&body[last..a]);
@@ -155,6 +163,69 @@ pub fn rewrite(
     (!diff.is_empty()).then_some((out, diff))
 }
 
+/// The key [`parse_partition`] gives partitions of a whole disk named by `path`
+/// (`/dev/sda` -> "sda", `/dev/disk/by-id/X` -> "disk/by-id/X"); None for anything else.
+pub fn disk_key(path: &str) -> Option<String> {
+    let key = path.strip_prefix("/dev/")?;
+    if parse_partition(path).is_some() {
+        return None;
+    }
+    // A whole disk: appending a partition number, in the one form its kind uses, names a
+    // partition of it.
+    [
+        format!("{path}-part1"),
+        format!("{path}p1"),
+        format!("{path}1"),
+    ]
+    .iter()
+    .filter_map(|p| parse_partition(p))
+    .any(|(d, n)| d == key && n == 1)
+    .then(|| key.to_string())
+}
+
+/// How the log shows a disk's partitions: `/dev/sdaN`, `/dev/nvme0n1pN`, `/dev/disk/by-id/X-partN`.
+pub fn partition_pattern(key: &str) -> String {
+    if key.starts_with("disk/") {
+        format!("/dev/{key}-partN")
+    } else if key.ends_with(|c: char| c.is_ascii_digit()) {
+        format!("/dev/{key}pN")
+    } else {
+        format!("/dev/{key}N")
+    }
+}
+
+/// Every name the disk at `path` goes by on this machine: its kernel name, the links udev made
+/// under /dev/disk/by-id and by-path, and the by-id names udev would make (the rescue system runs
+/// no udev). Recorded at backup time, so that a restore knows which device paths in the
+/// restored system's files meant this disk. Empty for an image file.
+pub fn names_of_disk(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return Vec::new();
+    };
+    if !std::fs::metadata(&real).is_ok_and(|m| m.file_type().is_block_device()) {
+        return Vec::new();
+    }
+    let mut names = BTreeSet::new();
+    if let Some(kernel) = real.file_name().map(|n| n.to_string_lossy().to_string()) {
+        names.insert(format!("/dev/{kernel}"));
+        for id in crate::rescue::disks::udev_ids(&kernel) {
+            names.insert(format!("/dev/disk/by-id/{id}"));
+        }
+    }
+    for dir in ["/dev/disk/by-id", "/dev/disk/by-path"] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if std::fs::canonicalize(e.path()).is_ok_and(|t| t == real) {
+                names.insert(e.path().display().to_string());
+            }
+        }
+    }
+    names
+        .into_iter()
+        .filter(|n| disk_key(n).is_some())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +243,10 @@ mod tests {
             p("/dev/disk/by-id/ata-QEMU_HARDDISK_QM00001-part3"),
             Some(("disk/by-id/ata-QEMU_HARDDISK_QM00001".into(), 3))
         );
+        assert_eq!(
+            p("/dev/disk/by-path/pci-0000:00:1f.2-ata-1-part2"),
+            Some(("disk/by-path/pci-0000:00:1f.2-ata-1".into(), 2))
+        );
         for not in [
             "/dev/sda",
             "/dev/nvme0n1",
@@ -181,6 +256,8 @@ mod tests {
             "UUID=1234",
             "/dev/sd3",
             "/dev/tty1",
+            "/dev/disk/by-uuid/1234-part1",
+            "/dev/disk/by-id/-part1",
         ] {
             assert_eq!(p(not), None, "{not}");
         }
@@ -190,10 +267,11 @@ mod tests {
     fn rewrites_fstab_crypttab_and_kernel_lines() {
         let uuids: HashMap<u32, String> =
             [(2, "AB12-CD34".to_string()), (3, "1111-2222".to_string())].into();
+        let sda: BTreeSet<String> = ["sda".to_string()].into();
         let fstab = "# /dev/sda3 was / at install\n/dev/sda3 / ext4 errors=remount-ro 0 1\n\
                      /dev/sda2\t/boot/efi vfat umask=0077 0 1\n/dev/sdb1 /srv ext4 defaults 0 2\n\
                      UUID=x /home ext4 defaults 0 2\n/dev/sda3 /dev/sda2 none bind 0 0\n";
-        let (new, diff) = rewrite("etc/fstab", fstab, "sda", &uuids).expect("changed");
+        let (new, diff) = rewrite("etc/fstab", fstab, &sda, &uuids).expect("changed");
         assert_eq!(
             new,
             "# /dev/sda3 was / at install\nUUID=1111-2222 / ext4 errors=remount-ro 0 1\n\
@@ -204,24 +282,70 @@ mod tests {
         assert_eq!(diff[0], "-/dev/sda3 / ext4 errors=remount-ro 0 1");
 
         let crypt = "cryptroot /dev/sda3 none luks,discard\n";
-        let (new, _) = rewrite("etc/crypttab", crypt, "sda", &uuids).expect("changed");
+        let (new, _) = rewrite("etc/crypttab", crypt, &sda, &uuids).expect("changed");
         assert_eq!(new, "cryptroot UUID=1111-2222 none luks,discard\n");
 
         let grub = "GRUB_CMDLINE_LINUX=\"root=/dev/sda3 resume=/dev/sda2 quiet\"\n";
-        let (new, _) = rewrite("etc/default/grub", grub, "sda", &uuids).expect("changed");
+        let (new, _) = rewrite("etc/default/grub", grub, &sda, &uuids).expect("changed");
         assert_eq!(
             new,
             "GRUB_CMDLINE_LINUX=\"root=UUID=1111-2222 resume=UUID=AB12-CD34 quiet\"\n"
         );
         let cfg = "\tlinux /boot/vmlinuz root=/dev/sda3 ro console=ttyS0\n\tsearch --set=root x\n";
-        let (new, _) = rewrite("boot/grub/grub.cfg", cfg, "sda", &uuids).expect("changed");
+        let (new, _) = rewrite("boot/grub/grub.cfg", cfg, &sda, &uuids).expect("changed");
         assert!(new.starts_with("\tlinux /boot/vmlinuz root=UUID=1111-2222 ro console=ttyS0\n"));
         // A partition with nothing identifiable stays as it is; so does another disk.
-        assert!(rewrite("etc/fstab", "/dev/sda9 /x ext4 d 0 0\n", "sda", &uuids).is_none());
-        assert!(rewrite("etc/fstab", "/dev/vda3 / ext4 d 0 0", "sda", &uuids).is_none());
+        assert!(rewrite("etc/fstab", "/dev/sda9 /x ext4 d 0 0\n", &sda, &uuids).is_none());
+        assert!(rewrite("etc/fstab", "/dev/vda3 / ext4 d 0 0", &sda, &uuids).is_none());
         assert_eq!(
             disks_named("etc/fstab", fstab),
             ["sda".to_string(), "sdb".to_string()].into()
         );
+    }
+
+    #[test]
+    fn whole_disk_names() {
+        for (path, key) in [
+            ("/dev/sda", "sda"),
+            ("/dev/vdb", "vdb"),
+            ("/dev/nvme0n1", "nvme0n1"),
+            ("/dev/mmcblk1", "mmcblk1"),
+            (
+                "/dev/disk/by-id/ata-QEMU_HARDDISK_QM00001",
+                "disk/by-id/ata-QEMU_HARDDISK_QM00001",
+            ),
+            (
+                "/dev/disk/by-path/pci-0000:00:04.0",
+                "disk/by-path/pci-0000:00:04.0",
+            ),
+        ] {
+            assert_eq!(disk_key(path).as_deref(), Some(key), "{path}");
+        }
+        for not in [
+            "/dev/sda1",
+            "/dev/nvme0n1p2",
+            "/dev/disk/by-id/ata-X-part1",
+            "sda",
+            "/tmp/disk.img",
+            "/dev/mapper/vg-root",
+        ] {
+            assert_eq!(disk_key(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn several_names_of_one_disk_are_rewritten() {
+        let uuids: HashMap<u32, String> = [(1, "AAAA".to_string()), (2, "BBBB".to_string())].into();
+        let names: BTreeSet<String> =
+            ["sda".to_string(), "disk/by-id/ata-OLD_S1".to_string()].into();
+        let fstab = "/dev/disk/by-id/ata-OLD_S1-part2 / ext4 d 0 1\n/dev/sda1 /boot ext4 d 0 2\n\
+                     /dev/disk/by-id/ata-OTHER_S2-part1 /srv ext4 d 0 2\n";
+        let (new, diff) = rewrite("etc/fstab", fstab, &names, &uuids).expect("changed");
+        assert_eq!(
+            new,
+            "UUID=BBBB / ext4 d 0 1\nUUID=AAAA /boot ext4 d 0 2\n\
+             /dev/disk/by-id/ata-OTHER_S2-part1 /srv ext4 d 0 2\n"
+        );
+        assert_eq!(diff.len(), 4);
     }
 }

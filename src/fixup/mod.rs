@@ -168,12 +168,6 @@ impl Drop for PartDev {
     }
 }
 
-/// The kernel's name for the disk a path names (`/dev/sda` -> `sda`), if it is a device path.
-fn disk_key(path: &str) -> Option<String> {
-    let name = path.strip_prefix("/dev/")?;
-    (!name.is_empty()).then(|| name.to_string())
-}
-
 /// Wait until the kernel sees partition `p` of a block device at its new size.
 fn wait_for_size(disk: &Disk, p: &Part) {
     if !disk.is_block {
@@ -292,16 +286,22 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
 }
 
 fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
-    let target = disk
-        .is_block
-        .then(|| {
-            disk.path
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-        })
-        .flatten();
-    let source = disk_key(&m.source);
-    if source.is_some() && source == target {
+    // The names the restored disk had on its machine, and those it has now: a name in both
+    // (restored in place) still finds it and stays.
+    let source: BTreeSet<String> = std::iter::once(&m.source)
+        .chain(&m.source_names)
+        .filter_map(|n| devnames::disk_key(n))
+        .collect();
+    let target: BTreeSet<String> = if disk.is_block {
+        devnames::names_of_disk(&disk.path)
+            .iter()
+            .filter_map(|n| devnames::disk_key(n))
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let stale: BTreeSet<String> = source.difference(&target).cloned().collect();
+    if !source.is_empty() && stale.is_empty() {
         step(
             "device names",
             &format!("the disk is {} as before: nothing to change", m.source),
@@ -340,26 +340,46 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
             .iter()
             .flat_map(|(rel, t)| devnames::disks_named(rel, t))
             .collect();
-        let disk_name = match (&source, named.len()) {
-            (_, 0) => continue,
-            (Some(s), _) => s.clone(),
-            (None, 1) => named.iter().next().cloned().unwrap_or_default(),
-            (None, _) => {
+        let ours: BTreeSet<String> = if source.is_empty() {
+            // An image file's backup does not say what the disk was called: one disk named
+            // throughout can only be this one.
+            match named.len() {
+                0 => continue,
+                1 => named.clone(),
+                _ => {
+                    step(
+                        "device names",
+                        &format!(
+                            "partition {}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
+                            p.slot,
+                            named.into_iter().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                    continue;
+                }
+            }
+        } else {
+            named.intersection(&stale).cloned().collect()
+        };
+        if ours.is_empty() {
+            let others: Vec<String> = named.difference(&source).cloned().collect();
+            if !others.is_empty() {
                 step(
                     "device names",
                     &format!(
-                        "partition {}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
+                        "partition {}: its files name partitions of {}, not of the backed-up disk ({}); left as they are. If that was this disk's name on its machine, back it up with --source-name",
                         p.slot,
-                        named.into_iter().collect::<Vec<_>>().join(", ")
+                        others.join(", "),
+                        source.iter().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 );
-                continue;
             }
-        };
+            continue;
+        }
         let rewrites: Vec<(&str, String, Vec<String>)> = texts
             .iter()
             .filter_map(|(rel, text)| {
-                devnames::rewrite(rel, text, &disk_name, &uuids).map(|(n, d)| (*rel, n, d))
+                devnames::rewrite(rel, text, &ours, &uuids).map(|(n, d)| (*rel, n, d))
             })
             .collect();
         if rewrites.is_empty() {
@@ -372,7 +392,14 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
             })?;
             step(
                 "device names",
-                &format!("partition {} /{rel}: /dev/{disk_name}N -> UUID=", p.slot),
+                &format!(
+                    "partition {} /{rel}: {} -> UUID=",
+                    p.slot,
+                    ours.iter()
+                        .map(|d| devnames::partition_pattern(d))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             );
             for d in diff {
                 println!("    {d}");

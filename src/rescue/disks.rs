@@ -197,6 +197,11 @@ fn disk_info(name: &str) -> Option<DiskInfo> {
     })
 }
 
+/// The names udev would give disk `name` (a kernel name) under /dev/disk/by-id.
+pub fn udev_ids(name: &str) -> Vec<String> {
+    disk_info(name).map(|d| d.ids).unwrap_or_default()
+}
+
 /// Every whole disk that could hold data (no loop, RAM, optical or device-mapper devices).
 pub fn list() -> Vec<DiskInfo> {
     let mut names: Vec<String> = fs::read_dir("/sys/block")
