@@ -20,8 +20,7 @@ TOOLS=(
     zstd:/usr/bin/zstd
     xz-utils:/usr/bin/xz # grub-mkrescue --compress=xz
     file:/usr/bin/file
-    e2fsprogs:/usr/sbin/resize2fs # copied into the initramfs for the fix-ups
-    lvm2:/usr/sbin/lvm            # copied into the initramfs: LVM snapshots and volume groups
+    binutils:/usr/bin/readelf # the libraries the rescue system's tools need
 )
 # GRUB modules the ISO's menu needs (plus their dependencies); the rest stay out to keep it small.
 GRUB_MODULES="linux normal configfile echo test serial terminal search search_fs_uuid search_label iso9660 part_msdos part_gpt fat all_video gfxterm"
@@ -96,6 +95,7 @@ fi
 log "Debian packages (cache: $CACHE)"
 kernel_tree
 busybox_bin
+tools_tree
 
 fetch_pinned pxelinux "$SYSLINUX_VERSION" "SYSLINUX_VERSION" '^pxelinux$'
 unpack "$DEB"
@@ -135,19 +135,53 @@ while IFS= read -r applet; do
 done < <("$BUSYBOX" --list-full)
 install -m 0755 "$BMR_BIN" "$R/bin/bmr"
 # What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP), LVM (imaging a
-# disk with volume groups, activating them after a restore) and mke2fs, with their shared
-# libraries, as initramfs-tools' copy_exec does.
-copy_exec() {
-    local bin=$1 lib
-    install -D -m 0755 "$bin" "$R$bin"
-    for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+# disk with volume groups, activating them after a restore) and mke2fs: from the pinned packages
+# (TOOL_DEBS), with the libraries they need, found as the dynamic loader would.
+T=$TOOLS_ROOT
+# in_tree PATH: PATH inside the tools tree with its symlinks followed there (the packages' own
+# links are absolute, and must not resolve on the build host); sets IN_TREE.
+in_tree() {
+    local p=$1 l n=0
+    while [ -L "$T$p" ]; do
+        l=$(readlink "$T$p")
+        case $l in /*) p=$l ;; *) p=$(dirname "$p")/$l ;; esac
+        n=$((n + 1))
+        [ "$n" -lt 20 ] || die "$p: a symlink loop in the tools tree"
+    done
+    [ -f "$T$p" ] || return 1
+    IN_TREE=$p
+}
+# with_libs FILE: every library FILE (in the initramfs) needs, and the dynamic loader, copied
+# from the tools tree to the same place in the initramfs.
+with_libs() {
+    local f=$1 lib dir interp
+    interp=$(readelf -l "$f" | sed -n 's/.*Requesting program interpreter: \(.*\)]$/\1/p')
+    if [ -n "$interp" ] && [ ! -e "$R$interp" ]; then
+        in_tree "$interp" || die "$f: its loader $interp is in none of TOOL_DEBS (iso-build/debs.sh)"
         # 0755: the kernel runs the dynamic loader itself, and only if it is executable.
-        [ -e "$R$lib" ] || install -D -m 0755 "$(readlink -f "$lib")" "$R$lib"
+        install -D -m 0755 "$T$IN_TREE" "$R$interp"
+    fi
+    for lib in $(readelf -d "$f" | sed -n 's/.*(NEEDED).*\[\(.*\)\]$/\1/p'); do
+        for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
+            [ ! -e "$R$dir/$lib" ] || continue 2
+        done
+        for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
+            in_tree "$dir/$lib" || continue
+            install -D -m 0755 "$T$IN_TREE" "$R$dir/$lib"
+            with_libs "$R$dir/$lib"
+            continue 2
+        done
+        die "$f needs $lib, which none of TOOL_DEBS (iso-build/debs.sh) has: add its package"
     done
 }
 for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm; do
-    [ -x "$t" ] || die "$t is missing: install e2fsprogs, mtools and lvm2"
-    copy_exec "$t"
+    found=
+    for d in /sbin /usr/sbin /bin /usr/bin; do
+        ! in_tree "$d/${t##*/}" || { found=$IN_TREE && break; }
+    done
+    [ -n "$found" ] || die "${t##*/} is in none of TOOL_DEBS (iso-build/debs.sh)"
+    install -D -m 0755 "$T$found" "$R$t"
+    with_libs "$R$t"
 done
 for t in mcopy mmd mdir mtype; do ln -s mtools "$R/usr/bin/$t"; done
 for t in mkfs.ext4 mkfs.ext3 mkfs.ext2; do ln -s mke2fs "$R/usr/sbin/$t"; done
@@ -155,7 +189,10 @@ for t in pvs pvscan pvcreate pvdisplay pvresize vgs vgscan vgchange vgcreate vgd
     vgcfgrestore vgcfgbackup lvs lvscan lvcreate lvremove lvchange lvdisplay lvextend lvresize; do
     ln -s lvm "$R/usr/sbin/$t"
 done
-[ ! -f /etc/mke2fs.conf ] || install -m 0644 /etc/mke2fs.conf "$R/etc/mke2fs.conf"
+install -m 0644 "$T/etc/mke2fs.conf" "$R/etc/mke2fs.conf"
+# What went in, for `cat /etc/bmr/packages` on a rescue system in front of you.
+printf '%s\n' "${KROOT##*/}" "$(basename "$(dirname "$(dirname "$BUSYBOX")")")" "${TOOLS_PINS[@]}" |
+    sed 's/%3a/:/g' >"$R/etc/bmr/packages"
 install -D -m 0644 "$ROOT/initramfs/lvm.conf" "$R/etc/lvm/lvm.conf"
 # Busybox's cut-down applets of the same names (mke2fs, mkfs.ext2, ...) must not shadow the real
 # tools: drop their links, and, as this busybox's shell runs its own applets before searching
@@ -173,8 +210,8 @@ done
 # mtools converts FAT names through iconv (code page 850): glibc loads that from gconv.
 GCONV=/usr/lib/x86_64-linux-gnu/gconv
 mkdir -p "$R$GCONV"
-cp -r "$GCONV"/gconv-modules "$GCONV"/gconv-modules.d "$GCONV"/gconv-modules.cache \
-    "$GCONV"/IBM850.so "$GCONV"/IBM437.so "$R$GCONV/" || die "glibc's gconv modules are missing"
+cp -r "$T$GCONV"/gconv-modules "$T$GCONV"/gconv-modules.d "$T$GCONV"/gconv-modules.cache \
+    "$T$GCONV"/IBM850.so "$T$GCONV"/IBM437.so "$R$GCONV/" || die "libc6's gconv modules are missing"
 ln -sf /usr/sbin/e2fsck "$R/sbin/fsck.ext4"
 install -m 0755 "$ROOT/initramfs/init" "$R/init"
 install -m 0755 "$ROOT/initramfs/udhcpc.script" "$R/etc/udhcpc/default.script"

@@ -11,6 +11,36 @@ KERNEL_FALLBACK='^linux-image-6\.1\.[0-9]+-[0-9]+-amd64$'
 BUSYBOX_PKG=busybox-static
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
+# The rescue system's tools besides busybox (e2fsck, resize2fs and mke2fs for the fix-ups, mtools
+# for the ESP, lvm) and every library they load, glibc included: the initramfs takes them from
+# these packages, never from the build host.
+TOOL_DEBS=(
+    e2fsprogs=1.47.0-2+b2
+    libext2fs2=1.47.0-2+b2
+    libcom-err2=1.47.0-2+b2
+    libblkid1=2.38.1-5+deb12u3
+    libuuid1=2.38.1-5+deb12u3
+    mtools=4.0.33-1+really4.0.32-1
+    lvm2=2.03.16-2
+    libdevmapper1.02.1=2:1.02.185-2
+    libdevmapper-event1.02.1=2:1.02.185-2
+    libaio1=0.3.113-4
+    libedit2=3.1-20221030-2
+    libbsd0=0.11.7-2
+    libmd0=1.0.4-2
+    libtinfo6=6.4-4
+    libselinux1=3.4-1+b6
+    libpcre2-8-0=10.42-1+deb12u2
+    libudev1=252.39-1~deb12u2
+    libsystemd0=252.39-1~deb12u2
+    libcap2=1:2.66-4+deb12u3+b1
+    libgcrypt20=1.10.1-3+deb12u1
+    libgpg-error0=1.46-1
+    liblz4-1=1.9.4-1
+    liblzma5=5.4.1-1+deb12u2
+    libzstd1=1.5.4+dfsg2-5
+    libc6=2.36-9+deb12u14
+)
 
 APT_OPTS=(-qq)
 [ "$(id -u)" != 0 ] || APT_OPTS+=(-o APT::Sandbox::User=root) # _apt cannot write the cache
@@ -91,3 +121,25 @@ busybox_bin() {
     BUSYBOX=$TREE/bin/busybox
     [ -x "$BUSYBOX" ] || die "$DEB: no /bin/busybox"
 }
+
+# tools_tree: TOOL_DEBS unpacked into one tree (kept in the cache per pin list); sets TOOLS_ROOT
+# and TOOLS_PINS (what went in: the pins, or the replacements of pins gone from the mirror).
+tools_tree() {
+    local pin pkg ver debs=()
+    TOOLS_PINS=()
+    for pin in "${TOOL_DEBS[@]}"; do
+        pkg=${pin%%=*} ver=${pin#*=}
+        fetch_pinned "$pkg" "$ver" "TOOL_DEBS" "^${pkg//./\\.}\$"
+        debs+=("$DEB")
+        TOOLS_PINS+=("$(basename "$DEB" .deb)")
+    done
+    TOOLS_ROOT=$CACHE/tree/tools-$(printf '%s\n' "${TOOLS_PINS[@]}" | sha256sum | cut -c1-16)
+    [ -f "$TOOLS_ROOT/.unpacked" ] && return 0
+    rm -rf "$TOOLS_ROOT"
+    mkdir -p "$TOOLS_ROOT"
+    for pin in "${debs[@]}"; do
+        dpkg-deb -x "$pin" "$TOOLS_ROOT" || die "cannot unpack $pin (a damaged download? delete it)"
+    done
+    touch "$TOOLS_ROOT/.unpacked"
+}
+
