@@ -362,14 +362,15 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
             named.intersection(&stale).cloned().collect()
         };
         if ours.is_empty() {
-            let others: Vec<String> = named.difference(&source).cloned().collect();
-            if !others.is_empty() {
+            // Files that name this disk only by names it still has are right as they are; files
+            // that name no name of it at all may know it by one the backup did not record.
+            if !named.is_empty() && named.is_disjoint(&source) {
                 step(
                     "device names",
                     &format!(
                         "partition {}: its files name partitions of {}, not of the backed-up disk ({}); left as they are. If that was this disk's name on its machine, back it up with --source-name",
                         p.slot,
-                        others.join(", "),
+                        named.iter().cloned().collect::<Vec<_>>().join(", "),
                         source.iter().cloned().collect::<Vec<_>>().join(", ")
                     ),
                 );
