@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(gdisk fdisk dosfstools mtools e2fsprogs zstd partclone bmap-tools util-linux
       time file udev kmod xxd attr acl python3 openssl tmux xorriso
-      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2)
+      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2 nginx-light)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -18,7 +18,15 @@ if ((${#missing[@]})); then
     echo "deps: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # Packages with services (nginx) must not start them: the tests start their own, on
+    # loopback only. policy-rc.d answers "not now" to the package scripts.
+    policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ -z "$policy" ] || rm -f "$policy"
 fi
 if ! command -v cargo >/dev/null; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -25,17 +25,17 @@ pub enum Command {
     /// Restore a snapshot onto a disk or image file.
     Restore(crate::restore::RestoreOptions),
     /// List snapshots.
-    List(crate::list::ListOptions),
+    List(crate::manage::list::ListOptions),
     /// Check that every chunk every snapshot needs is present and intact.
-    Verify(crate::verify::VerifyOptions),
+    Verify(crate::manage::verify::VerifyOptions),
     /// List files of a snapshot like ls -l.
-    Ls(crate::files::LsOptions),
+    Ls(crate::restore::files::LsOptions),
     /// Restore files and trees from a snapshot into a directory.
-    RestoreFiles(crate::files::RestoreFilesOptions),
+    RestoreFiles(crate::restore::files::RestoreFilesOptions),
     /// Remove snapshots by a retention policy (images stay while a kept incremental needs them).
-    Forget(crate::retention::ForgetOptions),
+    Forget(crate::manage::retention::ForgetOptions),
     /// Delete chunks that no snapshot references.
-    Prune(crate::retention::PruneOptions),
+    Prune(crate::manage::retention::PruneOptions),
     /// The rescue system's entry point: unattended restore from kernel parameters, or the TUI.
     Rescue(crate::rescue::RescueOptions),
 }
@@ -49,26 +49,27 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Some(h) => h.clone(),
                 None => crate::backup::default_host()?,
             };
-            let s = crate::incremental::run(&o.repo, &host, &o.paths, o.differential)?;
-            crate::incremental::print_summary(&s);
+            let s = crate::backup::incremental::run(&o.repo, &host, &o.paths, o.differential)?;
+            crate::backup::incremental::print_summary(&s);
         }
         Command::Backup(o) => {
             let s = crate::backup::run(&o)?;
             crate::backup::print_summary(&s);
         }
         Command::Restore(o) => {
-            let s = crate::restore::run(&o)?;
-            crate::restore::print_summary(&s);
+            if let Some(s) = crate::restore::run(&o)? {
+                crate::restore::print_summary(&s);
+            }
         }
-        Command::List(o) => crate::list::run(&o)?,
-        Command::Ls(o) => crate::files::ls(&o)?,
-        Command::RestoreFiles(o) => crate::files::restore_files(&o)?,
-        Command::Forget(o) => crate::retention::forget(&o)?,
-        Command::Prune(o) => crate::retention::prune(&o)?,
+        Command::List(o) => crate::manage::list::run(&o)?,
+        Command::Ls(o) => crate::restore::files::ls(&o)?,
+        Command::RestoreFiles(o) => crate::restore::files::restore_files(&o)?,
+        Command::Forget(o) => crate::manage::retention::forget(&o)?,
+        Command::Prune(o) => crate::manage::retention::prune(&o)?,
         Command::Rescue(o) => return crate::rescue::run(&o),
         Command::Verify(o) => {
-            let r = crate::verify::run(&o)?;
-            crate::verify::print_report(&r);
+            let r = crate::manage::verify::run(&o)?;
+            crate::manage::verify::print_report(&r);
             if !r.problems.is_empty() {
                 return Ok(2);
             }

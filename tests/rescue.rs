@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 fn rescue(cmdline: &str) -> (i32, String) {
     let out = bmr(&["rescue", "--cmdline", cmdline]);
@@ -258,55 +257,6 @@ fn https_with_a_private_ca() {
     ));
     assert_eq!(code, 0, "{out}");
     check_restored(&tmp, &target);
-}
-
-/// A tmux session running one command, read through capture-pane.
-struct Tmux(String);
-impl Tmux {
-    fn start(name: &str, cmd: &str) -> Tmux {
-        sh(&format!(
-            "tmux new-session -d -s {name} -x 160 -y 50 {}",
-            shell_quote(cmd)
-        ));
-        Tmux(name.to_string())
-    }
-    fn screen(&self) -> String {
-        sh(&format!("tmux capture-pane -p -S -200 -t {}", self.0))
-    }
-    fn wait(&self, what: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let s = self.screen();
-            if s.contains(what) {
-                return s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(90),
-                "timed out waiting for {what:?}; screen:\n{s}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    fn keys(&self, keys: &str) {
-        sh(&format!("tmux send-keys -t {} {keys}", self.0));
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    fn text(&self, text: &str) {
-        sh(&format!(
-            "tmux send-keys -t {} -l {}",
-            self.0,
-            shell_quote(text)
-        ));
-    }
-}
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = sh_status(&format!("tmux kill-session -t {}", self.0));
-    }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[test]

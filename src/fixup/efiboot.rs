@@ -8,7 +8,6 @@ use std::io::{Cursor, Read};
 
 use anyhow::{Context, Result, anyhow, bail};
 use fscommon::{BufStream, StreamSlice};
-use serde::{Deserialize, Serialize};
 use virtfw_libefi::efivar::boot::{BootEntry, BootIndex, BootOrder};
 use virtfw_libefi::efivar::devpath::{DevPath, DevPathMediaHd, DevPathNode};
 use virtfw_libefi::efivar::io::{ReadEfiExt, WriteEfiExt};
@@ -22,15 +21,7 @@ const EFIVARS: &str = "/sys/firmware/efi/efivars";
 const FALLBACK_DIR: &str = "EFI/BOOT";
 const FALLBACK: &str = "EFI/BOOT/BOOTX64.EFI";
 
-/// A boot entry of the source machine, recorded at backup time.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BootRecord {
-    pub description: String,
-    /// GPT unique GUID of the partition the loader is on (lower case).
-    pub partition_guid: String,
-    /// Loader path on that partition, `EFI/debian/shimx64.efi`.
-    pub loader: String,
-}
+pub use crate::repo::manifest::BootRecord;
 
 /// The restored ESP: where it is on the target and which partition it is.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom};
 use anyhow::{Context, Result, bail};
 
 use crate::device::Disk;
-use crate::layout::{DiskLayout, Table};
+use crate::device::layout::{DiskLayout, Table};
 
 /// The partition that grew.
 pub struct Grown {
@@ -30,7 +30,7 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
             let last_usable =
                 total
                     .saturating_sub(2)
-                    .saturating_sub(crate::layout::gpt_array_sectors(
+                    .saturating_sub(crate::device::layout::gpt_array_sectors(
                         g.num_entries,
                         g.entry_size,
                         ss,

@@ -7,15 +7,14 @@ pub mod efiboot;
 pub mod grow;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use crate::device::Disk;
-use crate::layout::{DiskLayout, Table};
-use crate::manifest::Manifest;
-use crate::progress::human_bytes;
+use crate::device::layout::{DiskLayout, Partition, Table};
+use crate::device::mount::{PartDev, mount_range, partition_node};
+use crate::repo::manifest::Manifest;
+use crate::util::progress::human_bytes;
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FixupOptions {
@@ -35,42 +34,6 @@ pub struct FixupOptions {
     /// fallback loader or boot entry.
     #[arg(long, conflicts_with_all = ["grow", "reinstall_bootloader", "efi_boot_entry"])]
     pub no_fixups: bool,
-}
-
-/// A data partition of the restored disk.
-struct Part {
-    slot: u32,
-    start: u64,
-    len: u64,
-    type_guid: String,
-    unique_guid: String,
-}
-
-fn partitions(l: &DiskLayout) -> Vec<Part> {
-    match &l.table {
-        Table::Gpt(g) => g
-            .partitions
-            .iter()
-            .map(|p| Part {
-                slot: p.slot,
-                start: p.first_lba * l.sector_size,
-                len: (p.last_lba + 1 - p.first_lba) * l.sector_size,
-                type_guid: p.type_guid.to_lowercase(),
-                unique_guid: p.unique_guid.to_lowercase(),
-            })
-            .collect(),
-        _ => l
-            .data_partitions()
-            .into_iter()
-            .map(|p| Part {
-                slot: p.number,
-                start: p.start,
-                len: p.len,
-                type_guid: String::new(),
-                unique_guid: String::new(),
-            })
-            .collect(),
-    }
 }
 
 fn is_ext(fstype: &str) -> bool {
@@ -124,57 +87,13 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
     v
 }
 
-/// A partition of the target as a device path: its node on a block device, or a loop device
-/// over the range of an image file (detached on drop).
-struct PartDev {
-    path: PathBuf,
-    is_loop: bool,
-}
-
-impl PartDev {
-    fn open(disk: &Disk, p: &Part) -> Result<PartDev> {
-        if disk.is_block {
-            return Ok(PartDev {
-                path: crate::apply::partition_node(&disk.path, p.slot)?,
-                is_loop: false,
-            });
-        }
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "-o", &p.start.to_string(), "--sizelimit"])
-            .arg(p.len.to_string())
-            .arg(&disk.path)
-            .output()
-            .context("cannot run losetup")?;
-        if !out.status.success() {
-            bail!(
-                "cannot set up a loop device over partition {} of {}: {}",
-                p.slot,
-                disk.path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(PartDev {
-            path: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-            is_loop: true,
-        })
-    }
-}
-
-impl Drop for PartDev {
-    fn drop(&mut self) {
-        if self.is_loop {
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-        }
-    }
-}
-
 /// Wait until the kernel sees partition `p` of a block device at its new size.
-fn wait_for_size(disk: &Disk, p: &Part) {
+fn wait_for_size(disk: &Disk, p: &Partition) {
     if !disk.is_block {
         return;
     }
     for _ in 0..50 {
-        let sectors = crate::apply::partition_node(&disk.path, p.slot)
+        let sectors = partition_node(&disk.path, p.number)
             .ok()
             .and_then(|n| n.file_name().map(|n| n.to_string_lossy().to_string()))
             .and_then(|n| std::fs::read_to_string(format!("/sys/class/block/{n}/size")).ok())
@@ -212,15 +131,14 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                         human_bytes(g.new_len)
                     ),
                 );
-                let p = Part {
-                    slot: g.slot,
+                let p = Partition {
+                    number: g.slot,
                     start: g.start,
                     len: g.new_len,
-                    type_guid: String::new(),
-                    unique_guid: String::new(),
+                    ..Default::default()
                 };
                 wait_for_size(disk, &p);
-                let fstype = crate::fsid::identify_at(&disk.file, p.start).map(|f| f.fstype);
+                let fstype = crate::fs::id::identify_at(&disk.file, p.start).map(|f| f.fstype);
                 match fstype.as_deref() {
                     Some(t) if is_ext(t) => {
                         let dev = PartDev::open(disk, &p)?;
@@ -239,9 +157,9 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     }
     let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)
         .context("cannot read the restored partition table")?;
-    let parts = partitions(&layout);
+    let parts = layout.data_partitions();
     device_names(m, disk, &parts)?;
-    if let Some(esp) = parts.iter().find(|p| p.type_guid == efiboot::ESP_TYPE) {
+    if let Some(esp) = parts.iter().find(|p| p.type_desc == efiboot::ESP_TYPE) {
         uefi(m, disk, esp, &layout, o)?;
     }
     if o.reinstall_bootloader {
@@ -250,22 +168,20 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     Ok(())
 }
 
-fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
+fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
     let root = parts.iter().find_map(|p| {
-        let f = crate::fsid::identify_at(&disk.file, p.start)?;
+        let f = crate::fs::id::identify_at(&disk.file, p.start)?;
         if !is_ext(&f.fstype) {
             return None;
         }
-        let tag = format!("root{}", p.slot);
-        let is_root = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, true)
+        let tag = format!("root{}", p.number);
+        let is_root = mount_range(disk, p.start, p.len, Some(p.number), &tag, true)
             .ok()?
             .dir
             .join("etc/fstab")
             .is_file();
         is_root
-            .then(|| {
-                crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, false).ok()
-            })
+            .then(|| mount_range(disk, p.start, p.len, Some(p.number), &tag, false).ok())
             .flatten()
     });
     let Some(root) = root else {
@@ -275,8 +191,8 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
     };
     let esp = parts
         .iter()
-        .find(|p| p.type_guid == efiboot::ESP_TYPE)
-        .map(|p| crate::apply::partition_node(&disk.path, p.slot))
+        .find(|p| p.type_desc == efiboot::ESP_TYPE)
+        .map(|p| partition_node(&disk.path, p.number))
         .transpose()?;
     let uefi = efiboot::firmware_is_uefi();
     for line in bootloader::reinstall(&root.dir, &disk.path, esp.as_deref(), uefi)? {
@@ -285,7 +201,7 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Part]) -> Result<()> {
     Ok(())
 }
 
-fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
+fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
     // The names the restored disk had on its machine, and those it has now: a name in both
     // (restored in place) still finds it and stays.
     let source: BTreeSet<String> = std::iter::once(&m.source)
@@ -311,22 +227,22 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
     let uuids: HashMap<u32, String> = parts
         .iter()
         .filter_map(|p| {
-            let f = crate::fsid::identify_at(&disk.file, p.start)?;
-            (!f.uuid.is_empty()).then_some((p.slot, f.uuid))
+            let f = crate::fs::id::identify_at(&disk.file, p.start)?;
+            (!f.uuid.is_empty()).then_some((p.number, f.uuid))
         })
         .collect();
     let mut changed = 0;
     for p in parts {
-        let Some(f) = crate::fsid::identify_at(&disk.file, p.start) else {
+        let Some(f) = crate::fs::id::identify_at(&disk.file, p.start) else {
             continue;
         };
         if !is_ext(&f.fstype) {
             continue;
         }
-        let tag = format!("fix{}", p.slot);
+        let tag = format!("fix{}", p.number);
         // Read-only first: a filesystem with nothing to change stays exactly as restored.
         let texts: Vec<(&str, String)> = {
-            let mnt = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, true)?;
+            let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, true)?;
             devnames::FILES
                 .iter()
                 .filter_map(|rel| {
@@ -351,7 +267,7 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
                         "device names",
                         &format!(
                             "partition {}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
-                            p.slot,
+                            p.number,
                             named.into_iter().collect::<Vec<_>>().join(", ")
                         ),
                     );
@@ -369,7 +285,7 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
                     "device names",
                     &format!(
                         "partition {}: its files name partitions of {}, not of the backed-up disk ({}); left as they are. If that was this disk's name on its machine, back it up with --source-name",
-                        p.slot,
+                        p.number,
                         named.iter().cloned().collect::<Vec<_>>().join(", "),
                         source.iter().cloned().collect::<Vec<_>>().join(", ")
                     ),
@@ -386,16 +302,16 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
         if rewrites.is_empty() {
             continue;
         }
-        let mnt = crate::apply::mount_range(disk, p.start, p.len, Some(p.slot), &tag, false)?;
+        let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, false)?;
         for (rel, new, diff) in rewrites {
             std::fs::write(mnt.dir.join(rel), new).with_context(|| {
-                format!("cannot write /{rel} on the restored partition {}", p.slot)
+                format!("cannot write /{rel} on the restored partition {}", p.number)
             })?;
             step(
                 "device names",
                 &format!(
                     "partition {} /{rel}: {} -> UUID=",
-                    p.slot,
+                    p.number,
                     ours.iter()
                         .map(|d| devnames::partition_pattern(d))
                         .collect::<Vec<_>>()
@@ -414,9 +330,15 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Part]) -> Result<()> {
     Ok(())
 }
 
-fn uefi(m: &Manifest, disk: &Disk, p: &Part, layout: &DiskLayout, o: &FixupOptions) -> Result<()> {
+fn uefi(
+    m: &Manifest,
+    disk: &Disk,
+    p: &Partition,
+    layout: &DiskLayout,
+    o: &FixupOptions,
+) -> Result<()> {
     let esp = efiboot::Esp {
-        slot: p.slot,
+        slot: p.number,
         guid: p.unique_guid.clone(),
         first_lba: p.start / layout.sector_size,
         sectors: p.len / layout.sector_size,
@@ -438,7 +360,7 @@ fn uefi(m: &Manifest, disk: &Disk, p: &Part, layout: &DiskLayout, o: &FixupOptio
         "UEFI",
         &efiboot::ensure_fallback(&disk.file, &disk.path, &esp, &loader)?,
     );
-    let want_entry = o.efi_boot_entry || crate::rescue::in_rescue_system();
+    let want_entry = o.efi_boot_entry;
     if !disk.is_block {
         step("UEFI", "no boot entry for an image file");
     } else if !want_entry {

@@ -11,9 +11,14 @@ use reqwest::Certificate;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 
-use super::{Digest, RepoSource};
+use super::backend::{RepoRead, check_chunk_size};
+use super::chunk::{Digest, MAX_STORED_CHUNK};
+use super::paths;
 
 const ATTEMPTS: u32 = 6;
+/// Largest metadata file (manifest, chunk index, file list) fetched into memory: a file list
+/// of ten million entries fits.
+const MAX_METADATA: u64 = 1 << 30;
 
 pub struct HttpRepo {
     base: String,
@@ -145,7 +150,8 @@ impl HttpRepo {
         )
     }
 
-    fn get(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+    /// GET a whole file, refusing a body larger than `max` before it is read.
+    fn get(&self, rel: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let url = format!("{}/{rel}", self.base);
         // The body can fail mid-transfer too: retry the whole request then.
         let mut last = None;
@@ -153,8 +159,20 @@ impl HttpRepo {
             let Some(r) = self.request(rel, false)? else {
                 return Ok(None);
             };
-            match r.bytes() {
-                Ok(b) => return Ok(Some(b.to_vec())),
+            if let Some(n) = r.content_length()
+                && n > max
+            {
+                bail!(
+                    "{url} is {n} bytes, more than bmr accepts for it ({max}): check the repository URL"
+                );
+            }
+            let mut body = Vec::new();
+            use std::io::Read;
+            match r.take(max + 1).read_to_end(&mut body) {
+                Ok(_) if body.len() as u64 > max => bail!(
+                    "{url} is more than {max} bytes, more than bmr accepts for it: check the repository URL"
+                ),
+                Ok(_) => return Ok(Some(body)),
                 Err(e) => last = Some(e),
             }
         }
@@ -165,23 +183,32 @@ impl HttpRepo {
     }
 }
 
-impl RepoSource for HttpRepo {
+impl RepoRead for HttpRepo {
     fn location(&self) -> String {
         self.base.clone()
     }
 
     fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        self.get(rel)
+        self.get(rel, MAX_METADATA)
     }
 
-    fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>> {
-        self.get(&d.chunk_path())?
-            .with_context(|| format!("chunk {d} is missing from {}", self.base))
+    fn read_chunk_into(&self, d: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self
+            .get(&paths::chunk(d), MAX_STORED_CHUNK)
+            .and_then(|b| b.with_context(|| format!("chunk {d} is missing from {}", self.base)))
+            .or_else(|e| {
+                // Name the limit the format sets, not the HTTP detail, for an oversized chunk.
+                if let Ok(Some(n)) = self.chunk_len(d) {
+                    check_chunk_size(d, n, &self.base)?;
+                }
+                Err(e)
+            })?;
+        Ok(())
     }
 
     fn chunk_len(&self, d: &Digest) -> Result<Option<u64>> {
         // The header itself: a HEAD response has no body for reqwest to measure.
-        Ok(self.request(&d.chunk_path(), true)?.and_then(|r| {
+        Ok(self.request(&paths::chunk(d), true)?.and_then(|r| {
             r.headers()
                 .get(reqwest::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())

@@ -1,14 +1,18 @@
 //! A repository in a local directory (disk, USB stick, NFS mount).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 
-use super::{Digest, REPO_FILE, REPO_FORMAT, REPO_VERSION, RepoConfig, RepoSource};
+use super::backend::{Lock, RepoRead, RepoWrite, StagedFile, StoredEntry, check_chunk_size};
+use super::chunk::{CHUNK_HEADER_LEN, Digest, chunk_header, parse_chunk};
+use super::paths;
+use super::{REPO_FORMAT, REPO_VERSION, RepoConfig};
 
 pub struct LocalRepo {
     root: PathBuf,
@@ -21,13 +25,30 @@ fn tmp_name(dir: &Path, base: &str) -> PathBuf {
     dir.join(format!(".tmp.{base}.{}.{n}", std::process::id()))
 }
 
-/// A held flock; released on drop.
-pub struct Lock {
-    _file: File,
+/// Write `data` to a temporary file beside `path`, sync it, and rename it into place.
+fn install(path: &Path, tmp_base: &str, sync_dir: bool, data: &[&[u8]]) -> Result<()> {
+    let dir = path.parent().context("repository path has no parent")?;
+    let tmp = tmp_name(dir, tmp_base);
+    let res = (|| -> Result<()> {
+        let mut f = File::create(&tmp)?;
+        for d in data {
+            f.write_all(d)?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if sync_dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
 }
 
 impl LocalRepo {
-    /// Open an existing repository for reading.
+    /// Open an existing repository.
     pub fn open(root: &Path) -> Result<LocalRepo> {
         if !root.is_dir() {
             bail!(
@@ -58,106 +79,163 @@ impl LocalRepo {
     }
 
     fn init(root: &Path) -> Result<()> {
-        fs::create_dir_all(root.join("chunks"))
-            .with_context(|| format!("cannot create repository {}", root.display()))?;
         for i in 0..=255u8 {
-            fs::create_dir_all(root.join("chunks").join(format!("{i:02x}"))).with_context(
-                || format!("cannot create chunk directories in {}", root.display()),
-            )?;
+            fs::create_dir_all(root.join(paths::chunk_dir(i)))
+                .with_context(|| format!("cannot create repository {}", root.display()))?;
         }
-        fs::create_dir_all(root.join("hosts"))?;
-        fs::create_dir_all(root.join("locks"))?;
+        fs::create_dir_all(root.join(paths::HOSTS_DIR))?;
+        fs::create_dir_all(root.join(paths::LOCKS_DIR))?;
         let repo = LocalRepo {
             root: root.to_path_buf(),
         };
-        repo.write_atomic(
-            "hosts.json",
-            &serde_json::to_vec_pretty(&crate::manifest::HostList::default())?,
+        repo.write_file(
+            paths::HOSTS_FILE,
+            &serde_json::to_vec_pretty(&super::manifest::HostList::default())?,
         )?;
         let cfg = RepoConfig {
             format: REPO_FORMAT.into(),
             version: REPO_VERSION,
         };
         // The marker goes last: a half-initialised directory is not mistaken for a repository.
-        repo.write_atomic(REPO_FILE, &serde_json::to_vec_pretty(&cfg)?)?;
+        repo.write_file(paths::REPO_FILE, &serde_json::to_vec_pretty(&cfg)?)?;
+        Ok(())
+    }
+}
+
+/// A metadata file under a temporary name until committed.
+struct LocalStaged {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: Option<std::io::BufWriter<File>>,
+}
+
+impl Write for LocalStaged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.write(buf),
+            None => Err(std::io::Error::other("file already committed")),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), |f| f.flush())
+    }
+}
+
+impl StagedFile for LocalStaged {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let f = self.file.take().context("file already committed")?;
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()
+            .with_context(|| format!("cannot sync {}", self.tmp.display()))?;
+        fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("cannot install {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+impl Drop for LocalStaged {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl RepoRead for LocalRepo {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.root.join(rel);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn read_chunk_into(&self, d: &Digest, buf: &mut Vec<u8>) -> Result<()> {
+        let path = self.root.join(paths::chunk(d));
+        let ctx = || format!("cannot read chunk {}", path.display());
+        let mut f = File::open(&path).with_context(ctx)?;
+        let len = f.metadata().with_context(ctx)?.len();
+        check_chunk_size(d, len, &self.location())?;
+        buf.clear();
+        buf.reserve(len as usize);
+        f.read_to_end(buf).with_context(ctx)?;
         Ok(())
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    fn chunk_len(&self, d: &Digest) -> Result<Option<u64>> {
+        match fs::metadata(self.root.join(paths::chunk(d))) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot stat chunk {d}")),
+        }
     }
 
-    /// Size and recorded payload hash of a stored chunk, None if missing or not intact enough
-    /// to reuse (a damaged header is replaced by the next backup that needs the chunk).
-    pub fn chunk_info(&self, d: &Digest) -> Option<(u64, [u8; 32])> {
-        use std::os::unix::fs::FileExt;
-        let f = File::open(self.root.join(d.chunk_path())).ok()?;
+    fn local_path(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+}
+
+impl RepoWrite for LocalRepo {
+    fn chunk_info(&self, d: &Digest) -> Option<(u64, [u8; 32])> {
+        let f = File::open(self.root.join(paths::chunk(d))).ok()?;
         let len = f.metadata().ok()?.len();
-        let mut head = [0u8; super::CHUNK_HEADER_LEN];
+        let mut head = [0u8; CHUNK_HEADER_LEN];
         f.read_exact_at(&mut head, 0).ok()?;
-        let (sum, _) = super::parse_chunk(&head)?;
-        (len > super::CHUNK_HEADER_LEN as u64).then_some((len, sum))
+        let (sum, _) = parse_chunk(&head)?;
+        (len > CHUNK_HEADER_LEN as u64).then_some((len, sum))
     }
 
-    /// Store a compressed chunk. Written under a temporary name, synced, then renamed, so a
-    /// crash never leaves a partial chunk under its real name. Returns (stored length, payload
-    /// hash, newly written).
-    pub fn put_chunk(&self, d: &Digest, payload: &[u8]) -> Result<(u64, [u8; 32], bool)> {
-        let path = self.root.join(d.chunk_path());
+    fn put_chunk(&self, d: &Digest, payload: &[u8]) -> Result<(u64, [u8; 32], bool)> {
         if let Some((len, sum)) = self.chunk_info(d) {
             return Ok((len, sum, false));
         }
-        let header = super::chunk_header(payload);
+        let path = self.root.join(paths::chunk(d));
+        let header = chunk_header(payload);
         let mut sum = [0u8; 32];
         sum.copy_from_slice(&header[16..48]);
-        let dir = path.parent().context("chunk path has no parent")?;
-        let tmp = tmp_name(dir, &d.hex()[..16]);
-        let res = (|| -> Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&header)?;
-            f.write_all(payload)?;
-            f.sync_data()?;
-            fs::rename(&tmp, &path)?;
-            Ok(())
-        })();
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot store chunk {}", path.display()));
-        }
+        // The directory entry is made durable by `sync` (syncfs) before a manifest refers to
+        // the chunk, not here: one directory fsync per chunk would cost more than the data.
+        install(&path, &d.hex()[..16], false, &[&header, payload])
+            .with_context(|| format!("cannot store chunk {}", path.display()))?;
         Ok(((header.len() + payload.len()) as u64, sum, true))
     }
 
-    /// Replace a metadata file atomically and durably.
-    pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<()> {
+    fn write_file(&self, rel: &str, data: &[u8]) -> Result<()> {
         let path = self.root.join(rel);
-        let dir = path.parent().context("metadata path has no parent")?;
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let tmp = tmp_name(dir, "meta");
-        let res = (|| -> Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(dir)?.sync_all()?;
-            Ok(())
-        })();
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        Ok(())
+        install(&path, "meta", true, &[data])
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// Flush everything written so far (all chunks) to stable storage.
-    pub fn sync_all(&self) -> Result<()> {
+    fn create_file(&self, rel: &str) -> Result<Box<dyn StagedFile>> {
+        let path = self.root.join(rel);
+        let dir = path.parent().context("repository path has no parent")?;
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = tmp_name(dir, "staged");
+        let file =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(Box::new(LocalStaged {
+            tmp,
+            path,
+            file: Some(std::io::BufWriter::new(file)),
+        }))
+    }
+
+    fn sync(&self) -> Result<()> {
         let f = File::open(&self.root)?;
         nix::unistd::syncfs(&f).with_context(|| format!("cannot sync {}", self.root.display()))?;
         Ok(())
     }
 
-    /// Take an flock under locks/ (exclusive or shared), waiting for other holders.
-    pub fn lock(&self, name: &str, exclusive: bool) -> Result<Lock> {
-        let dir = self.root.join("locks");
+    fn lock(&self, name: &str, exclusive: bool) -> Result<Lock> {
+        let dir = self.root.join(paths::LOCKS_DIR);
         fs::create_dir_all(&dir)?;
         let path = dir.join(name);
         let file = OpenOptions::new()
@@ -174,38 +252,48 @@ impl LocalRepo {
         #[allow(deprecated)]
         nix::fcntl::flock(file.as_raw_fd(), op)
             .with_context(|| format!("cannot lock {}", path.display()))?;
-        Ok(Lock { _file: file })
-    }
-}
-
-impl RepoSource for LocalRepo {
-    fn location(&self) -> String {
-        self.root.display().to_string()
+        Ok(Lock(Box::new(file)))
     }
 
-    fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
-        let path = self.root.join(rel);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
+    fn list_files(&self, dir: &str) -> Result<Vec<String>> {
+        let path = self.root.join(dir);
+        let entries = match fs::read_dir(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", path.display())),
+        };
+        Ok(entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
     }
 
-    fn read_chunk(&self, d: &Digest) -> Result<Vec<u8>> {
-        let path = self.root.join(d.chunk_path());
-        fs::read(&path).with_context(|| format!("cannot read chunk {}", path.display()))
+    fn remove_file(&self, rel: &str) -> Result<()> {
+        fs::remove_file(self.root.join(rel)).with_context(|| format!("cannot remove {rel}"))
     }
 
-    fn chunk_len(&self, d: &Digest) -> Result<Option<u64>> {
-        match fs::metadata(self.root.join(d.chunk_path())) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot stat chunk {d}")),
-        }
+    fn list_chunks(&self, prefix: u8) -> Result<Vec<StoredEntry>> {
+        let Ok(entries) = fs::read_dir(self.root.join(paths::chunk_dir(prefix))) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .flatten()
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let digest = (!name.starts_with(".tmp."))
+                    .then(|| hex::decode(&name).ok().and_then(|b| Digest::from_slice(&b)))
+                    .flatten();
+                StoredEntry {
+                    digest,
+                    len: e.metadata().map(|m| m.len()).unwrap_or(0),
+                    name,
+                }
+            })
+            .collect())
     }
 
-    fn local_path(&self) -> Option<&Path> {
-        Some(&self.root)
+    fn remove_chunk(&self, prefix: u8, name: &str) -> Result<()> {
+        let path = self.root.join(paths::chunk_dir(prefix)).join(name);
+        fs::remove_file(&path).with_context(|| format!("cannot delete {}", path.display()))
     }
 }

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use crate::apply::MountGuard;
+use crate::device::mount::MountGuard;
 use crate::repo::REPO_FILE;
 
-pub use crate::fsid::Fs;
+pub use crate::fs::id::Fs;
 
 /// Every identified filesystem on the attached block devices.
 pub fn blkid() -> Vec<Fs> {
-    crate::fsid::scan()
+    crate::fs::id::scan()
 }
 
 /// The whole disk a partition node belongs to (`sdb1` -> `sdb`, `nvme0n1p2` -> `nvme0n1`).
@@ -194,7 +194,7 @@ fn hosts_of(repo: &Path) -> Vec<String> {
     let Ok(b) = fs::read(repo.join("hosts.json")) else {
         return Vec::new();
     };
-    serde_json::from_slice::<crate::manifest::HostList>(&b)
+    serde_json::from_slice::<crate::repo::manifest::HostList>(&b)
         .map(|l| l.hosts)
         .unwrap_or_default()
 }

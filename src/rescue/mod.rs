@@ -4,9 +4,9 @@
 
 pub mod cmdline;
 pub mod console;
-pub mod disks;
 pub mod media;
 pub mod net;
+pub mod tui;
 pub mod unattended;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +37,9 @@ pub struct Outcome {
     pub repository: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// The restore plan, once it was made (see `RestorePlan::to_json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<serde_json::Value>,
     pub bytes_written: u64,
     pub seconds: f64,
     pub verified: bool,
@@ -125,7 +128,6 @@ pub fn run(o: &RescueOptions) -> Result<i32> {
         return tui_session(&p, rescue);
     }
     let tee = if rescue { console::Tee::start() } else { None };
-    crate::safety::set_unattended("add bmr.yes to the kernel command line to overwrite it");
     println!(
         "bmr {} rescue: unattended restore (kernel parameters)",
         env!("CARGO_PKG_VERSION")
@@ -163,7 +165,7 @@ fn tui_session(p: &Params, rescue: bool) -> Result<i32> {
     if rescue {
         console::claim_interactive()?;
     }
-    let after = crate::tui::run(p)?;
+    let after = tui::run(p)?;
     if rescue {
         power(after);
     }

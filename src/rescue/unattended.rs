@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::disks::{self, DiskInfo};
 use super::media::{self, Media};
 use super::{Outcome, Params, net};
-use crate::progress::human_bytes;
-use crate::restore::{PointArgs, RestoreOptions};
+use crate::device::disks::{self, DiskInfo};
+use crate::restore::{RestoreHow, RestorePlan};
+use crate::util::progress::human_bytes;
 
 pub fn run(p: &Params) -> Outcome {
     let start = Instant::now();
@@ -57,7 +57,7 @@ pub fn mount_boot_medium(m: &mut Media) -> Option<PathBuf> {
 
 /// Whether any filesystem of the disk is mounted.
 fn in_use(d: &DiskInfo) -> bool {
-    crate::safety::mounts_on(&crate::safety::disk_devnums(&d.path))
+    crate::device::safety::mounts_on(&crate::device::safety::disk_devnums(&d.path))
         .map(|u| !u.is_empty())
         .unwrap_or(true)
 }
@@ -217,10 +217,11 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
         (f.path.to_string_lossy().to_string(), d)
     };
     o.repository = Some(repo.clone());
-    let src = crate::repo::open_source(&repo)?;
+    let src = crate::repo::open(&repo)?;
+    let src = src.as_ref();
     let host = match &p.host {
         Some(h) => h.clone(),
-        None => match crate::manifest::read_hosts(src.as_ref())?.as_slice() {
+        None => match crate::repo::manifest::read_hosts(src)?.as_slice() {
             [h] => h.clone(),
             [] => bail!("repository {repo} holds no backups: check bmr.repo"),
             many => bail!(
@@ -232,16 +233,12 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
     };
     o.host = Some(host.clone());
     let at = p.at.as_deref().unwrap_or("latest");
-    let point = crate::restore::resolve(src.as_ref(), &host, at)?;
-    let m = &point.image.manifest;
-    let (id, when) = match &point.inc {
-        Some(i) => (i.id.clone(), i.unix_time),
-        None => (m.id.clone(), m.unix_time),
-    };
+    let point = crate::repo::snapshot::resolve(src, &host, at)?;
+    let (id, when) = (point.id().to_string(), point.unix_time());
     o.snapshot = Some(id.clone());
     println!(
         "snapshot: {id} of host {host}, taken {} (bmr.at={at})",
-        crate::timefmt::display(when)
+        crate::util::timefmt::display(when)
     );
 
     let mut all = disks::list();
@@ -277,36 +274,40 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
         target_spec,
         &all,
         &repo_disks,
-        crate::restore::min_target_size(m),
+        crate::restore::min_target_size(&point.image.manifest),
     )?;
     println!("target: {}", target.describe());
     o.target = Some(target.path.display().to_string());
-    let opts = RestoreOptions {
-        point: PointArgs {
-            repo,
-            host: host.clone(),
-            at: id.clone(),
-        },
-        target: target.path.clone(),
-        yes: p.yes,
+    let how = RestoreHow {
         verify: p.verify,
-        zero_free: false,
-        no_precheck: false,
-        threads: None,
-        quiet: false,
         fixups: crate::fixup::FixupOptions {
             grow: p.grow,
             reinstall_bootloader: p.reinstall_bootloader,
+            efi_boot_entry: super::in_rescue_system(),
             ..Default::default()
         },
+        ..Default::default()
     };
-    let s = crate::restore::run(&opts)?;
+    let plan = RestorePlan::prepare(src, point, &target.path, how)?;
+    for l in plan.lines() {
+        println!("{l}");
+    }
+    o.plan = Some(plan.to_json());
+    if let Some(what) = &plan.target.holds
+        && !p.yes
+    {
+        bail!(
+            "target {} holds {what}: add bmr.yes to the kernel command line to overwrite it",
+            target.path.display()
+        );
+    }
+    let s = plan.execute(true)?;
     crate::restore::print_summary(&s);
     o.bytes_written = s.written;
     o.verified = s.verified;
     Ok(format!(
         "restored host {host} snapshot {id} ({}) to {}: {} written in {:.0} s{}",
-        crate::timefmt::display(when),
+        crate::util::timefmt::display(when),
         target.path.display(),
         human_bytes(s.written),
         s.elapsed.as_secs_f64(),

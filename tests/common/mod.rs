@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
@@ -405,4 +406,133 @@ pub fn serve_with(tmp: &Tmp, dir: &str, drop_every: u32, extra: &[&str]) -> (Ser
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("test HTTP server did not start");
+}
+
+/// A tmux session running one command, read through capture-pane.
+pub struct Tmux(pub String);
+impl Tmux {
+    pub fn start(name: &str, cmd: &str) -> Tmux {
+        sh(&format!(
+            "tmux new-session -d -s {name} -x 160 -y 50 {}",
+            shell_quote(cmd)
+        ));
+        Tmux(name.to_string())
+    }
+    pub fn screen(&self) -> String {
+        sh(&format!("tmux capture-pane -p -S -200 -t {}", self.0))
+    }
+    pub fn wait(&self, what: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(90),
+                "timed out waiting for {what:?}; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    pub fn keys(&self, keys: &str) {
+        sh(&format!("tmux send-keys -t {} {keys}", self.0));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    pub fn text(&self, text: &str) {
+        sh(&format!(
+            "tmux send-keys -t {} -l {}",
+            self.0,
+            shell_quote(text)
+        ));
+    }
+}
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = sh_status(&format!("tmux kill-session -t {}", self.0));
+    }
+}
+
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// nginx serving `dir` on 127.0.0.1, as a static web server in front of a repository would;
+/// every request is logged (method, path, status) to the returned file.
+pub struct Nginx {
+    server: Server,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(tmp: &Tmp, dir: &str) -> Nginx {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = tmp.path(&format!("nginx-{n}"));
+        std::fs::create_dir_all(&base).unwrap();
+        let log = base.join("access.log");
+        // A port the kernel just handed out; nginx binds it right after.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = base.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nuser root;\nworker_processes 1;\n\
+                 pid {b}/nginx.pid;\nerror_log {b}/error.log;\nevents {{ worker_connections 64; }}\n\
+                 http {{\n  log_format bmr '$request_method $uri $status';\n\
+                 access_log {log} bmr;\n  client_body_temp_path {b}/body;\n\
+                 proxy_temp_path {b}/proxy;\n  fastcgi_temp_path {b}/fastcgi;\n\
+                 uwsgi_temp_path {b}/uwsgi;\n  scgi_temp_path {b}/scgi;\n\
+                 server {{ listen 127.0.0.1:{port}; root {dir}; }}\n}}\n",
+                b = base.display(),
+                log = log.display(),
+            ),
+        )
+        .unwrap();
+        let server = Server(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(&base)
+                .spawn()
+                .expect("nginx (scripts/deps.sh installs it)"),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Nginx { server, url, log };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "nginx did not start: {}",
+            std::fs::read_to_string(base.join("error.log")).unwrap_or_default()
+        );
+    }
+
+    /// The requests logged so far as (method, path, status), and the log emptied.
+    pub fn take_requests(&self) -> Vec<(String, String, u16)> {
+        let _ = &self.server;
+        // nginx writes each line when the request ends: the client has its answer by then,
+        // but give the write a moment.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        std::fs::write(&self.log, "").unwrap();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                    f.next()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
 }

@@ -1,0 +1,619 @@
+//! Image backup: partition table, boot areas and the used blocks of every partition, chunked,
+//! hashed, compressed and stored in the repository.
+//!
+//! Pipeline: one reader thread (pread of used ranges only) -> N workers (zero check, sha256,
+//! dedup check, zstd, store) -> this thread (reorders, writes the chunk index). A fixed pool of
+//! buffers bounds memory whatever the disk size.
+
+pub mod incremental;
+pub mod lvm;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
+
+use crate::backup::lvm::Snapshots;
+use crate::device::Disk;
+use crate::device::layout::{DiskLayout, Table};
+use crate::fs::map::UsedMap;
+use crate::repo::chunkindex::{ChunkRef, IndexWriter, Record};
+use crate::repo::manifest::{
+    Area, AreaKind, Consistency, Content, DiskMeta, FsMeta, IndexRef, Kind, MANIFEST_FORMAT,
+    MANIFEST_VERSION, Manifest, Stats,
+};
+use crate::repo::snapshot::SnapshotWriter;
+use crate::repo::{CHUNK_SIZE, Digest, RepoWrite};
+use crate::util::pool::Feeder;
+use crate::util::progress::{Progress, human_bytes};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotMode {
+    Lvm,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupOptions {
+    /// Repository directory (created if missing or empty).
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Host name the snapshot is filed under [default: this machine's hostname].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Back up although a filesystem on DISK is mounted read-write (crash-consistent).
+    #[arg(long)]
+    pub allow_live: bool,
+    /// Read a snapshot instead of the live disk.
+    #[arg(long, value_enum)]
+    pub snapshot: Option<SnapshotMode>,
+    /// Another name the disk had on its own machine (e.g. /dev/sda or a /dev/disk/by-id path)
+    /// when it is backed up elsewhere: a restore onto a new disk rewrites device paths in its
+    /// fstab and GRUB files that use that name. The names this machine knows are recorded anyway.
+    #[arg(long, value_name = "DEVICE")]
+    pub source_name: Vec<String>,
+    /// zstd compression level (1 = fastest, 19 = smallest). Level 1 keeps backups of large
+    /// disks fast; level 3 stores about 10% less.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: i32,
+    /// Worker threads [default: twice the number of CPUs].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// File-level backup of the mounted filesystems of the host's last image: what changed
+    /// since the host's previous backup of any kind, and the list of everything present.
+    #[arg(long, conflicts_with = "differential")]
+    pub incremental: bool,
+    /// Like --incremental, but changes since the last image.
+    #[arg(long)]
+    pub differential: bool,
+    /// The disk to back up (block device or raw disk image file); with --incremental, the
+    /// mount points of the image's filesystems.
+    #[arg(required = true, value_name = "DISK | MOUNTPOINT...")]
+    pub paths: Vec<PathBuf>,
+}
+
+impl BackupOptions {
+    fn disk(&self) -> Result<&std::path::Path> {
+        match self.paths.as_slice() {
+            [d] => Ok(d),
+            _ => bail!("an image backup takes exactly one disk (did you mean --incremental?)"),
+        }
+    }
+}
+
+pub struct BackupSummary {
+    pub id: String,
+    pub host: String,
+    pub stats: Stats,
+    pub elapsed: Duration,
+    pub warnings: Vec<String>,
+}
+
+pub fn default_host() -> Result<String> {
+    let h = nix::unistd::gethostname().context("cannot read this machine's hostname")?;
+    let h = h.to_string_lossy();
+    Ok(h.split('.').next().unwrap_or(&h).to_string())
+}
+
+/// What to read for one area.
+struct AreaPlan {
+    area: Area,
+    used: Option<UsedMap>,
+}
+
+fn plan_areas(
+    disk: &Disk,
+    layout: &DiskLayout,
+    snaps: Option<&Snapshots>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<AreaPlan>> {
+    let mut plans = Vec::new();
+    let whole = |kind, start, len, partition| AreaPlan {
+        area: Area {
+            kind,
+            start,
+            len,
+            partition,
+            content: Content::Whole,
+            fs: None,
+            used_bytes: len,
+            note: None,
+            volumes: Vec::new(),
+        },
+        used: None,
+    };
+    for raw in layout.raw_areas() {
+        plans.push(whole(AreaKind::Boot, raw.start, raw.len, None));
+    }
+    let mut parts: Vec<(Option<u32>, u64, u64)> = layout
+        .data_partitions()
+        .iter()
+        .map(|p| (Some(p.number), p.start, p.len))
+        .collect();
+    // An unpartitioned disk may carry a filesystem directly.
+    if matches!(layout.table, Table::None) && disk.size > 0 {
+        parts.push((None, 0, disk.size));
+        plans.retain(|p| p.area.start >= disk.size);
+    }
+    for (num, start, len) in parts {
+        let what = num.map_or("disk".to_string(), |n| format!("partition {n}"));
+        if let Some(pv) = snaps.and_then(|s| s.pv_at(start)) {
+            let lvs: Vec<String> = pv
+                .volumes
+                .iter()
+                .map(|v| {
+                    let fs =
+                        v.fs.as_ref()
+                            .map_or("no filesystem bmr maps", |f| &f.fstype);
+                    let how = if v.snapshot { "snapshot" } else { "inactive" };
+                    format!("{} ({fs}, {how})", v.name)
+                })
+                .collect();
+            plans.push(AreaPlan {
+                area: Area {
+                    kind: AreaKind::Partition,
+                    start,
+                    len,
+                    partition: num,
+                    content: Content::UsedBlocks,
+                    fs: None,
+                    used_bytes: pv.used.used_bytes(),
+                    note: Some(format!(
+                        "LVM physical volume of {}: {}",
+                        pv.vg,
+                        lvs.join(", ")
+                    )),
+                    volumes: pv.volumes.clone(),
+                },
+                used: Some(pv.used.clone()),
+            });
+            continue;
+        }
+        match crate::fs::map::probe(&disk.file, start, len) {
+            Ok(Some(fs)) => {
+                let used_bytes = fs.used.used_bytes();
+                plans.push(AreaPlan {
+                    area: Area {
+                        kind: AreaKind::Partition,
+                        start,
+                        len,
+                        partition: num,
+                        content: Content::UsedBlocks,
+                        fs: Some(FsMeta {
+                            fstype: fs.fstype,
+                            variant: fs.variant,
+                            uuid: fs.uuid,
+                            label: fs.label,
+                            block_size: fs.block_size,
+                        }),
+                        used_bytes,
+                        note: None,
+                        volumes: Vec::new(),
+                    },
+                    used: Some(fs.used),
+                });
+            }
+            Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
+            Err(e) => {
+                let msg = format!("{what}: {e:#}; stored whole instead");
+                eprintln!("warning: {msg}");
+                warnings.push(msg.clone());
+                let mut p = whole(AreaKind::Partition, start, len, num);
+                p.area.note = Some(msg);
+                plans.push(p);
+            }
+        }
+    }
+    plans.sort_by_key(|p| p.area.start);
+    Ok(plans)
+}
+
+struct Job {
+    seq: u64,
+    area: u32,
+    offset: u64,
+    len: u32,
+    ranges: Vec<(u32, u32)>,
+    buf: Vec<u8>,
+}
+
+struct Done {
+    seq: u64,
+    record: Record,
+    new_bytes: u64,
+    buf: Vec<u8>,
+}
+
+/// Read the used ranges of every area, a chunk-sized window at a time, into buffers from the
+/// free list (which bounds memory).
+fn reader(
+    disk: &Disk,
+    snaps: Option<&Snapshots>,
+    plans: &[AreaPlan],
+    free: &Receiver<Vec<u8>>,
+    jobs: &Feeder<Job>,
+) -> Result<()> {
+    let mut seq = 0;
+    for (ai, plan) in plans.iter().enumerate() {
+        let a = &plan.area;
+        let mut off = 0;
+        while off < a.len {
+            let wlen = (a.len - off).min(CHUNK_SIZE);
+            let ranges: Vec<(u32, u32)> = match &plan.used {
+                Some(map) => map
+                    .used_ranges(off, wlen)
+                    .into_iter()
+                    .map(|(o, l)| ((o - off) as u32, l as u32))
+                    .collect(),
+                None => vec![(0, wlen as u32)],
+            };
+            if snaps.is_some() && crate::backup::lvm::interrupted() {
+                bail!("interrupted");
+            }
+            if let (Some(first), Some(last)) = (ranges.first(), ranges.last()) {
+                // A buffer comes back once its chunk is indexed; none will after an error.
+                let mut buf = loop {
+                    match free.recv_timeout(Duration::from_millis(100)) {
+                        Ok(b) => break b,
+                        Err(RecvTimeoutError::Timeout) if !jobs.stopped() => {}
+                        Err(_) => return Ok(()),
+                    }
+                };
+                buf.clear();
+                buf.resize(wlen as usize, 0);
+                let span = first.0 as usize..(last.0 + last.1) as usize;
+                let at = a.start + off + span.start as u64;
+                match snaps {
+                    Some(s) => s.read_exact_at(&disk.file, &mut buf[span.clone()], at),
+                    None => disk.file.read_exact_at(&mut buf[span.clone()], at),
+                }
+                .with_context(|| {
+                    format!(
+                        "cannot read {} at offset {}",
+                        disk.path.display(),
+                        a.start + off + span.start as u64
+                    )
+                })?;
+                // Unused blocks inside the span are zeroed: they compress to nothing and dedup.
+                let mut pos = span.start;
+                for &(o, l) in &ranges {
+                    buf[pos..o as usize].fill(0);
+                    pos = (o + l) as usize;
+                }
+                let job = Job {
+                    seq,
+                    area: ai as u32,
+                    offset: off,
+                    len: wlen as u32,
+                    ranges,
+                    buf,
+                };
+                if !jobs.send(job) {
+                    return Ok(());
+                }
+                seq += 1;
+            }
+            off += wlen;
+        }
+    }
+    Ok(())
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// A worker's state: its compressor and output buffer.
+struct Packer {
+    comp: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+impl Packer {
+    fn new(level: i32) -> Result<Packer> {
+        Ok(Packer {
+            comp: zstd::bulk::Compressor::new(level)
+                .map_err(|e| anyhow::anyhow!("cannot start zstd: {e}"))?,
+            out: Vec::with_capacity(zstd::zstd_safe::compress_bound(CHUNK_SIZE as usize)),
+        })
+    }
+
+    /// Zero check, hash, dedup check, compress, store.
+    fn pack(&mut self, repo: &dyn RepoWrite, job: Job) -> Result<Done> {
+        let (chunk, new_bytes) = if is_zero(&job.buf) {
+            (ChunkRef::Zero, 0)
+        } else {
+            let digest = Digest::of(&job.buf);
+            match repo.chunk_info(&digest) {
+                Some((len, stored_sha)) => (
+                    ChunkRef::Data {
+                        digest,
+                        stored_len: len as u32,
+                        stored_sha,
+                    },
+                    0,
+                ),
+                None => {
+                    self.out.clear();
+                    self.comp
+                        .compress_to_buffer(&job.buf, &mut self.out)
+                        .context("zstd compression failed")?;
+                    let (len, stored_sha, new) = repo.put_chunk(&digest, &self.out)?;
+                    (
+                        ChunkRef::Data {
+                            digest,
+                            stored_len: len as u32,
+                            stored_sha,
+                        },
+                        if new { len } else { 0 },
+                    )
+                }
+            }
+        };
+        Ok(Done {
+            seq: job.seq,
+            record: Record {
+                area: job.area,
+                offset: job.offset,
+                len: job.len,
+                chunk,
+                ranges: job.ranges,
+            },
+            new_bytes,
+            buf: job.buf,
+        })
+    }
+}
+
+pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
+    let start = std::time::Instant::now();
+    let host = match &opts.host {
+        Some(h) => h.clone(),
+        None => default_host()?,
+    };
+    crate::repo::check_host_name(&host)?;
+    let disk_path = opts.disk()?;
+    for n in &opts.source_name {
+        if crate::device::names::disk_key(n).is_none() {
+            bail!(
+                "--source-name {n}: not a whole disk's device path: give one like /dev/sda, /dev/nvme0n1 or /dev/disk/by-id/ata-MODEL_SERIAL"
+            );
+        }
+    }
+    let disk = Disk::open_read(disk_path)?;
+    let mut warnings = Vec::new();
+    let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)?;
+    for w in &layout.warnings {
+        eprintln!("warning: {w}");
+        warnings.push(w.clone());
+    }
+    // Snapshots first: a filesystem mounted from a logical volume they cover is no obstacle.
+    let snaps = match opts.snapshot {
+        Some(SnapshotMode::Lvm) => {
+            let s = Snapshots::take(&disk.file, &layout.data_partitions())?.with_context(|| {
+                format!(
+                    "--snapshot lvm: no LVM physical volume of a volume group on {}: back it up without --snapshot",
+                    disk_path.display()
+                )
+            })?;
+            Some(s)
+        }
+        None => None,
+    };
+    let uses = crate::device::safety::mounts_on(&crate::device::safety::disk_devnums(disk_path))?;
+    let live = uses.iter().find(|u| {
+        u.read_write
+            && !snaps
+                .as_ref()
+                .is_some_and(|s| s.covered.contains(&u.devnum))
+    });
+    let consistency = match live {
+        Some(u) if !opts.allow_live => bail!(
+            "{} has {} mounted read-write on {}: back up from the rescue system, unmount it, use --snapshot lvm (if it is a logical volume), or add --allow-live (crash-consistent)",
+            disk_path.display(),
+            u.source,
+            u.mountpoint
+        ),
+        Some(u) => {
+            let msg = format!(
+                "{} is mounted read-write on {}: this backup is only crash-consistent",
+                u.source, u.mountpoint
+            );
+            eprintln!("warning: {msg}");
+            warnings.push(msg);
+            Consistency::CrashConsistent
+        }
+        None if snaps.is_some() => Consistency::Snapshot,
+        None => Consistency::Offline,
+    };
+    let plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut warnings)?;
+
+    let repo = crate::repo::open_write(&opts.repo, true)?;
+    let repo = repo.as_ref();
+    let w = SnapshotWriter::begin(repo, &host)?;
+    let threads = opts
+        .threads
+        // Twice the CPUs: workers also wait on chunk fsyncs.
+        .unwrap_or_else(crate::util::pool::default_threads)
+        .max(1);
+    let total: u64 = plans.iter().map(|p| p.area.used_bytes).sum();
+    let guard = Progress::start("backup", total, opts.quiet);
+    let progress = guard.handle();
+    let mut index = IndexWriter::new(w.index_file()?)?;
+
+    let nbufs = threads * 2 + 2;
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(nbufs);
+    for _ in 0..nbufs {
+        free_tx
+            .send(Vec::with_capacity(CHUNK_SIZE as usize))
+            .context("buffer pool")?;
+    }
+    let mut stats = Stats::default();
+    // Workers finish out of order: the index is written in disk order.
+    let mut pending = BTreeMap::new();
+    let mut next = 0u64;
+    let result = crate::util::pool::pipeline(
+        threads,
+        || Packer::new(opts.compression_level),
+        |p, job| p.pack(repo, job),
+        |jobs| reader(&disk, snaps.as_ref(), &plans, &free_rx, jobs),
+        |d: Done| {
+            pending.insert(d.seq, d);
+            while let Some(d) = pending.remove(&next) {
+                let used = d.record.used_bytes();
+                progress.add(used);
+                stats.used_bytes += used;
+                if let ChunkRef::Data { stored_len, .. } = d.record.chunk {
+                    stats.chunks += 1;
+                    stats.stored_bytes += u64::from(stored_len);
+                    if d.new_bytes > 0 {
+                        stats.new_chunks += 1;
+                        stats.new_bytes += d.new_bytes;
+                    }
+                }
+                index.push(&d.record)?;
+                let _ = free_tx.send(d.buf);
+                next += 1;
+            }
+            Ok(())
+        },
+    )
+    .and_then(|()| {
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            bail!("internal error: {} chunks were not indexed", pending.len())
+        }
+    });
+    result.and_then(|()| snaps.as_ref().map_or(Ok(()), |s| s.check_valid()))?;
+    drop(snaps);
+    drop(guard);
+
+    let (hw, records) = index.finish()?;
+    // Chunks first, then the index that names them.
+    let (index_sha, index_len) = w.commit_file(hw)?;
+    let tocs = write_tocs(&w, &disk, &plans_areas(&plans), &mut warnings)?;
+    let efi_boot = match &layout.table {
+        crate::device::layout::Table::Gpt(g) => crate::fixup::efiboot::record(
+            &g.partitions
+                .iter()
+                .map(|p| p.unique_guid.clone())
+                .collect::<Vec<_>>(),
+        ),
+        _ => Vec::new(),
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        id: w.id.clone(),
+        host: host.clone(),
+        kind: Kind::Image,
+        time: w.time.clone(),
+        unix_time: w.unix_time,
+        source: disk_path.display().to_string(),
+        source_names: {
+            let mut names = crate::device::names::names_of_disk(disk_path);
+            names.extend(opts.source_name.iter().cloned());
+            names.sort();
+            names.dedup();
+            names
+        },
+        consistency,
+        bmr_version: env!("CARGO_PKG_VERSION").into(),
+        chunk_size: CHUNK_SIZE,
+        disk: DiskMeta {
+            size: disk.size,
+            sector_size: disk.sector_size,
+            table: layout.table.clone(),
+        },
+        areas: plans.into_iter().map(|p| p.area).collect(),
+        index: IndexRef {
+            file: crate::repo::paths::index_name(&w.id),
+            sha256: index_sha,
+            len: index_len,
+            records,
+        },
+        stats: stats.clone(),
+        warnings: warnings.clone(),
+        tocs,
+        efi_boot,
+    };
+    w.commit_image(&manifest)?;
+    Ok(BackupSummary {
+        id: manifest.id,
+        host,
+        stats,
+        elapsed: start.elapsed(),
+        warnings,
+    })
+}
+
+fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
+    plans.iter().map(|p| p.area.clone()).collect()
+}
+
+/// Table of contents of every ext/FAT filesystem, read from the disk itself. A filesystem
+/// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
+fn write_tocs(
+    w: &SnapshotWriter,
+    disk: &Disk,
+    areas: &[Area],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<crate::repo::manifest::TocRef>> {
+    let mut out = Vec::new();
+    for (ai, a) in areas.iter().enumerate() {
+        let Some(fs) = &a.fs else { continue };
+        let range = crate::fs::read::FileRange {
+            file: &disk.file,
+            base: a.start,
+            len: a.len,
+        };
+        let entries = match crate::fs::read::read_tree(&range, &fs.fstype) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = format!(
+                    "no file list for the {} filesystem at offset {}: {e:#}",
+                    fs.fstype, a.start
+                );
+                eprintln!("warning: {msg}");
+                warnings.push(msg);
+                continue;
+            }
+        };
+        let mut t = crate::repo::toc::TocWriter::new(w.toc_file(ai as u32)?)?;
+        for e in entries {
+            t.push(&crate::repo::toc::FileMeta::from(e))?;
+        }
+        let (f, count) = t.finish()?;
+        let (sha256, len) = f.commit()?;
+        out.push(crate::repo::manifest::TocRef {
+            area: ai as u32,
+            fstype: fs.fstype.clone(),
+            uuid: fs.uuid.clone(),
+            file: crate::repo::paths::toc_name(&w.id, ai as u32),
+            sha256,
+            len,
+            entries: count,
+        });
+    }
+    Ok(out)
+}
+
+pub fn print_summary(s: &BackupSummary) {
+    println!(
+        "snapshot {} of host {}: {} used, {} new in the repository ({} new chunks of {}), {:.1}s",
+        s.id,
+        s.host,
+        human_bytes(s.stats.used_bytes),
+        human_bytes(s.stats.new_bytes),
+        s.stats.new_chunks,
+        s.stats.chunks,
+        s.elapsed.as_secs_f64()
+    );
+}

@@ -1,0 +1,250 @@
+//! Guards that keep bmr from reading an inconsistent disk or destroying the wrong one.
+
+use std::collections::HashSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use crate::device::Disk;
+
+/// A mounted filesystem (or active swap) that lives on a disk we were asked to use.
+#[derive(Debug, Clone)]
+pub struct MountUse {
+    /// The mounted (or swapped-on) device: the disk, a partition, or a device stacked on
+    /// them such as an LVM logical volume.
+    pub devnum: u64,
+    pub source: String,
+    pub mountpoint: String,
+    pub read_write: bool,
+}
+
+fn parse_devnum(s: &str) -> Option<u64> {
+    let (maj, min) = s.trim().split_once(':')?;
+    Some(libc::makedev(maj.parse().ok()?, min.parse().ok()?))
+}
+
+/// Device numbers of a block device, its partitions and what is stacked on them (LVM logical
+/// volumes, dm-crypt, MD arrays: the `holders` in sysfs), since a filesystem mounted from an LV
+/// is in use of the disk under it.
+fn devnums_of_block(dev: u64) -> HashSet<u64> {
+    let mut set = partitions_of(dev);
+    let mut todo: Vec<u64> = set.iter().copied().collect();
+    while let Some(d) = todo.pop() {
+        for h in holders(d) {
+            if set.insert(h) {
+                todo.push(h);
+            }
+        }
+    }
+    set
+}
+
+fn holders(dev: u64) -> Vec<u64> {
+    let dir = format!(
+        "/sys/dev/block/{}:{}/holders",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let dev = Path::new("/sys/class/block")
+                .join(e.file_name())
+                .join("dev");
+            parse_devnum(&std::fs::read_to_string(dev).ok()?)
+        })
+        .collect()
+}
+
+fn partitions_of(dev: u64) -> HashSet<u64> {
+    let mut set = HashSet::from([dev]);
+    let sys = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    if let Ok(entries) = std::fs::read_dir(&sys) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.join("partition").exists()
+                && let Some(n) = std::fs::read_to_string(p.join("dev"))
+                    .ok()
+                    .and_then(|s| parse_devnum(&s))
+            {
+                set.insert(n);
+            }
+        }
+    }
+    set
+}
+
+/// Every device number through which the kernel may be using this disk: the device and its
+/// partitions, or for an image file the loop devices backed by it (and their partitions).
+pub fn disk_devnums(path: &Path) -> HashSet<u64> {
+    if let Some(dev) = crate::device::block_devnum(path) {
+        return devnums_of_block(dev);
+    }
+    let mut set = HashSet::new();
+    let Ok(canon) = std::fs::canonicalize(path) else {
+        return set;
+    };
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let backing = e.path().join("loop/backing_file");
+            let Ok(b) = std::fs::read_to_string(&backing) else {
+                continue;
+            };
+            if Path::new(b.trim()) == canon
+                && let Some(n) = std::fs::read_to_string(e.path().join("dev"))
+                    .ok()
+                    .and_then(|s| parse_devnum(&s))
+            {
+                set.extend(devnums_of_block(n));
+            }
+        }
+    }
+    set
+}
+
+/// Mounts and swap areas on the given device numbers.
+pub fn mounts_on(devs: &HashSet<u64>) -> Result<Vec<MountUse>> {
+    let mut uses = Vec::new();
+    if devs.is_empty() {
+        return Ok(uses);
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dev) = fields.get(2).and_then(|s| parse_devnum(s)) else {
+            continue;
+        };
+        if !devs.contains(&dev) {
+            continue;
+        }
+        let opts = fields.get(5).copied().unwrap_or("");
+        let sep = fields.iter().position(|f| *f == "-");
+        let source = sep
+            .and_then(|i| fields.get(i + 2))
+            .copied()
+            .unwrap_or("?")
+            .to_string();
+        uses.push(MountUse {
+            devnum: dev,
+            source,
+            mountpoint: unescape_mount(fields.get(4).copied().unwrap_or("?")),
+            read_write: opts.split(',').any(|o| o == "rw"),
+        });
+    }
+    if let Ok(swaps) = std::fs::read_to_string("/proc/swaps") {
+        for line in swaps.lines().skip(1) {
+            let Some(p) = line.split_whitespace().next() else {
+                continue;
+            };
+            if let Some(d) = crate::device::block_devnum(Path::new(p))
+                && devs.contains(&d)
+            {
+                uses.push(MountUse {
+                    devnum: d,
+                    source: p.to_string(),
+                    mountpoint: "[swap]".into(),
+                    read_write: true,
+                });
+            }
+        }
+    }
+    Ok(uses)
+}
+
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Refuse a restore target that is mounted, runs this system, or holds the repository.
+pub fn check_restore_target(target: &Path, repo_local: Option<&Path>) -> Result<()> {
+    let devs = disk_devnums(target);
+    let uses = mounts_on(&devs)?;
+    if let Some(root) = uses.iter().find(|u| u.mountpoint == "/") {
+        bail!(
+            "target {} holds the running system ({} is mounted on /): choose another disk",
+            target.display(),
+            root.source
+        );
+    }
+    if let Some(u) = uses.first() {
+        bail!(
+            "target {} is in use: {} is mounted on {}: unmount it or choose another disk",
+            target.display(),
+            u.source,
+            u.mountpoint
+        );
+    }
+    if let Some(repo) = repo_local {
+        use std::os::unix::fs::MetadataExt;
+        let repo_dev = std::fs::metadata(repo).map(|m| m.dev()).ok();
+        if repo_dev.is_some_and(|d| devs.contains(&d)) {
+            bail!(
+                "target {} holds the repository {}: restore onto a different disk",
+                target.display(),
+                repo.display()
+            );
+        }
+        if let (Ok(t), Ok(r)) = (std::fs::canonicalize(target), std::fs::canonicalize(repo))
+            && t.starts_with(&r)
+        {
+            bail!(
+                "target {} is inside the repository {}: write the image somewhere else",
+                target.display(),
+                repo.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Describe what a disk already holds, or None when it looks blank (first and last MiB zero).
+pub fn existing_content(disk: &Disk) -> Result<Option<String>> {
+    if disk.size == 0 {
+        return Ok(None);
+    }
+    if let Ok(layout) =
+        crate::device::layout::DiskLayout::read(&disk.file, disk.size, disk.sector_size)
+    {
+        match &layout.table {
+            crate::device::layout::Table::Gpt(g) => {
+                return Ok(Some(format!(
+                    "a GPT partition table with {} partition(s)",
+                    g.partitions.len()
+                )));
+            }
+            crate::device::layout::Table::Mbr(m) => {
+                return Ok(Some(format!(
+                    "an MBR partition table with {} partition(s)",
+                    m.partitions.len()
+                )));
+            }
+            crate::device::layout::Table::None => {}
+        }
+    }
+    if let Ok(Some(fs)) = crate::fs::map::probe(&disk.file, 0, disk.size) {
+        return Ok(Some(format!("a {} filesystem", fs.fstype)));
+    }
+    let window = disk.size.min(1 << 20);
+    let mut buf = vec![0u8; window as usize];
+    for off in [0, disk.size - window] {
+        disk.file
+            .read_exact_at(&mut buf, off)
+            .with_context(|| format!("cannot read {}", disk.path.display()))?;
+        if buf.iter().any(|&b| b != 0) {
+            return Ok(Some("data (its first or last MiB is not blank)".into()));
+        }
+    }
+    Ok(None)
+}

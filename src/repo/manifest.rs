@@ -1,0 +1,471 @@
+//! Snapshot manifests and the per-host snapshot index: versioned JSON, validated on load.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::paths;
+use super::{Digest, RepoRead, check_host_name};
+use crate::device::layout::Table;
+
+pub const MANIFEST_FORMAT: &str = "bmr-snapshot";
+pub const MANIFEST_VERSION: u32 = 1;
+pub const HOST_INDEX_FORMAT: &str = "bmr-host-index";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Image,
+    /// Files changed since a previous snapshot, with the complete list of paths present.
+    Incremental,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Image => "image",
+            Kind::Incremental => "incr",
+        })
+    }
+}
+
+/// How the source was read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// No filesystem was mounted read-write while reading.
+    Offline,
+    /// Read while mounted read-write (`--allow-live`): like a power cut, needs fsck/journal replay.
+    CrashConsistent,
+    /// LVM logical volumes read through snapshots (`--snapshot lvm`): each LV as of one
+    /// instant, nothing else mounted read-write.
+    Snapshot,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AreaKind {
+    /// Bytes outside any partition: boot code, partition tables, gaps.
+    Boot,
+    Partition,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Content {
+    /// Only blocks the filesystem marks as used are stored.
+    UsedBlocks,
+    /// Every byte is stored (all-zero chunks elided).
+    Whole,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FsMeta {
+    pub fstype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub block_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Area {
+    pub kind: AreaKind,
+    /// Byte offset on the disk.
+    pub start: u64,
+    pub len: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    pub content: Content,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsMeta>,
+    /// Bytes the restore writes for this area.
+    pub used_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// For an LVM physical volume: its logical volumes and where their extents lie.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<LvMeta>,
+}
+
+/// What the manifest records about one logical volume in a PV area.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LvMeta {
+    /// `vg/lv`.
+    pub name: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsMeta>,
+    /// Where its bytes are in the area: (offset in the area, length, offset in the LV).
+    pub extents: Vec<(u64, u64, u64)>,
+    /// Read through a snapshot (active), or straight from the disk (inactive).
+    pub snapshot: bool,
+}
+
+/// A boot entry of the source machine, recorded at backup time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BootRecord {
+    pub description: String,
+    /// GPT unique GUID of the partition the loader is on (lower case).
+    pub partition_guid: String,
+    /// Loader path on that partition, `EFI/debian/shimx64.efi`.
+    pub loader: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskMeta {
+    pub size: u64,
+    pub sector_size: u64,
+    pub table: Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IndexRef {
+    /// File name beside the manifest.
+    pub file: String,
+    pub sha256: String,
+    pub len: u64,
+    pub records: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// Plain bytes the restore writes.
+    pub used_bytes: u64,
+    /// Data chunks referenced.
+    pub chunks: u64,
+    /// Chunks this backup added to the store.
+    pub new_chunks: u64,
+    /// Compressed bytes this backup added to the store.
+    pub new_bytes: u64,
+    /// Compressed bytes of all referenced chunks (before dedup across snapshots).
+    pub stored_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub host: String,
+    pub kind: Kind,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub unix_time: i64,
+    pub source: String,
+    /// Other names of the source disk on its machine (kernel name, /dev/disk/by-id and by-path
+    /// links): device paths in the restored files that use them are rewritten on a new disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_names: Vec<String>,
+    pub consistency: Consistency,
+    pub bmr_version: String,
+    pub chunk_size: u64,
+    pub disk: DiskMeta,
+    pub areas: Vec<Area>,
+    pub index: IndexRef,
+    pub stats: Stats,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// Tables of contents of the filesystems in `areas`.
+    #[serde(default)]
+    pub tocs: Vec<TocRef>,
+    /// The source machine's UEFI boot entries that start a loader from this disk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efi_boot: Vec<BootRecord>,
+}
+
+/// A table of contents (file list) stored beside a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TocRef {
+    /// Index into the base image's `areas`.
+    pub area: u32,
+    pub fstype: String,
+    pub uuid: Option<String>,
+    /// File name beside the manifest.
+    pub file: String,
+    pub sha256: String,
+    pub len: u64,
+    pub entries: u64,
+}
+
+/// One filesystem of an incremental snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncFs {
+    pub mountpoint: String,
+    pub toc: TocRef,
+    pub changed: u64,
+    pub deleted: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IncManifest {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub host: String,
+    pub kind: Kind,
+    pub time: String,
+    pub unix_time: i64,
+    pub bmr_version: String,
+    /// The image whose blocks a restore writes first.
+    pub base: String,
+    /// The snapshot changes were computed against.
+    pub parent: String,
+    pub differential: bool,
+    pub filesystems: Vec<IncFs>,
+    pub stats: Stats,
+}
+
+impl Manifest {
+    /// Check invariants a restore relies on, so a damaged or hostile manifest fails before any
+    /// byte is written.
+    pub fn validate(&self) -> Result<()> {
+        let id = &self.id;
+        check_snapshot_id(id)?;
+        if self.index.file != paths::index_name(id) {
+            bail!("snapshot {id}: manifest names an unexpected index file");
+        }
+        if self.chunk_size == 0 || self.chunk_size > super::CHUNK_SIZE {
+            bail!("snapshot {id}: chunk size {} out of range", self.chunk_size);
+        }
+        if self.disk.sector_size < 512 || !self.disk.sector_size.is_power_of_two() {
+            bail!("snapshot {id}: bad sector size {}", self.disk.sector_size);
+        }
+        let mut end = 0;
+        for (i, a) in self.areas.iter().enumerate() {
+            let a_end = a.start.checked_add(a.len);
+            if a.len == 0 || a.start < end || a_end.is_none_or(|e| e > self.disk.size) {
+                bail!("snapshot {id}: area {i} lies outside the disk or overlaps another");
+            }
+            end = a_end.unwrap_or(u64::MAX);
+        }
+        Ok(())
+    }
+}
+
+pub fn check_snapshot_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid snapshot id {id:?}");
+    }
+    Ok(())
+}
+
+/// One line of `bmr list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotSummary {
+    pub id: String,
+    pub kind: Kind,
+    pub time: String,
+    pub unix_time: i64,
+    pub disk_size: u64,
+    pub used_bytes: u64,
+    pub new_bytes: u64,
+    /// For incrementals: the image they build on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostIndex {
+    pub format: String,
+    pub version: u32,
+    pub host: String,
+    pub snapshots: Vec<SnapshotSummary>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostList {
+    pub hosts: Vec<String>,
+}
+
+pub fn read_hosts(src: &dyn RepoRead) -> Result<Vec<String>> {
+    let Some(bytes) = src.read_file(paths::HOSTS_FILE)? else {
+        return Ok(Vec::new());
+    };
+    let list: HostList = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}/hosts.json is damaged", src.location()))?;
+    Ok(list.hosts)
+}
+
+pub fn read_host_index(src: &dyn RepoRead, host: &str) -> Result<HostIndex> {
+    check_host_name(host)?;
+    let Some(bytes) = src.read_file(&paths::host_index(host))? else {
+        let known = read_hosts(src).unwrap_or_default();
+        bail!(
+            "no backups of host {host:?} in {}{}",
+            src.location(),
+            if known.is_empty() {
+                String::new()
+            } else {
+                format!(": known hosts are {}", known.join(", "))
+            }
+        );
+    };
+    let idx: HostIndex = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "snapshot index of host {host} is damaged ({e}): run bmr verify --repo {}",
+            src.location()
+        )
+    })?;
+    if idx.host != host {
+        bail!(
+            "snapshot index of host {host} names host {:?}: the repository is damaged; run bmr verify --repo {}",
+            idx.host,
+            src.location()
+        );
+    }
+    if idx.format != HOST_INDEX_FORMAT || idx.version != MANIFEST_VERSION {
+        bail!(
+            "snapshot index of host {host} has format {} version {}: use a matching bmr",
+            idx.format,
+            idx.version
+        );
+    }
+    Ok(idx)
+}
+
+/// Read and version-check a manifest's JSON.
+fn read_manifest_json(src: &dyn RepoRead, host: &str, id: &str) -> Result<serde_json::Value> {
+    check_snapshot_id(id)?;
+    let path = paths::manifest(host, id);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!(
+            "manifest of snapshot {id} (host {host}) is missing from {}: choose another snapshot with --at",
+            src.location()
+        );
+    };
+    // Peek at format/version first so a newer manifest gets a useful message, not a parse error.
+    let head: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is truncated or corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    if head.get("format").and_then(|v| v.as_str()) != Some(MANIFEST_FORMAT) {
+        bail!("{path} is not a bmr snapshot manifest: choose another snapshot with --at");
+    }
+    let version = head.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != u64::from(MANIFEST_VERSION) {
+        bail!(
+            "snapshot {id} has manifest version {version}, this bmr reads version {MANIFEST_VERSION}: use a newer bmr"
+        );
+    }
+    if head.get("id").and_then(|v| v.as_str()) != Some(id)
+        || head.get("host").and_then(|v| v.as_str()) != Some(host)
+    {
+        bail!("manifest {path} belongs to another snapshot");
+    }
+    Ok(head)
+}
+
+pub fn is_incremental(src: &dyn RepoRead, host: &str, id: &str) -> Result<bool> {
+    let v = read_manifest_json(src, host, id)?;
+    Ok(v.get("kind").and_then(|k| k.as_str()) == Some("incremental"))
+}
+
+pub fn read_manifest(src: &dyn RepoRead, host: &str, id: &str) -> Result<Manifest> {
+    let head = read_manifest_json(src, host, id)?;
+    if head.get("kind").and_then(|k| k.as_str()) == Some("incremental") {
+        bail!("snapshot {id} is an incremental, not an image");
+    }
+    let m: Manifest = serde_json::from_value(head).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    m.validate()?;
+    Ok(m)
+}
+
+pub fn read_inc_manifest(src: &dyn RepoRead, host: &str, id: &str) -> Result<IncManifest> {
+    let head = read_manifest_json(src, host, id)?;
+    let m: IncManifest = serde_json::from_value(head).map_err(|e| {
+        anyhow::anyhow!(
+            "manifest of snapshot {id} (host {host}) is corrupt ({e}): choose another snapshot with --at"
+        )
+    })?;
+    check_snapshot_id(&m.base)?;
+    Ok(m)
+}
+
+/// Load a file list and check it against its recorded hash.
+pub fn read_toc(
+    src: &dyn RepoRead,
+    host: &str,
+    id: &str,
+    t: &TocRef,
+) -> Result<Vec<crate::repo::toc::FileMeta>> {
+    let expected = paths::toc_name(id, t.area);
+    if t.file != expected {
+        bail!("snapshot {id}: unexpected file list name {:?}", t.file);
+    }
+    let path = paths::toc(host, id, t.area);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!("file list {path} of snapshot {id} is missing: choose another snapshot with --at");
+    };
+    if Digest::of(&bytes).hex() != t.sha256 {
+        bail!(
+            "file list {path} of snapshot {id} is damaged (checksum mismatch): choose another snapshot with --at"
+        );
+    }
+    crate::repo::toc::read_all(&bytes, &format!("file list of snapshot {id}"))
+}
+
+/// Load a snapshot's chunk index and check it against the manifest's hash.
+pub fn read_chunk_index(src: &dyn RepoRead, m: &Manifest) -> Result<Vec<u8>> {
+    let path = paths::index(&m.host, &m.id);
+    let Some(bytes) = src.read_file(&path)? else {
+        bail!(
+            "chunk index of snapshot {} is missing ({path}): choose another snapshot with --at",
+            m.id
+        );
+    };
+    if Digest::of(&bytes).hex() != m.index.sha256 || bytes.len() as u64 != m.index.len {
+        bail!(
+            "chunk index of snapshot {} is damaged (checksum mismatch): choose another snapshot with --at",
+            m.id
+        );
+    }
+    Ok(bytes)
+}
+
+/// Resolve `--at`: a snapshot id, `latest`, or a time meaning the newest snapshot at or before it.
+pub fn select<'a>(idx: &'a HostIndex, at: &str) -> Result<&'a SnapshotSummary> {
+    if idx.snapshots.is_empty() {
+        bail!("host {} has no snapshots", idx.host);
+    }
+    if at == "latest" {
+        return idx
+            .snapshots
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, s)| (s.unix_time, *i))
+            .map(|(_, s)| s)
+            .context("no snapshots");
+    }
+    if let Some(s) = idx.snapshots.iter().find(|s| s.id == at) {
+        return Ok(s);
+    }
+    let Some(t) = crate::util::timefmt::parse_point(at) else {
+        bail!(
+            "--at {at:?} is neither a snapshot id of host {}, 'latest', nor a time like 2026-11-22T14:00: run bmr list",
+            idx.host
+        );
+    };
+    idx.snapshots
+        .iter()
+        .filter(|s| s.unix_time <= t)
+        .enumerate()
+        .max_by_key(|(i, s)| (s.unix_time, *i))
+        .map(|(_, s)| s)
+        .with_context(|| {
+            format!(
+                "host {} has no snapshot at or before {at}: run bmr list",
+                idx.host
+            )
+        })
+}

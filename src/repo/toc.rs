@@ -1,0 +1,279 @@
+//! Tables of contents: every file of a filesystem with its metadata and where its data lives
+//! (blocks of the base image, or chunks stored by an incremental). Stored as a zstd-compressed
+//! stream of CBOR records (RFC 8949), one per file, parents before children.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::repo::Digest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    CharDev,
+    BlockDev,
+    Fifo,
+    Socket,
+}
+
+impl FileKind {
+    pub fn ls_char(self) -> char {
+        match self {
+            FileKind::File => '-',
+            FileKind::Dir => 'd',
+            FileKind::Symlink => 'l',
+            FileKind::CharDev => 'c',
+            FileKind::BlockDev => 'b',
+            FileKind::Fifo => 'p',
+            FileKind::Socket => 's',
+        }
+    }
+}
+
+/// Where a regular file's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Data {
+    /// No data (not a regular file, or empty).
+    None,
+    /// In the base image's filesystem: (file offset, byte offset in the filesystem, length)
+    /// runs; gaps are holes. `inline` holds data kept inside the inode.
+    Image {
+        extents: Vec<(u64, u64, u64)>,
+        inline: Option<ByteBuf>,
+    },
+    /// Stored by an incremental: consecutive chunks of the file (digest, plain length).
+    Chunks(Vec<(ByteBuf, u32)>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMeta {
+    /// Relative path, raw bytes, '/'-separated; the root directory is empty.
+    pub path: ByteBuf,
+    pub kind: FileKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub ctime: (i64, u32),
+    pub atime: (i64, u32),
+    pub inode: u64,
+    pub nlink: u32,
+    pub rdev: (u32, u32),
+    pub symlink: Option<ByteBuf>,
+    pub xattrs: Vec<(ByteBuf, ByteBuf)>,
+    pub data: Data,
+}
+
+impl FileMeta {
+    /// Same file as far as change detection goes (what `ls -l`, `stat` and the kernel show).
+    pub fn unchanged(&self, other: &FileMeta) -> bool {
+        self.kind == other.kind
+            && self.inode == other.inode
+            && self.size == other.size
+            && self.mtime == other.mtime
+            && self.ctime == other.ctime
+    }
+
+    pub fn chunk_digests(&self) -> impl Iterator<Item = Result<Digest>> + '_ {
+        let chunks: &[(ByteBuf, u32)] = match &self.data {
+            Data::Chunks(c) => c,
+            _ => &[],
+        };
+        chunks.iter().filter(|(d, _)| !d.is_empty()).map(|(d, _)| {
+            let arr: [u8; 32] = d
+                .as_slice()
+                .try_into()
+                .context("bad chunk digest in a file list")?;
+            Ok(Digest(arr))
+        })
+    }
+}
+
+impl From<crate::fs::read::Entry> for FileMeta {
+    fn from(e: crate::fs::read::Entry) -> FileMeta {
+        use crate::fs::read::Kind as K;
+        let kind = match e.kind {
+            K::File => FileKind::File,
+            K::Dir => FileKind::Dir,
+            K::Symlink => FileKind::Symlink,
+            K::CharDev => FileKind::CharDev,
+            K::BlockDev => FileKind::BlockDev,
+            K::Fifo => FileKind::Fifo,
+            K::Socket => FileKind::Socket,
+        };
+        let data = if kind == FileKind::File {
+            Data::Image {
+                extents: e
+                    .extents
+                    .iter()
+                    .map(|x| (x.file_off, x.disk_off, x.len))
+                    .collect(),
+                inline: e.inline.map(ByteBuf::from),
+            }
+        } else {
+            Data::None
+        };
+        let mut xattrs: Vec<(ByteBuf, ByteBuf)> = e
+            .xattrs
+            .into_iter()
+            .map(|(k, v)| (ByteBuf::from(k), ByteBuf::from(v)))
+            .collect();
+        xattrs.sort();
+        FileMeta {
+            path: ByteBuf::from(e.path),
+            kind,
+            mode: e.mode & 0o7777,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            mtime: e.mtime,
+            ctime: e.ctime,
+            atime: e.atime,
+            inode: e.inode,
+            nlink: e.nlink,
+            rdev: e.rdev,
+            symlink: e.symlink.map(ByteBuf::from),
+            xattrs,
+            data,
+        }
+    }
+}
+
+/// Reject paths that could escape the restore directory or confuse it.
+pub fn check_path(p: &[u8]) -> Result<()> {
+    let shown = String::from_utf8_lossy(p);
+    if p.is_empty() {
+        return Ok(());
+    }
+    if p.starts_with(b"/") || p.contains(&0) {
+        bail!(
+            "hostile path {shown:?} in a file list (absolute or NUL): the backup is damaged or forged"
+        );
+    }
+    for c in p.split(|&b| b == b'/') {
+        if c.is_empty() || c == b"." || c == b".." {
+            bail!(
+                "hostile path {shown:?} in a file list (empty, . or .. component): the backup is damaged or forged"
+            );
+        }
+    }
+    Ok(())
+}
+
+pub struct TocWriter<W: Write> {
+    enc: zstd::Encoder<'static, W>,
+    count: u64,
+}
+
+impl<W: Write> TocWriter<W> {
+    pub fn new(w: W) -> Result<Self> {
+        Ok(TocWriter {
+            enc: zstd::Encoder::new(w, 3)?,
+            count: 0,
+        })
+    }
+
+    pub fn push(&mut self, m: &FileMeta) -> Result<()> {
+        ciborium::into_writer(m, &mut self.enc).context("cannot encode a file list entry")?;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<(W, u64)> {
+        Ok((self.enc.finish()?, self.count))
+    }
+}
+
+/// Decode a whole file list, checking every path (no absolute paths, `..`, NUL, duplicates).
+pub fn read_all(bytes: &[u8], what: &str) -> Result<Vec<FileMeta>> {
+    let mut dec = zstd::Decoder::new(bytes).with_context(|| format!("{what} is not readable"))?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    loop {
+        let mut probe = [0u8; 1];
+        // ciborium cannot tell a clean end from a truncated record; peek one byte.
+        match dec.read(&mut probe) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => bail!("{what} is corrupt ({e})"),
+        }
+        let m: FileMeta = ciborium::from_reader(probe.chain(&mut dec))
+            .map_err(|e| anyhow::anyhow!("{what} is truncated or corrupt ({e})"))?;
+        check_path(&m.path)?;
+        if !seen.insert(m.path.clone()) {
+            bail!(
+                "{what} lists {:?} twice: the backup is damaged or forged",
+                String::from_utf8_lossy(&m.path)
+            );
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(path: &[u8]) -> FileMeta {
+        FileMeta {
+            path: ByteBuf::from(path.to_vec()),
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            size: 3,
+            mtime: (4, 5),
+            ctime: (6, 7),
+            atime: (8, 9),
+            inode: 10,
+            nlink: 1,
+            rdev: (0, 0),
+            symlink: None,
+            xattrs: vec![(ByteBuf::from(b"user.x".to_vec()), ByteBuf::from(vec![0xff]))],
+            data: Data::Chunks(vec![(ByteBuf::from(vec![1; 32]), 3)]),
+        }
+    }
+
+    fn encode(ms: &[FileMeta]) -> Vec<u8> {
+        let mut w = TocWriter::new(Vec::new()).unwrap();
+        for m in ms {
+            w.push(m).unwrap();
+        }
+        w.finish().unwrap().0
+    }
+
+    #[test]
+    fn round_trip_and_hostile_paths() {
+        let ms = vec![meta(b""), meta(b"a b/\xff\nname")];
+        assert_eq!(read_all(&encode(&ms), "t").unwrap(), ms);
+        for bad in [&b"/etc/passwd"[..], b"a/../../x", b"a//b", b"a/\0b", b"./a"] {
+            let e = read_all(&encode(&[meta(bad)]), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("hostile path"), "{e}");
+        }
+        let e = read_all(&encode(&[meta(b"x"), meta(b"x")]), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let full = encode(&ms);
+        let plain = zstd::decode_all(&full[..]).unwrap();
+        let cut = zstd::encode_all(&plain[..plain.len() - 5], 3).unwrap();
+        assert!(
+            read_all(&cut, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("truncated")
+        );
+    }
+}

@@ -1,0 +1,335 @@
+//! File level access to snapshots: `bmr ls` and `bmr restore-files`, from images (through the
+//! table of contents and only the chunks that hold the wanted files) and incrementals.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use crate::repo::chunkindex::{ChunkRef, Record};
+use crate::repo::manifest::{Manifest, TocRef};
+use crate::repo::reader::{ChunkReader, Stored};
+use crate::repo::toc::{FileKind, FileMeta};
+use crate::repo::{CHUNK_SIZE, RepoRead};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SelectOptions {
+    #[command(flatten)]
+    pub point: crate::restore::PointArgs,
+    /// Partition number of the filesystem [default: the largest one with a file list].
+    #[arg(long)]
+    pub part: Option<u32>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LsOptions {
+    #[command(flatten)]
+    pub select: SelectOptions,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory or file to list [default: /].
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreFilesOptions {
+    #[command(flatten)]
+    pub select: SelectOptions,
+    /// Directory to restore into (paths keep their place below it).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Files or directories (whole trees) to restore.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
+}
+
+/// The file list of one filesystem at a point, with its base image.
+pub struct Selected {
+    /// Bytes of the file list read.
+    pub toc_bytes: u64,
+    pub image: Manifest,
+    pub index: Vec<u8>,
+    pub snapshot: String,
+    pub area: u32,
+    pub files: Vec<FileMeta>,
+}
+
+pub fn select(src: &dyn RepoRead, o: &SelectOptions) -> Result<Selected> {
+    let crate::repo::snapshot::Point { image: l, inc } =
+        crate::repo::snapshot::resolve(src, &o.point.host, &o.point.at)?;
+    let snapshot = inc.as_ref().map_or(l.manifest.id.clone(), |i| i.id.clone());
+    let tocs: Vec<(TocRef, String)> = inc
+        .iter()
+        .flat_map(|i| i.filesystems.iter().map(|f| (f.toc.clone(), i.id.clone())))
+        .collect();
+    let image = l.manifest;
+    let tocs = if tocs.is_empty() {
+        image
+            .tocs
+            .iter()
+            .map(|t| (t.clone(), image.id.clone()))
+            .collect()
+    } else {
+        tocs
+    };
+    let pick = match o.part {
+        Some(n) => tocs
+            .iter()
+            .find(|(t, _)| image.areas.get(t.area as usize).and_then(|a| a.partition) == Some(n))
+            .with_context(|| format!("snapshot {} has no file list for partition {n}", snapshot))?,
+        None => tocs
+            .iter()
+            .max_by_key(|(t, _)| image.areas.get(t.area as usize).map_or(0, |a| a.len))
+            .with_context(|| {
+                format!(
+                    "snapshot {} has no file lists (no ext or FAT filesystem)",
+                    snapshot
+                )
+            })?,
+    };
+    let files = crate::repo::manifest::read_toc(src, &o.point.host, &pick.1, &pick.0)?;
+    Ok(Selected {
+        toc_bytes: pick.0.len,
+        image,
+        index: l.index,
+        snapshot,
+        area: pick.0.area,
+        files,
+    })
+}
+
+fn norm(p: &str) -> Vec<u8> {
+    p.trim_matches('/').as_bytes().to_vec()
+}
+
+fn under(path: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path.get(prefix.len()) == Some(&b'/'))
+}
+
+fn perms(kind: FileKind, mode: u32) -> String {
+    let mut s = String::new();
+    s.push(kind.ls_char());
+    for (i, c) in "rwxrwxrwx".chars().enumerate() {
+        s.push(if mode & (0o400 >> i) != 0 { c } else { '-' });
+    }
+    s
+}
+
+pub fn ls(o: &LsOptions) -> Result<()> {
+    let src = crate::repo::open(&o.select.point.repo)?;
+    let s = select(src.as_ref(), &o.select)?;
+    let want = norm(o.path.as_deref().unwrap_or("/"));
+    let Some(target) = s
+        .files
+        .iter()
+        .find(|f| f.path.as_slice() == want.as_slice())
+    else {
+        bail!(
+            "{:?} is not in snapshot {}",
+            o.path.as_deref().unwrap_or("/"),
+            s.snapshot
+        );
+    };
+    let list: Vec<&FileMeta> = if target.kind == FileKind::Dir {
+        s.files
+            .iter()
+            .filter(|f| {
+                !f.path.is_empty() && f.path.len() > want.len() && under(&f.path, &want) && {
+                    let rest = &f.path[want.len() + usize::from(!want.is_empty())..];
+                    !rest.contains(&b'/')
+                }
+            })
+            .collect()
+    } else {
+        vec![target]
+    };
+    if o.json {
+        let v: Vec<serde_json::Value> = list
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "path": format!("/{}", String::from_utf8_lossy(&f.path)),
+                    "kind": f.kind, "mode": f.mode, "uid": f.uid, "gid": f.gid, "size": f.size,
+                    "mtime": f.mtime.0, "inode": f.inode, "nlink": f.nlink,
+                    "symlink": f.symlink.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for f in list {
+        let name = String::from_utf8_lossy(
+            &f.path[f.path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1)..],
+        )
+        .into_owned();
+        let link = f
+            .symlink
+            .as_ref()
+            .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
+            .unwrap_or_default();
+        println!(
+            "{} {:>3} {:>6} {:>6} {:>12} {} {:?}{link}",
+            perms(f.kind, f.mode),
+            f.nlink,
+            f.uid,
+            f.gid,
+            f.size,
+            crate::util::timefmt::display(f.mtime.0),
+            name
+        );
+    }
+    Ok(())
+}
+
+/// Reads an image's filesystem through its chunk index: only the chunks holding the requested
+/// bytes are fetched. Counts what it fetched.
+pub struct ImageReader<'a> {
+    src: &'a dyn RepoRead,
+    snapshot: String,
+    windows: BTreeMap<u64, Record>,
+    cache: Option<(u64, Vec<u8>)>,
+    chunks: ChunkReader,
+}
+
+impl<'a> ImageReader<'a> {
+    pub fn new(src: &'a dyn RepoRead, image: &Manifest, index: &[u8], area: u32) -> Result<Self> {
+        let mut windows = BTreeMap::new();
+        for r in crate::repo::chunkindex::IndexReader::new(index, &image.id)? {
+            let r = r?;
+            if r.area == area {
+                windows.insert(r.offset, r);
+            }
+        }
+        Ok(ImageReader {
+            src,
+            snapshot: image.id.clone(),
+            windows,
+            cache: None,
+            chunks: ChunkReader::new()?,
+        })
+    }
+
+    /// Stored bytes of chunks fetched so far.
+    pub fn fetched(&self) -> u64 {
+        self.chunks.fetched
+    }
+
+    fn window(&mut self, off: u64) -> Result<Option<(u64, &[u8])>> {
+        let Some((&start, rec)) = self.windows.range(..=off).next_back() else {
+            return Ok(None);
+        };
+        if off >= start + u64::from(rec.len) {
+            return Ok(None);
+        }
+        if self.cache.as_ref().is_none_or(|(s, _)| *s != start) {
+            // One window is cached: its buffer is reused for the next.
+            let mut plain = self.cache.take().map(|(_, b)| b).unwrap_or_default();
+            plain.clear();
+            plain.resize(rec.len as usize, 0);
+            if let ChunkRef::Data {
+                digest,
+                stored_len,
+                stored_sha,
+            } = &rec.chunk
+            {
+                let stored = Stored {
+                    len: *stored_len,
+                    sha: *stored_sha,
+                };
+                self.chunks
+                    .read(self.src, digest, Some(stored), rec.len as usize, &mut plain)
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "chunk {digest} of snapshot {} is {e}: run bmr verify",
+                            self.snapshot
+                        )
+                    })?;
+            }
+            self.cache = Some((start, plain));
+        }
+        Ok(self.cache.as_ref().map(|(s, p)| (*s, p.as_slice())))
+    }
+}
+
+impl crate::restore::apply::ImageData for ImageReader<'_> {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            match self.window(off)? {
+                Some((start, plain)) => {
+                    let i = (off - start) as usize;
+                    let n = (plain.len() - i).min(buf.len() - done);
+                    buf[done..done + n].copy_from_slice(&plain[i..i + n]);
+                    done += n;
+                }
+                None => {
+                    // Not stored: free space, reads as zeros up to the next window.
+                    let next = self
+                        .windows
+                        .range(off + 1..)
+                        .next()
+                        .map_or(u64::MAX, |(s, _)| *s);
+                    let n = ((next - off) as usize)
+                        .min(buf.len() - done)
+                        .min(CHUNK_SIZE as usize);
+                    buf[done..done + n].fill(0);
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
+    let src = crate::repo::open(&o.select.point.repo)?;
+    let src = src.as_ref();
+    let s = select(src, &o.select)?;
+    let wanted: Vec<Vec<u8>> = o.paths.iter().map(|p| norm(p)).collect();
+    for (w, p) in wanted.iter().zip(&o.paths) {
+        if !s.files.iter().any(|f| f.path.as_slice() == w.as_slice()) {
+            bail!("{p:?} is not in snapshot {}: see bmr ls", s.snapshot);
+        }
+    }
+    // The selected trees plus their parent directories (with their metadata).
+    let mut parents: HashSet<Vec<u8>> = HashSet::new();
+    for w in &wanted {
+        let mut p = w.as_slice();
+        while let Some(i) = p.iter().rposition(|&b| b == b'/') {
+            p = &p[..i];
+            parents.insert(p.to_vec());
+        }
+        if !w.is_empty() && !w.contains(&b'/') {
+            parents.insert(Vec::new());
+        }
+    }
+    let desired: Vec<FileMeta> = s
+        .files
+        .iter()
+        .filter(|f| {
+            !f.path.is_empty()
+                && (parents.contains(f.path.as_slice()) || wanted.iter().any(|w| under(&f.path, w)))
+        })
+        .cloned()
+        .collect();
+    std::fs::create_dir_all(&o.to).with_context(|| format!("cannot create {}", o.to.display()))?;
+    let mut reader = ImageReader::new(src, &s.image, &s.index, s.area)?;
+    let st =
+        crate::restore::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
+    println!(
+        "restored {} entries ({} files) from snapshot {} into {}; read {} bytes of chunks ({}) and {} of file list",
+        desired.len(),
+        st.written,
+        s.snapshot,
+        o.to.display(),
+        reader.fetched() + st.chunk_bytes,
+        crate::util::progress::human_bytes(reader.fetched() + st.chunk_bytes),
+        crate::util::progress::human_bytes(s.toc_bytes)
+    );
+    Ok(())
+}

@@ -1,0 +1,569 @@
+//! The restore plan: built once from an open repository, a point in time, a target and the
+//! options (how, not what), shown by every front end with the same [`RestorePlan::lines`],
+//! then carried out by [`RestorePlan::execute`]. Everything that can be checked without
+//! writing is checked while preparing, so a plan that could be shown is one that can start.
+//! The engine never prompts: consent is the front end's business (typed disk name, `--yes`,
+//! `bmr.yes`), and `execute` only takes its answer.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::device::Disk;
+use crate::device::layout::{DiskLayout, Table};
+use crate::fixup::FixupOptions;
+use crate::repo::RepoRead;
+use crate::repo::manifest::{AreaKind, Consistency, FsMeta, IncManifest, Manifest};
+use crate::repo::snapshot::Point;
+use crate::repo::toc::FileMeta;
+use crate::util::progress::{Progress, human_bytes};
+
+use super::blocks::{self, Writer};
+
+/// How to restore. The fields double as `bmr restore` flags; the TUI and the unattended
+/// restore fill in the ones they offer and leave the rest at their defaults.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RestoreHow {
+    /// Read back everything written and check it.
+    #[arg(long)]
+    pub verify: bool,
+    /// Also zero the free space of filesystems (by default it is left as it is).
+    #[arg(long)]
+    pub zero_free: bool,
+    /// Skip reading every chunk before writing (faster on slow media; a damaged chunk is then
+    /// found mid-restore, and the disk is left without a partition table).
+    #[arg(long)]
+    pub no_precheck: bool,
+    /// Worker threads [default: twice the number of CPUs].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub fixups: FixupOptions,
+}
+
+/// The target as found while preparing.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub path: PathBuf,
+    pub size: u64,
+    pub sector_size: u64,
+    /// An image file that does not exist yet: created at the source disk's size.
+    pub create: bool,
+    /// It holds the marker of an interrupted restore of this snapshot: that restore goes on.
+    pub resume: bool,
+    /// What it holds, when it is not blank: the front end must obtain consent.
+    pub holds: Option<String>,
+}
+
+/// One filesystem an incremental brings from the image's state to the point's.
+pub struct ApplyFs {
+    pub area: u32,
+    pub current: Vec<FileMeta>,
+    pub desired: Vec<FileMeta>,
+}
+
+pub struct RestorePlan<'r> {
+    pub src: &'r dyn RepoRead,
+    pub point: Point,
+    pub apply: Vec<ApplyFs>,
+    pub target: Target,
+    pub how: RestoreHow,
+}
+
+pub struct RestoreSummary {
+    pub id: String,
+    pub written: u64,
+    pub skipped: u64,
+    pub elapsed: Duration,
+    pub verified: bool,
+}
+
+const MARKER: &str = "BMR-RESTORE-IN-PROGRESS";
+
+fn marker(m: &Manifest, sector: u64) -> Vec<u8> {
+    let mut s = format!("{MARKER} snapshot={} host={}\n", m.id, m.host).into_bytes();
+    s.resize(sector as usize, 0);
+    s
+}
+
+fn layout_of(m: &Manifest) -> DiskLayout {
+    DiskLayout {
+        sector_size: m.disk.sector_size,
+        disk_size: m.disk.size,
+        table: m.disk.table.clone(),
+        warnings: Vec::new(),
+    }
+}
+
+/// The smallest disk this snapshot fits on: its partitions and the partition table.
+pub fn min_target_size(m: &Manifest) -> u64 {
+    m.areas
+        .iter()
+        .filter(|a| a.kind == AreaKind::Partition)
+        .map(|a| a.start + a.len)
+        .max()
+        .unwrap_or(0)
+        .max(layout_of(m).min_target_size())
+}
+
+/// `ext4 "root" 6d1f...`: type, label and UUID of a filesystem, for the plan.
+fn describe_fs(f: &FsMeta) -> String {
+    format!(
+        "{}{}{}",
+        f.variant.as_deref().unwrap_or(&f.fstype),
+        f.label
+            .as_deref()
+            .map(|l| format!(" \"{l}\""))
+            .unwrap_or_default(),
+        f.uuid
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default()
+    )
+}
+
+/// Load the file lists an incremental restore applies, and check that every chunk they name
+/// exists, before anything is written.
+fn plan_apply(src: &dyn RepoRead, m: &Manifest, inc: &IncManifest) -> Result<Vec<ApplyFs>> {
+    let mut plan = Vec::new();
+    for fs in &inc.filesystems {
+        let area = fs.toc.area;
+        if m.areas
+            .get(area as usize)
+            .is_none_or(|a| a.kind != AreaKind::Partition)
+        {
+            bail!(
+                "incremental {} names area {area}, which image {} does not have",
+                inc.id,
+                m.id
+            );
+        }
+        let Some(base_toc) = m.tocs.iter().find(|t| t.area == area) else {
+            bail!("image {} has no file list for area {area}", m.id);
+        };
+        let current = crate::repo::manifest::read_toc(src, &m.host, &m.id, base_toc)?;
+        let desired = crate::repo::manifest::read_toc(src, &inc.host, &inc.id, &fs.toc)?;
+        for f in &desired {
+            for d in f.chunk_digests() {
+                let d = d?;
+                if src.chunk_len(&d)?.is_none() {
+                    bail!(
+                        "file {:?} of snapshot {}: chunk {d} is missing: run bmr verify and restore another point with --at",
+                        String::from_utf8_lossy(&f.path),
+                        inc.id
+                    );
+                }
+            }
+        }
+        plan.push(ApplyFs {
+            area,
+            current,
+            desired,
+        });
+    }
+    Ok(plan)
+}
+
+/// Look at the target without writing: size, sector size, an interrupted restore's marker,
+/// and what it holds.
+fn probe_target(m: &Manifest, path: &Path, repo_local: Option<&Path>) -> Result<Target> {
+    if !path.exists() {
+        return Ok(Target {
+            path: path.to_path_buf(),
+            size: m.disk.size,
+            sector_size: m.disk.sector_size,
+            create: true,
+            resume: false,
+            holds: None,
+        });
+    }
+    crate::device::safety::check_restore_target(path, repo_local)?;
+    let disk = Disk::open_read(path)?;
+    let min_size = min_target_size(m);
+    if disk.size < min_size {
+        bail!(
+            "target {} is too small: {} ({} bytes), the backup needs at least {} ({} bytes): use a bigger disk",
+            path.display(),
+            human_bytes(disk.size),
+            disk.size,
+            human_bytes(min_size),
+            min_size
+        );
+    }
+    if disk.sector_size != m.disk.sector_size {
+        bail!(
+            "target {} has {}-byte sectors, the backup was taken from a disk with {}-byte sectors: use a disk with {}-byte sectors",
+            path.display(),
+            disk.sector_size,
+            m.disk.sector_size,
+            m.disk.sector_size
+        );
+    }
+    let mut first = vec![0u8; disk.sector_size as usize];
+    let resume =
+        disk.file.read_exact_at(&mut first, 0).is_ok() && first == marker(m, disk.sector_size);
+    let holds = if resume {
+        None
+    } else {
+        crate::device::safety::existing_content(&disk)?
+    };
+    Ok(Target {
+        path: path.to_path_buf(),
+        size: disk.size,
+        sector_size: disk.sector_size,
+        create: false,
+        resume,
+        holds,
+    })
+}
+
+impl<'r> RestorePlan<'r> {
+    /// Everything checked that can be checked without writing: the snapshot's file lists and
+    /// chunks for an incremental, the fix-ups' needs, the target (in use, part of the
+    /// repository, too small, other sector size) and what it holds.
+    pub fn prepare(
+        src: &'r dyn RepoRead,
+        point: Point,
+        target: &Path,
+        how: RestoreHow,
+    ) -> Result<RestorePlan<'r>> {
+        let m = &point.image.manifest;
+        let apply = match &point.inc {
+            Some(i) => plan_apply(src, m, i)?,
+            None => Vec::new(),
+        };
+        crate::fixup::preflight(&how.fixups, target)?;
+        let target = probe_target(m, target, src.local_path())?;
+        Ok(RestorePlan {
+            src,
+            point,
+            apply,
+            target,
+            how,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.point.image.manifest
+    }
+
+    /// Bytes the restore writes.
+    pub fn total(&self) -> u64 {
+        self.manifest().stats.used_bytes
+    }
+
+    /// The plan as people read it: the same text in the CLI, the TUI and unattended mode.
+    pub fn lines(&self) -> Vec<String> {
+        let m = self.manifest();
+        let t = &self.target;
+        let mut out = Vec::new();
+        let scheme = match &m.disk.table {
+            Table::Gpt(_) => "GPT",
+            Table::Mbr(_) => "MBR",
+            Table::None => "no partition table",
+        };
+        out.push("Restore plan".to_string());
+        out.push(format!(
+            "  snapshot  {} of host {}, taken {} ({})",
+            m.id,
+            m.host,
+            crate::util::timefmt::display(m.unix_time),
+            match m.consistency {
+                Consistency::Offline => "offline",
+                Consistency::CrashConsistent => "crash-consistent",
+                Consistency::Snapshot => "through LVM snapshots",
+            }
+        ));
+        out.push(format!(
+            "  source    {} ({}), {scheme}, {} sectors of {} bytes",
+            m.source,
+            human_bytes(m.disk.size),
+            m.disk.size / m.disk.sector_size,
+            m.disk.sector_size
+        ));
+        let aliases: Vec<&str> = m
+            .source_names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| *n != m.source)
+            .collect();
+        if !aliases.is_empty() {
+            out.push(format!("            also named {}", aliases.join(", ")));
+        }
+        out.push(format!(
+            "  target    {} ({}){}{}",
+            t.path.display(),
+            human_bytes(t.size),
+            if t.create { ", new image file" } else { "" },
+            if t.resume {
+                ", resuming an interrupted restore"
+            } else {
+                ""
+            }
+        ));
+        if let Some(what) = &t.holds {
+            out.push(format!("            holds {what}: it will be overwritten"));
+        }
+        for a in &m.areas {
+            let what = match (a.kind, a.partition) {
+                (AreaKind::Boot, _) => "boot area".to_string(),
+                (AreaKind::Partition, Some(n)) => format!("partition {n}"),
+                (AreaKind::Partition, None) => "whole disk".to_string(),
+            };
+            let fs = match (&a.fs, a.volumes.as_slice()) {
+                (Some(f), _) => describe_fs(f),
+                (None, []) => "stored whole".to_string(),
+                (None, lvs) => {
+                    let lvs: Vec<String> = lvs
+                        .iter()
+                        .map(|lv| {
+                            let fs = lv
+                                .fs
+                                .as_ref()
+                                .map_or("no filesystem bmr maps".into(), describe_fs);
+                            format!("{} ({fs}, {})", lv.name, human_bytes(lv.size))
+                        })
+                        .collect();
+                    format!("LVM PV with {}", lvs.join(", "))
+                }
+            };
+            out.push(format!(
+                "  {what:<13} at {:>12} size {:>10}  {fs}, {} to write",
+                a.start,
+                human_bytes(a.len),
+                human_bytes(a.used_bytes)
+            ));
+        }
+        if t.size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
+            out.push("  the target is bigger: the GPT backup header moves to its end".to_string());
+        }
+        out.push(format!(
+            "  {} to write; partition table and boot areas last",
+            human_bytes(self.total())
+        ));
+        if let Some(inc) = &self.point.inc {
+            out.push(format!(
+                "  then      apply incremental {} ({}): changed files and deletions",
+                inc.id,
+                crate::util::timefmt::display(inc.unix_time)
+            ));
+        }
+        if self.how.verify {
+            out.push("  then      read back everything written and check it".to_string());
+        }
+        for l in crate::fixup::plan_lines(m, &self.how.fixups) {
+            out.push(format!("  {l}"));
+        }
+        out
+    }
+
+    /// The plan for `--json` and the rescue report.
+    pub fn to_json(&self) -> serde_json::Value {
+        let m = self.manifest();
+        let t = &self.target;
+        serde_json::json!({
+            "host": m.host,
+            "snapshot": self.point.id(),
+            "image": m.id,
+            "incremental": self.point.inc.as_ref().map(|i| &i.id),
+            "time": crate::util::timefmt::display(self.point.unix_time()),
+            "source": { "path": m.source, "size": m.disk.size, "sector_size": m.disk.sector_size },
+            "target": {
+                "path": t.path.display().to_string(),
+                "size": t.size,
+                "create": t.create,
+                "resume": t.resume,
+                "holds": t.holds,
+            },
+            "areas": m.areas.iter().map(|a| serde_json::json!({
+                "kind": a.kind,
+                "partition": a.partition,
+                "start": a.start,
+                "len": a.len,
+                "content": a.content,
+                "fs": a.fs,
+                "bytes_to_write": a.used_bytes,
+            })).collect::<Vec<_>>(),
+            "bytes_to_write": self.total(),
+            "verify": self.how.verify,
+            "fixups": crate::fixup::plan_lines(m, &self.how.fixups),
+        })
+    }
+
+    /// Carry the plan out. `overwrite` is the front end's consent to replace what the target
+    /// holds; without it a target holding data is refused, and nothing is written.
+    pub fn execute(self, overwrite: bool) -> Result<RestoreSummary> {
+        let start = Instant::now();
+        let src = self.src;
+        let l = &self.point.image;
+        let m = &l.manifest;
+        let how = &self.how;
+        if let Some(what) = &self.target.holds
+            && !overwrite
+        {
+            bail!(
+                "target {} holds {what}: nothing was written; confirm overwriting it",
+                self.target.path.display()
+            );
+        }
+        let threads = how
+            .threads
+            .unwrap_or_else(crate::util::pool::default_threads)
+            .max(1);
+        crate::fixup::preflight(&how.fixups, &self.target.path)?;
+        let read_all = !how.no_precheck && src.local_path().is_some();
+        blocks::precheck(src, l, read_all, threads, how.quiet)?;
+
+        let path = &self.target.path;
+        let fresh = self.target.create && prepare_target(path, m.disk.size)?;
+        let opened = (|| {
+            // Looked at again: the target may have changed since the plan was made.
+            let now = probe_target(m, path, src.local_path())?;
+            if (now.resume, now.holds.is_some(), now.size)
+                != (
+                    self.target.resume,
+                    self.target.holds.is_some() && !fresh,
+                    self.target.size,
+                )
+            {
+                bail!(
+                    "target {} changed since the restore plan was made: nothing was written; run the restore again",
+                    path.display()
+                );
+            }
+            Disk::open_write(path)
+        })();
+        let disk = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                if fresh {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
+        let resume = self.target.resume;
+        let mark = marker(m, disk.sector_size);
+
+        // From here on the target changes. Mark it first, and hide any old table, so an
+        // interrupted restore never looks like a usable disk.
+        let ss = disk.sector_size;
+        if !resume {
+            disk.file
+                .write_all_at(&mark, 0)
+                .and_then(|_| disk.file.write_all_at(&vec![0u8; ss as usize], ss))
+                .and_then(|_| {
+                    let last = (disk.size / ss).saturating_sub(1) * ss;
+                    if last > ss {
+                        disk.file.write_all_at(&vec![0u8; ss as usize], last)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|_| disk.file.sync_data())
+                .with_context(|| format!("cannot write to {}", disk.path.display()))?;
+        }
+        let total = self.total();
+        let guard = Progress::start("restore", total, how.quiet);
+        let w = Writer {
+            src,
+            m,
+            disk: &disk,
+            fresh,
+            resume,
+            limit: disk.size,
+            progress: guard.handle(),
+            skipped: AtomicU64::new(0),
+        };
+        w.pass(l, AreaKind::Partition, how.zero_free, threads)?;
+        disk.file
+            .sync_data()
+            .with_context(|| format!("cannot flush {}", disk.path.display()))?;
+        w.pass(l, AreaKind::Boot, how.zero_free, threads)?;
+        drop(guard);
+        let layout = layout_of(m);
+        if !matches!(layout.table, Table::None) {
+            layout.write_table(&disk.file, disk.size).with_context(|| {
+                format!(
+                    "cannot write the partition table to {}",
+                    disk.path.display()
+                )
+            })?;
+        }
+        disk.file
+            .sync_all()
+            .with_context(|| format!("cannot flush {}", disk.path.display()))?;
+        disk.reread_partitions();
+        if how.verify {
+            blocks::read_back(l, &disk, &layout, threads, how.quiet)?;
+        }
+        // The blocks are written: what follows mounts the restored filesystems.
+        let skipped = w.skipped.load(Ordering::Relaxed);
+        drop(w);
+        let mut disk = disk;
+        disk.release_exclusive()?;
+        if let Some(i) = &self.point.inc {
+            for f in &self.apply {
+                let area = &m.areas[f.area as usize];
+                let mnt = crate::device::mount::mount_range(
+                    &disk,
+                    area.start,
+                    area.len,
+                    area.partition,
+                    &f.area.to_string(),
+                    false,
+                )?;
+                let st = super::apply::apply(src, &i.id, &mnt.dir, &f.current, &f.desired, None)?;
+                println!(
+                    "applied incremental {} to the filesystem at offset {}: {} removed, {} written, {} updated",
+                    i.id, area.start, st.removed, st.written, st.updated
+                );
+            }
+        }
+        crate::fixup::run(m, &disk, &how.fixups)?;
+        Ok(RestoreSummary {
+            id: self.point.id().to_string(),
+            written: total - skipped,
+            skipped,
+            elapsed: start.elapsed(),
+            verified: how.verify,
+        })
+    }
+}
+
+/// Create a missing image-file target at the source size; Ok(false) if it exists.
+fn prepare_target(path: &Path, size: u64) -> Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create image file {}", path.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("cannot size image file {}", path.display()))?;
+    Ok(true)
+}
+
+pub fn print_summary(s: &RestoreSummary) {
+    println!(
+        "restored snapshot {}: {} written{}{}, {:.1}s",
+        s.id,
+        human_bytes(s.written),
+        if s.skipped > 0 {
+            format!(", {} already in place", human_bytes(s.skipped))
+        } else {
+            String::new()
+        },
+        if s.verified { ", verified" } else { "" },
+        s.elapsed.as_secs_f64()
+    );
+}

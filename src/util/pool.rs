@@ -1,0 +1,182 @@
+//! The one pipeline shape bmr's bulk work uses: a feeder thread, N workers with their own
+//! state (buffers, a compressor), and the calling thread collecting results, over bounded
+//! queues so memory stays fixed whatever the disk size. The first error anywhere stops the
+//! feeding, the rest of the queue is drained unprocessed, and that error is returned.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+use crossbeam_channel::{Sender, bounded};
+
+/// Default worker count: twice the CPUs, since workers also wait on I/O.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}
+
+/// The feeding side of a pipeline.
+pub struct Feeder<'a, T> {
+    tx: Sender<T>,
+    stop: &'a AtomicBool,
+}
+
+impl<T> Feeder<'_, T> {
+    /// Queue an item; false once the pipeline has stopped: feed no more.
+    pub fn send(&self, item: T) -> bool {
+        !self.stopped() && self.tx.send(item).is_ok()
+    }
+
+    /// Whether an error elsewhere has stopped the pipeline.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+struct First<'a> {
+    stop: &'a AtomicBool,
+    error: Mutex<Option<anyhow::Error>>,
+}
+
+impl First<'_> {
+    fn fail(&self, e: anyhow::Error) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    }
+}
+
+/// Run `feed` on its own thread, `work` on `threads` workers (each with the state `init`
+/// makes), and `collect` on the calling thread, in completion order.
+pub fn pipeline<T, R, S>(
+    threads: usize,
+    init: impl Fn() -> Result<S> + Sync,
+    work: impl Fn(&mut S, T) -> Result<R> + Sync,
+    feed: impl FnOnce(&Feeder<T>) -> Result<()> + Send,
+    mut collect: impl FnMut(R) -> Result<()>,
+) -> Result<()>
+where
+    T: Send,
+    R: Send,
+{
+    let threads = threads.max(1);
+    let stop = AtomicBool::new(false);
+    let first = First {
+        stop: &stop,
+        error: Mutex::new(None),
+    };
+    let (tx, rx) = bounded::<T>(threads * 2);
+    let (rtx, rrx) = bounded::<R>(threads * 2);
+    std::thread::scope(|s| {
+        let (first, stop, init, work) = (&first, &stop, &init, &work);
+        s.spawn(move || {
+            let f = Feeder { tx, stop };
+            if let Err(e) = feed(&f) {
+                first.fail(e);
+            }
+        });
+        for _ in 0..threads {
+            let (rx, rtx) = (rx.clone(), rtx.clone());
+            s.spawn(move || {
+                let mut state = match init() {
+                    Ok(st) => st,
+                    Err(e) => {
+                        first.fail(e);
+                        // Keep draining so the feeder is never left blocked.
+                        for _ in rx.iter() {}
+                        return;
+                    }
+                };
+                for item in rx.iter() {
+                    if stop.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match work(&mut state, item) {
+                        Ok(r) => {
+                            let _ = rtx.send(r);
+                        }
+                        Err(e) => first.fail(e),
+                    }
+                }
+            });
+        }
+        drop((rx, rtx));
+        for r in rrx.iter() {
+            if stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = collect(r) {
+                first.fail(e);
+            }
+        }
+    });
+    match first.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A pipeline whose workers return nothing to collect.
+pub fn for_each<T: Send, S>(
+    threads: usize,
+    init: impl Fn() -> Result<S> + Sync,
+    work: impl Fn(&mut S, T) -> Result<()> + Sync,
+    feed: impl FnOnce(&Feeder<T>) -> Result<()> + Send,
+) -> Result<()> {
+    pipeline(threads, init, work, feed, |()| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_items_pass_and_the_first_error_stops_the_rest() {
+        let mut sum = 0u64;
+        pipeline(
+            3,
+            || Ok(0u64),
+            |seen, x: u64| {
+                *seen += 1;
+                Ok(x * 2)
+            },
+            |f| {
+                for i in 0..1000 {
+                    assert!(f.send(i));
+                }
+                Ok(())
+            },
+            |r| {
+                sum += r;
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(sum, 999 * 1000);
+
+        let fed = std::sync::atomic::AtomicU64::new(0);
+        let e = for_each(
+            2,
+            || Ok(()),
+            |_, x: u64| {
+                if x == 10 {
+                    anyhow::bail!("item {x} is bad")
+                }
+                Ok(())
+            },
+            |f| {
+                for i in 0..1_000_000 {
+                    if !f.send(i) {
+                        break;
+                    }
+                    fed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "item 10 is bad");
+        assert!(fed.load(Ordering::Relaxed) < 1_000_000);
+    }
+}
