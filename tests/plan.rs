@@ -19,18 +19,7 @@ fn plan_block(out: &str) -> Vec<String> {
 
 /// A GPT disk with an ext4 partition backed up as host web1, then an incremental on top.
 fn sample(tmp: &Tmp) -> String {
-    let dir = tmp.path("tree");
-    populate(&dir, 5);
-    let disk = ext_disk(tmp, 48, 40, "", &dir);
-    let repo = tmp.s("repo");
-    bmr_ok(&[
-        "backup",
-        "--repo",
-        &repo,
-        "--host",
-        "web1",
-        &disk.display().to_string(),
-    ]);
+    let (repo, disk) = web1_image(tmp, 5);
     let mnt = tmp.path("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     sh(&format!(

@@ -26,19 +26,7 @@ fn result(out: &str) -> String {
 
 /// A GPT disk with an ext4 partition, backed up as host web1.
 fn sample(tmp: &Tmp) -> (String, std::path::PathBuf) {
-    let dir = tmp.path("tree");
-    populate(&dir, 11);
-    let disk = ext_disk(tmp, 48, 40, "", &dir);
-    let repo = tmp.s("repo");
-    bmr_ok(&[
-        "backup",
-        "--repo",
-        &repo,
-        "--host",
-        "web1",
-        &disk.display().to_string(),
-    ]);
-    (repo, disk)
+    web1_image(tmp, 11)
 }
 
 fn check_restored(tmp: &Tmp, target: &Path) {

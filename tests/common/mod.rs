@@ -536,3 +536,21 @@ impl Nginx {
             .collect()
     }
 }
+
+/// A GPT disk image with an ext4 partition of files made from `seed`, backed up as host web1:
+/// (repository, disk).
+pub fn web1_image(tmp: &Tmp, seed: u32) -> (String, PathBuf) {
+    let dir = tmp.path("tree");
+    populate(&dir, seed);
+    let disk = ext_disk(tmp, 48, 40, "", &dir);
+    let repo = tmp.s("repo");
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "web1",
+        &disk.display().to_string(),
+    ]);
+    (repo, disk)
+}
