@@ -4,6 +4,8 @@
 # files). Writes the results to docs/benchmarks.md. Run as root:  bench/bench.sh
 # Work files go to $BMR_BENCH_DIR (default /var/tmp/bmr-bench, needs ~25 GB; the source disk is
 # kept between runs; delete the directory to rebuild it).
+# BMR_BASELINE=/path/to/an/older/bmr also times that binary's backup and restore side by side
+# with this tree's, alternating, three rounds each (a change must not slow either down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -86,6 +88,28 @@ rm -rf "$W/repo-big"
 measure bmr_restore_4x_disk "$BMR" restore --repo "$W/repo-big" --host big --target "$W/out.big" -q
 rm -f "$W/out.big"
 
+BASE_ROWS=""
+if [ -n "${BMR_BASELINE:-}" ]; then
+    echo "== before/after: $BMR_BASELINE vs this tree, alternating, 3 rounds"
+    for round in 1 2 3; do
+        for tag in base new; do
+            bin=$BMR; [ $tag = base ] && bin=$BMR_BASELINE
+            rm -rf "$W/repo-$tag" "$W/out.$tag"
+            measure "${tag}_backup_$round" "$bin" backup --repo "$W/repo-$tag" --host bench -q "$W/disk.img"
+            measure "${tag}_restore_$round" "$bin" restore --repo "$W/repo-$tag" --host bench --target "$W/out.$tag" -q
+            rm -f "$W/out.$tag"
+            measure "${tag}_noprecheck_$round" "$bin" restore --repo "$W/repo-$tag" --host bench --target "$W/out.$tag" -q --no-precheck
+            rm -f "$W/out.$tag"
+        done
+    done
+    rm -rf "$W/repo-base" "$W/repo-new"
+    median() { printf '%s\n' "${SECS[${1}_1]}" "${SECS[${1}_2]}" "${SECS[${1}_3]}" | sort -n | sed -n 2p; }
+    for op in backup restore noprecheck; do
+        b=$(median "base_$op"); n=$(median "new_$op")
+        BASE_ROWS+="| $op | $b | $n | $(python3 -c "print(f'{$n / $b:.3f}')")x |"$'\n'
+    done
+fi
+
 echo "== file level"
 # One ~1 MiB file out of the image: count the chunk bytes restore-files reads.
 ONE=$(cd "$DATA" && find . -type f -size +1000k -size -1100k | head -1 | sed 's|^\./||')
@@ -149,5 +173,16 @@ zstd image: $(( $(stat -c %s "$W/pc.zst") / 1048576 )) MiB. bmr compresses with 
 matches \`zstd\`'s default: about 10% smaller, about 1.6x slower to back up on this machine); restore speed
 does not depend on the level. Numbers on this VM vary by up to 2x between runs (page cache and writeback).
 EOF
+if [ -n "$BASE_ROWS" ]; then
+cat <<EOF
+
+Before/after (\`BMR_BASELINE=$BMR_BASELINE\` against this tree at $(git rev-parse --short HEAD 2>/dev/null || echo "?")):
+the median of three alternating runs each, same disk, page cache dropped before each run.
+
+| operation | before (s) | after (s) | after / before |
+| --- | ---: | ---: | ---: |
+${BASE_ROWS}
+EOF
+fi
 } >"$OUT"
 cat "$OUT"

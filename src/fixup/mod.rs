@@ -73,10 +73,13 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
         _ => false,
     };
     if esp {
-        v.push(
+        v.push(if o.efi_boot_entry {
             "fix-up    UEFI: fallback loader EFI/BOOT/BOOTX64.EFI, boot entry first in BootOrder"
-                .into(),
-        );
+                .into()
+        } else {
+            "fix-up    UEFI: fallback loader EFI/BOOT/BOOTX64.EFI (no NVRAM entry without --efi-boot-entry)"
+                .into()
+        });
     }
     if o.reinstall_bootloader {
         v.push(

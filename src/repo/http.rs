@@ -166,7 +166,7 @@ impl HttpRepo {
                     "{url} is {n} bytes, more than bmr accepts for it ({max}): check the repository URL"
                 );
             }
-            let mut body = Vec::new();
+            let mut body = Vec::with_capacity(r.content_length().unwrap_or(0) as usize);
             use std::io::Read;
             match r.take(max + 1).read_to_end(&mut body) {
                 Ok(_) if body.len() as u64 > max => bail!(

@@ -297,3 +297,42 @@ impl RepoWrite for LocalRepo {
         fs::remove_file(&path).with_context(|| format!("cannot delete {}", path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_files_appear_only_when_committed() {
+        let dir = std::env::temp_dir().join(format!("bmr-local-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let repo = LocalRepo::open_or_init(&dir).unwrap();
+        let rel = "hosts/h/snapshots/x.idx";
+        let mut f = repo.create_file(rel).unwrap();
+        f.write_all(b"partial").unwrap();
+        drop(f);
+        assert_eq!(repo.read_file(rel).unwrap(), None);
+        assert!(repo.list_files("hosts/h/snapshots").unwrap().is_empty());
+        let mut f = repo.create_file(rel).unwrap();
+        f.write_all(b"whole").unwrap();
+        f.commit().unwrap();
+        assert_eq!(repo.read_file(rel).unwrap().as_deref(), Some(&b"whole"[..]));
+        assert_eq!(repo.list_files("hosts/h/snapshots").unwrap(), ["x.idx"]);
+
+        // A chunk is stored once, reads back whole, and a file too big for a chunk is refused
+        // before it is read.
+        let d = Digest::of(b"data");
+        let (len, _, new) = repo.put_chunk(&d, b"payload").unwrap();
+        assert!(new && len == (CHUNK_HEADER_LEN + 7) as u64);
+        assert!(!repo.put_chunk(&d, b"payload").unwrap().2);
+        let mut buf = Vec::new();
+        repo.read_chunk_into(&d, &mut buf).unwrap();
+        assert_eq!(&buf[CHUNK_HEADER_LEN..], b"payload");
+        let big = Digest::of(b"big");
+        let f = File::create(dir.join(paths::chunk(&big))).unwrap();
+        f.set_len(crate::repo::chunk::MAX_STORED_CHUNK + 1).unwrap();
+        let e = repo.read_chunk_into(&big, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("more than a chunk can be"), "{e:#}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

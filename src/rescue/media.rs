@@ -191,7 +191,7 @@ pub fn search(root: &Path) -> Vec<PathBuf> {
 }
 
 fn hosts_of(repo: &Path) -> Vec<String> {
-    let Ok(b) = fs::read(repo.join("hosts.json")) else {
+    let Ok(b) = fs::read(repo.join(crate::repo::paths::HOSTS_FILE)) else {
         return Vec::new();
     };
     serde_json::from_slice::<crate::repo::manifest::HostList>(&b)

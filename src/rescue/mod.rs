@@ -45,11 +45,7 @@ pub struct Outcome {
     pub verified: bool,
 }
 
-/// Whether this process runs inside the rescue system (the init script sets BMR_RESCUE=1):
-/// only there may it power the machine off.
-pub fn in_rescue_system() -> bool {
-    std::env::var_os("BMR_RESCUE").is_some_and(|v| v == "1")
-}
+pub use crate::util::in_rescue_system;
 
 /// `bmr.ca=` names: absolute paths, or files in the initramfs or on the boot medium.
 pub fn resolve_ca(names: &[String], medium: Option<&Path>) -> Vec<PathBuf> {

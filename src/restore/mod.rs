@@ -87,7 +87,10 @@ fn confirm_overwrite(plan: &RestorePlan, yes: bool) -> Result<bool> {
 pub fn run(o: &RestoreOptions) -> Result<Option<RestoreSummary>> {
     let src = crate::repo::open(&o.point.repo)?;
     let point = crate::repo::snapshot::resolve(src.as_ref(), &o.point.host, &o.point.at)?;
-    let plan = RestorePlan::prepare(src.as_ref(), point, &o.target, o.how.clone())?;
+    let mut how = o.how.clone();
+    // As the rescue system's own front ends do: there the firmware's boot entry is the one to fix.
+    how.fixups.efi_boot_entry |= crate::util::in_rescue_system() && !how.fixups.no_fixups;
+    let plan = RestorePlan::prepare(src.as_ref(), point, &o.target, how)?;
     if o.json {
         println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
     } else {
