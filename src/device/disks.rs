@@ -11,17 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+use crate::device::layout::Partition;
 use crate::util::progress::human_bytes;
 
 /// ISO 9660 volume id of the rescue medium (iso-build/build.sh).
 pub const RESCUE_VOLID: &str = "BMR_RESCUE";
-
-#[derive(Debug, Clone)]
-pub struct Part {
-    pub name: String,
-    pub number: u32,
-    pub size: u64,
-}
 
 #[derive(Debug, Clone)]
 pub struct DiskInfo {
@@ -33,7 +27,8 @@ pub struct DiskInfo {
     pub bus: String,
     pub removable: bool,
     pub read_only: bool,
-    pub parts: Vec<Part>,
+    /// Its partitions as the kernel sees them (with their kernel names).
+    pub parts: Vec<Partition>,
     /// Names as udev would create them under /dev/disk/by-id.
     pub ids: Vec<String>,
     pub rescue_medium: bool,
@@ -162,17 +157,20 @@ fn disk_info(name: &str) -> Option<DiskInfo> {
     if let Some(w) = wwid {
         ids.push(format!("wwn-0x{}", &w[4..]));
     }
-    let mut parts: Vec<Part> = fs::read_dir(&sys)
+    let mut parts: Vec<Partition> = fs::read_dir(&sys)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let p = e.path();
             let number = read_trim(p.join("partition")).parse().ok()?;
-            Some(Part {
-                name: e.file_name().to_string_lossy().to_string(),
+            // sysfs counts 512-byte sectors whatever the disk's sector size.
+            Some(Partition {
                 number,
-                size: read_trim(p.join("size")).parse::<u64>().ok()? * 512,
+                start: read_trim(p.join("start")).parse::<u64>().ok()? * 512,
+                len: read_trim(p.join("size")).parse::<u64>().ok()? * 512,
+                kernel_name: e.file_name().to_string_lossy().to_string(),
+                ..Default::default()
             })
         })
         .collect();

@@ -84,6 +84,9 @@ pub struct Partition {
     pub type_desc: String,
     /// GPT unique partition GUID (lower case); empty on MBR.
     pub unique_guid: String,
+    /// Kernel name (`sda1`, `nvme0n1p2`) of a partition found in sysfs; empty for one read
+    /// from a partition table.
+    pub kernel_name: String,
 }
 
 /// A byte range of the disk outside every data partition (head, gaps incl. EBRs, tail).
@@ -147,6 +150,7 @@ impl DiskLayout {
                     len: (p.last_lba.saturating_sub(p.first_lba) + 1) * ss,
                     type_desc: p.type_guid.to_lowercase(),
                     unique_guid: p.unique_guid.to_lowercase(),
+                    kernel_name: String::new(),
                 })
                 .collect(),
             Table::Mbr(m) => m
@@ -159,6 +163,7 @@ impl DiskLayout {
                     len: p.sectors * ss,
                     type_desc: format!("0x{:02x}", p.type_id),
                     unique_guid: String::new(),
+                    kernel_name: String::new(),
                 })
                 .collect(),
             Table::None => Vec::new(),

@@ -239,8 +239,10 @@ impl Ui {
                         .parts
                         .iter()
                         .map(|p| {
-                            let f = fs.iter().find(|f| f.dev.ends_with(&format!("/{}", p.name)));
-                            let mut t = format!("{} {}", p.name, human_bytes(p.size));
+                            let f = fs
+                                .iter()
+                                .find(|f| f.dev.ends_with(&format!("/{}", p.kernel_name)));
+                            let mut t = format!("{} {}", p.kernel_name, human_bytes(p.len));
                             if let Some(f) = f {
                                 t.push_str(&format!(" {}", f.fstype));
                                 if !f.label.is_empty() {

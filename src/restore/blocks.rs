@@ -123,8 +123,8 @@ pub fn precheck(
     let progress = guard.handle();
     crate::util::pool::for_each(
         threads,
-        || Ok(Vec::new()),
-        |stored: &mut Vec<u8>, r: Record| {
+        || Ok(()),
+        |(), r: Record| {
             let ChunkRef::Data {
                 digest,
                 stored_len,
@@ -137,10 +137,12 @@ pub fn precheck(
             if src.chunk_len(digest)?.is_none() {
                 return Err(missing(digest));
             }
-            src.read_chunk_into(digest, stored)?;
+            // A fresh buffer per chunk, as in ChunkReader (measured faster than reusing one).
+            let mut stored = Vec::new();
+            src.read_chunk_into(digest, &mut stored)?;
             progress.add(u64::from(*stored_len));
             if stored.len() as u64 != u64::from(*stored_len)
-                || crate::repo::chunk::check_stored(stored, stored_sha).is_none()
+                || crate::repo::chunk::check_stored(&stored, stored_sha).is_none()
             {
                 return Err(damaged(digest));
             }

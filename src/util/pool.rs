@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 /// Default worker count: twice the CPUs, since workers also wait on I/O.
 pub fn default_threads() -> usize {
@@ -38,12 +38,47 @@ struct First<'a> {
 }
 
 impl First<'_> {
+    fn into_result(self) -> Result<()> {
+        match self.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     fn fail(&self, e: anyhow::Error) {
         self.stop.store(true, Ordering::Relaxed);
         self.error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert(e);
+    }
+}
+
+/// One worker: its state, then items until the queue closes; after an error anywhere the rest
+/// of the queue is drained unprocessed, so the feeder is never left blocked.
+fn worker<T, R, S>(
+    first: &First,
+    init: &(impl Fn() -> Result<S> + Sync),
+    work: &(impl Fn(&mut S, T) -> Result<R> + Sync),
+    rx: &Receiver<T>,
+    mut out: impl FnMut(R),
+) {
+    let mut state = match init() {
+        Ok(st) => Some(st),
+        Err(e) => {
+            first.fail(e);
+            None
+        }
+    };
+    for item in rx.iter() {
+        let Some(st) = state.as_mut() else { continue };
+        if first.stop.load(Ordering::Relaxed) {
+            continue;
+        }
+        match work(st, item) {
+            Ok(r) => out(r),
+            Err(e) => first.fail(e),
+        }
     }
 }
 
@@ -79,26 +114,9 @@ where
         for _ in 0..threads {
             let (rx, rtx) = (rx.clone(), rtx.clone());
             s.spawn(move || {
-                let mut state = match init() {
-                    Ok(st) => st,
-                    Err(e) => {
-                        first.fail(e);
-                        // Keep draining so the feeder is never left blocked.
-                        for _ in rx.iter() {}
-                        return;
-                    }
-                };
-                for item in rx.iter() {
-                    if stop.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    match work(&mut state, item) {
-                        Ok(r) => {
-                            let _ = rtx.send(r);
-                        }
-                        Err(e) => first.fail(e),
-                    }
-                }
+                worker(first, init, work, &rx, |r| {
+                    let _ = rtx.send(r);
+                })
             });
         }
         drop((rx, rtx));
@@ -111,20 +129,38 @@ where
             }
         }
     });
-    match first.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    first.into_result()
 }
 
-/// A pipeline whose workers return nothing to collect.
+/// A pipeline whose workers return nothing to collect: the calling thread feeds.
 pub fn for_each<T: Send, S>(
     threads: usize,
     init: impl Fn() -> Result<S> + Sync,
     work: impl Fn(&mut S, T) -> Result<()> + Sync,
-    feed: impl FnOnce(&Feeder<T>) -> Result<()> + Send,
+    feed: impl FnOnce(&Feeder<T>) -> Result<()>,
 ) -> Result<()> {
-    pipeline(threads, init, work, feed, |()| Ok(()))
+    let threads = threads.max(1);
+    let stop = AtomicBool::new(false);
+    let first = First {
+        stop: &stop,
+        error: Mutex::new(None),
+    };
+    let (tx, rx) = bounded::<T>(threads * 2);
+    std::thread::scope(|s| {
+        let (first, init, work) = (&first, &init, &work);
+        for _ in 0..threads {
+            let rx = rx.clone();
+            s.spawn(move || worker(first, init, work, &rx, |()| {}));
+        }
+        drop(rx);
+        let f = Feeder { tx, stop: &stop };
+        if let Err(e) = feed(&f) {
+            first.fail(e);
+        }
+        // Closing the queue ends the workers.
+        drop(f);
+    });
+    first.into_result()
 }
 
 #[cfg(test)]
