@@ -32,12 +32,14 @@ impl<T> Feeder<'_, T> {
     }
 }
 
-struct First<'a> {
-    stop: &'a AtomicBool,
+/// What every thread of a pipeline shares: the stop flag and the first error.
+#[derive(Default)]
+struct First {
+    stop: AtomicBool,
     error: Mutex<Option<anyhow::Error>>,
 }
 
-impl First<'_> {
+impl First {
     fn into_result(self) -> Result<()> {
         match self.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
@@ -95,18 +97,16 @@ where
     T: Send,
     R: Send,
 {
-    let threads = threads.max(1);
-    let stop = AtomicBool::new(false);
-    let first = First {
-        stop: &stop,
-        error: Mutex::new(None),
-    };
+    let (threads, first) = (threads.max(1), First::default());
     let (tx, rx) = bounded::<T>(threads * 2);
     let (rtx, rrx) = bounded::<R>(threads * 2);
     std::thread::scope(|s| {
-        let (first, stop, init, work) = (&first, &stop, &init, &work);
+        let (first, init, work) = (&first, &init, &work);
         s.spawn(move || {
-            let f = Feeder { tx, stop };
+            let f = Feeder {
+                tx,
+                stop: &first.stop,
+            };
             if let Err(e) = feed(&f) {
                 first.fail(e);
             }
@@ -121,7 +121,7 @@ where
         }
         drop((rx, rtx));
         for r in rrx.iter() {
-            if stop.load(Ordering::Relaxed) {
+            if first.stop.load(Ordering::Relaxed) {
                 continue;
             }
             if let Err(e) = collect(r) {
@@ -139,12 +139,7 @@ pub fn for_each<T: Send, S>(
     work: impl Fn(&mut S, T) -> Result<()> + Sync,
     feed: impl FnOnce(&Feeder<T>) -> Result<()>,
 ) -> Result<()> {
-    let threads = threads.max(1);
-    let stop = AtomicBool::new(false);
-    let first = First {
-        stop: &stop,
-        error: Mutex::new(None),
-    };
+    let (threads, first) = (threads.max(1), First::default());
     let (tx, rx) = bounded::<T>(threads * 2);
     std::thread::scope(|s| {
         let (first, init, work) = (&first, &init, &work);
@@ -153,7 +148,10 @@ pub fn for_each<T: Send, S>(
             s.spawn(move || worker(first, init, work, &rx, |()| {}));
         }
         drop(rx);
-        let f = Feeder { tx, stop: &stop };
+        let f = Feeder {
+            tx,
+            stop: &first.stop,
+        };
         if let Err(e) = feed(&f) {
             first.fail(e);
         }
