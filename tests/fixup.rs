@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const ESP_TYPE: &str = "ef00";
 
@@ -412,4 +412,85 @@ fn grow_on_mbr_and_refusal_for_a_logical_last_partition() {
         err.contains("logical one inside an extended partition"),
         "{err}"
     );
+}
+
+/// A GPT disk of `disk_mib` whose one partition (1 MiB on, `part_mib` long) holds a filesystem
+/// made by `mkfs` on a loop device, with a few files.
+fn one_fs_disk(tmp: &Tmp, name: &str, disk_mib: u64, part_mib: u64, mkfs: &str) -> PathBuf {
+    let disk = tmp.path(name);
+    sh(&format!(
+        "truncate -s {disk_mib}M {d} && sgdisk -n 1:2048:+{part_mib}M {d} >/dev/null && \
+         l=$(losetup -f --show -o {MIB} --sizelimit {len} {d}) && {mkfs} $l >/dev/null && \
+         m={m} && mkdir -p $m && mount $l $m && cp -a /etc/os-release /etc/services $m/ && \
+         mkdir $m/dir && head -c 3M /dev/urandom > $m/dir/blob && umount $m; losetup -d $l",
+        d = disk.display(),
+        len = part_mib * MIB,
+        m = tmp.path(&format!("{name}.mnt")).display(),
+    ));
+    disk
+}
+
+#[test]
+fn grow_xfs_and_btrfs_while_mounted() {
+    let tmp = Tmp::new("fixup-grow-xfs-btrfs");
+    for (fs, part_mib, check) in [
+        ("xfs", 320, "xfs_repair -n"),
+        ("btrfs", 200, "btrfs check --readonly"),
+    ] {
+        let mkfs = if fs == "xfs" {
+            "mkfs.xfs -f -q"
+        } else {
+            "mkfs.btrfs -f -q"
+        };
+        let disk = one_fs_disk(&tmp, &format!("{fs}.img"), part_mib + 2, part_mib, mkfs);
+        let repo = tmp.s(&format!("repo-{fs}"));
+        bmr_ok(&[
+            "backup",
+            "--repo",
+            &repo,
+            "--host",
+            fs,
+            "-q",
+            &disk.display().to_string(),
+        ]);
+        let big = tmp.path(&format!("{fs}-big.img"));
+        let big_mib = part_mib * 2 + 2;
+        sh(&format!("truncate -s {big_mib}M {}", big.display()));
+        let _ = sh_status("btrfs device scan --forget");
+        let out = bmr_ok(&[
+            "restore",
+            "--repo",
+            &repo,
+            "--host",
+            fs,
+            "--target",
+            &big.display().to_string(),
+            "--grow",
+            "--yes",
+        ]);
+        assert!(out.contains("fix-up grow: partition 1 grown from"), "{out}");
+        let grown = if fs == "xfs" {
+            "xfs: data blocks changed from"
+        } else {
+            "btrfs: Resize"
+        };
+        assert!(out.contains(&format!("fix-up grow: {grown}")), "{out}");
+        // The filesystem fills the grown partition, checks clean, and kept its files.
+        let (first, last) = gpt_range(&big, 1);
+        let len = (last + 1 - first) * 512;
+        assert!(len > (big_mib - 2) * MIB, "partition 1 is {len} bytes");
+        let size = sh(&format!(
+            "l=$(losetup -f --show -o {} --sizelimit {len} {}) && {check} $l >/dev/null 2>&1; rc=$?; \
+             m={m} && mkdir -p $m && mount -o ro $l $m && cmp $m/services /etc/services && \
+             df -B1 --output=size $m | tail -1; umount $m; losetup -d $l; exit $rc",
+            first * 512,
+            big.display(),
+            m = tmp.path(&format!("{fs}-check")).display(),
+        ));
+        let size: u64 = size.trim().parse().unwrap_or_else(|_| panic!("df: {size}"));
+        assert!(
+            size > part_mib * MIB * 3 / 2,
+            "{fs} is {size} bytes after --grow on a {len}-byte partition"
+        );
+    }
 }

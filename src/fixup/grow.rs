@@ -1,5 +1,6 @@
-//! `--grow`: on a bigger disk, the last partition is extended to the end and its ext2/3/4
-//! filesystem grown with the restored system's own tool set (e2fsck, resize2fs).
+//! `--grow`: on a bigger disk, the last partition is extended to the end and its filesystem
+//! grown: ext2/3/4 offline (e2fsck, resize2fs), XFS and btrfs mounted (xfs_growfs,
+//! `btrfs filesystem resize max`), as their tools require.
 
 use std::io::{Seek, SeekFrom};
 
@@ -178,6 +179,36 @@ pub fn grow_ext(dev: &std::path::Path) -> Result<String> {
         .unwrap_or("filesystem grown")
         .trim()
         .to_string())
+}
+
+/// Grow a mounted XFS or btrfs to the size of its partition; the tool's summary.
+pub fn grow_mounted(fstype: &str, mountpoint: &std::path::Path) -> Result<String> {
+    let (cmd, args, pkg): (&str, &[&str], &str) = match fstype {
+        "xfs" => ("xfs_growfs", &["-d"], "xfsprogs"),
+        "btrfs" => ("btrfs", &["filesystem", "resize", "max"], "btrfs-progs"),
+        other => bail!("--grow: bmr does not grow {other} while mounted"),
+    };
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .arg(mountpoint)
+        .output()
+        .with_context(|| format!("--grow: cannot run {cmd}: is {pkg} installed?"))?;
+    if !out.status.success() {
+        bail!(
+            "--grow: {cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    // xfs_growfs: "data blocks changed from 81920 to 176640"; btrfs: "Resize device id 1 ...".
+    Ok(text
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+        .find(|l| l.contains("changed from") || l.starts_with("Resize"))
+        .map_or_else(
+            || format!("{fstype} filesystem grown"),
+            |l| format!("{fstype}: {}", l.trim()),
+        ))
 }
 
 #[cfg(test)]

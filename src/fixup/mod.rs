@@ -18,7 +18,8 @@ use crate::util::progress::human_bytes;
 
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct FixupOptions {
-    /// On a bigger target, grow the last partition and its ext2/3/4 filesystem to the end.
+    /// On a bigger target, grow the last partition and its filesystem (ext2/3/4, XFS, btrfs)
+    /// to the end.
     #[arg(long)]
     pub grow: bool,
     /// Create a UEFI boot entry for the restored system in this machine's NVRAM and put it
@@ -60,7 +61,7 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
     let mut v = Vec::new();
     if o.grow {
         v.push(
-            "fix-up    grow the last partition and its ext filesystem to the end of the disk"
+            "fix-up    grow the last partition and its filesystem (ext, XFS, btrfs) to the end of the disk"
                 .into(),
         );
     }
@@ -147,10 +148,15 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                         let dev = PartDev::open(disk, &p)?;
                         step("grow", &grow::grow_ext(&dev.path)?);
                     }
+                    // Both grow only while mounted: the kernel does the work.
+                    Some(t @ ("xfs" | "btrfs")) => {
+                        let mnt = mount_range(disk, p.start, p.len, Some(p.number), "grow", false)?;
+                        step("grow", &grow::grow_mounted(t, &mnt.dir)?);
+                    }
                     other => step(
                         "grow",
                         &format!(
-                            "its {} filesystem keeps its size (bmr grows ext2/3/4): grow it after boot",
+                            "its {} filesystem keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
                             other.unwrap_or("unknown")
                         ),
                     ),
