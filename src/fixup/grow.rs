@@ -188,11 +188,19 @@ pub fn grow_mounted(fstype: &str, mountpoint: &std::path::Path) -> Result<String
         "btrfs" => ("btrfs", &["filesystem", "resize", "max"], "btrfs-progs"),
         other => bail!("--grow: bmr does not grow {other} while mounted"),
     };
-    let out = std::process::Command::new(cmd)
+    let out = match std::process::Command::new(cmd)
         .args(args)
         .arg(mountpoint)
         .output()
-        .with_context(|| format!("--grow: cannot run {cmd}: is {pkg} installed?"))?;
+    {
+        // The partition is grown and the filesystem intact: it grows after boot as well.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!(
+                "its {fstype} filesystem keeps its size: {cmd} ({pkg}) is not on this system; grow it after boot"
+            ));
+        }
+        r => r.with_context(|| format!("--grow: cannot run {cmd}"))?,
+    };
     if !out.status.success() {
         bail!(
             "--grow: {cmd} failed: {}",
