@@ -716,3 +716,24 @@ fn short_partition_and_bad_crc() {
     let e = bmr::fs::map::probe(&f, 0, LEN).expect_err("bad crc");
     assert!(e.to_string().contains("checksum"), "{e:#}");
 }
+
+/// Geometries filled through a protofile (no mount needed): 4 KiB sectors, 64 KiB blocks,
+/// v4 with 512-byte blocks.
+#[test]
+fn v5_4k_sectors() {
+    let fx = fixture("4ksect", "-s size=4096", false);
+    check_map(&fx, "xfs v5", "4ksect");
+}
+
+#[test]
+fn v5_64k_blocks() {
+    let fx = fixture("64k", "-b size=65536", false);
+    check_map(&fx, "xfs v5", "64k");
+}
+
+#[test]
+fn v4_512_blocks() {
+    let fx = fixture("v4-512", "-m crc=0 -b size=512", false);
+    let (_, pc) = check_map(&fx, "xfs v4", "v4-512");
+    round_trip(&fx, &pc, false);
+}
