@@ -447,6 +447,27 @@ fn dirty_log() {
     Mnt::new(&lo.0, &tmp.path("mnt"), "rw").unmount();
     assert!(state().contains("CLEAN"));
     probe().unwrap().expect("replayed xfs");
+
+    // 256 KiB log buffers: record headers span several blocks.
+    let m = Mnt::new(&lo.0, &tmp.path("mnt"), "logbsize=256k");
+    populate(&m.path().join("u"), 4);
+    sh("sync");
+    // A copy taken while frozen: bmr must judge its log as xfs_logprint does.
+    let copy = tmp.path("frozen");
+    sh(&format!("xfs_freeze -f {}", m.s()));
+    let cp = sh_status(&format!(
+        "cp --sparse=always {} {}",
+        img.display(),
+        copy.display()
+    ));
+    sh(&format!("xfs_freeze -u {}", m.s()));
+    assert!(cp.0, "{}", cp.1);
+    let frozen_clean = sh(&format!("xfs_logprint -t {} 2>&1", copy.display())).contains("<CLEAN>");
+    let r = bmr::fs::map::probe(&File::open(&copy).unwrap(), 0, LEN);
+    assert_eq!(r.is_ok(), frozen_clean, "{:?}", r.err());
+    m.unmount();
+    assert!(state().contains("CLEAN"));
+    probe().unwrap().expect("clean after 256 KiB log buffers");
 }
 
 /// External logs and realtime sections are reported, not mapped.
