@@ -224,6 +224,11 @@ mod tests {
             ),
             ("fat-nolabel", "truncate -s 8M IMG && mkfs.fat IMG"),
             ("swap", "truncate -s 8M IMG && mkswap -L swp IMG"),
+            ("xfs", "truncate -s 320M IMG && mkfs.xfs -q -L xfslbl IMG"),
+            (
+                "xfs-v4",
+                "truncate -s 320M IMG && mkfs.xfs -q -m crc=0 -L v4lbl IMG",
+            ),
             (
                 "iso",
                 "mkdir -p IMG.d && xorriso -as mkisofs -quiet -V BMR_TEST -o IMG IMG.d",

@@ -1,9 +1,16 @@
 //! Filesystem allocation maps: which blocks of a partition are in use, read from the
 //! filesystem's own structures (no mount, no external tools), so a backup skips free space.
+//!
+//! Mapped: ext2/3/4 (the block bitmaps), FAT12/16/32 (the first FAT) and XFS v4/v5 (each
+//! allocation group's by-block-number free-space B+tree). Every other partition is stored
+//! whole, and so is a mapped one whose structures are damaged, not cleanly unmounted, or use
+//! a layout bmr does not read (ext external journal device; XFS external log or realtime
+//! section).
 
 pub mod ext;
 pub mod fat;
 mod usedmap;
+pub mod xfs;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,13 +21,13 @@ pub use usedmap::UsedMap;
 
 #[derive(Debug, Clone)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4" or "vfat".
+    /// "ext2", "ext3", "ext4", "vfat" or "xfs".
     pub fstype: String,
-    /// "fat12", "fat16", "fat32" for vfat.
+    /// "fat12", "fat16", "fat32" for vfat; "xfs v4" or "xfs v5" for xfs.
     pub variant: Option<String>,
     pub uuid: Option<String>,
     pub label: Option<String>,
-    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster).
+    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster, XFS block).
     pub block_size: u64,
     pub used: UsedMap,
 }
@@ -37,7 +44,43 @@ pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
         .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// Detect ext2/3/4 or FAT in [offset, offset+len) of `dev`. Ok(None): not a filesystem we map
+/// Big-endian readers (XFS), with the same out-of-range rule.
+pub(crate) fn be16(b: &[u8], o: usize) -> u16 {
+    b.get(o..o + 2)
+        .map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
+}
+
+pub(crate) fn be32(b: &[u8], o: usize) -> u32 {
+    b.get(o..o + 4)
+        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
+    b.get(o..o + 8).map_or(0, |s| {
+        u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
+    })
+}
+
+/// A 16-byte UUID as blkid prints it: 8-4-4-4-12 lowercase hex.
+pub(crate) fn uuid_text(b: &[u8]) -> String {
+    let h = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .unwrap_or(&[])
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+/// Detect ext2/3/4, XFS or FAT in [offset, offset+len) of `dev`. Ok(None): not a filesystem we map
 /// (the caller stores the partition whole). Err: it is one, but damaged or not cleanly unmounted.
 pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if len < 2048 {
@@ -49,6 +92,9 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if let Some(info) = ext::probe(dev, offset, len, &head[1024..])? {
         return Ok(Some(info));
     }
+    if let Some(info) = xfs::probe(dev, offset, len, &head)? {
+        return Ok(Some(info));
+    }
     fat::probe(dev, offset, len, &head[..512])
 }
 
@@ -58,17 +104,10 @@ pub fn probe_uuid(dev: &File) -> Option<String> {
     let mut head = vec![0u8; 2048];
     dev.read_exact_at(&mut head, 0).ok()?;
     if le16(&head, 1024 + 56) == 0xef53 {
-        let b = &head[1024 + 104..1024 + 120];
-        let h =
-            |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-        return Some(format!(
-            "{}-{}-{}-{}-{}",
-            h(0..4),
-            h(4..6),
-            h(6..8),
-            h(8..10),
-            h(10..16)
-        ));
+        return Some(uuid_text(&head[1024 + 104..1024 + 120]));
+    }
+    if head.starts_with(xfs::SB_MAGIC) {
+        return Some(uuid_text(&head[32..48]));
     }
     if head[510] == 0x55 && head[511] == 0xaa {
         let fat32 = le16(&head, 22) == 0;
