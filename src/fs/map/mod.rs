@@ -1,6 +1,11 @@
 //! Filesystem allocation maps: which blocks of a partition are in use, read from the
 //! filesystem's own structures (no mount, no external tools), so a backup skips free space.
+//!
+//! ext2/3/4 ([`ext`]: block bitmaps), FAT ([`fat`]: the allocation table) and single-device
+//! btrfs ([`btrfs`]: chunk and extent trees, every copy of DUP chunks). Anything else, and a
+//! filesystem that is damaged or not cleanly unmounted, is stored whole by the caller.
 
+pub mod btrfs;
 pub mod ext;
 pub mod fat;
 mod usedmap;
@@ -14,13 +19,13 @@ pub use usedmap::UsedMap;
 
 #[derive(Debug, Clone)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4" or "vfat".
+    /// "ext2", "ext3", "ext4", "vfat" or "btrfs".
     pub fstype: String,
     /// "fat12", "fat16", "fat32" for vfat.
     pub variant: Option<String>,
     pub uuid: Option<String>,
     pub label: Option<String>,
-    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster).
+    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster, btrfs sector).
     pub block_size: u64,
     pub used: UsedMap,
 }
@@ -37,8 +42,28 @@ pub(crate) fn le32(b: &[u8], o: usize) -> u32 {
         .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// Detect ext2/3/4 or FAT in [offset, offset+len) of `dev`. Ok(None): not a filesystem we map
-/// (the caller stores the partition whole). Err: it is one, but damaged or not cleanly unmounted.
+pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
+    b.get(o..o + 8).map_or(0, |s| {
+        u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
+    })
+}
+
+/// A 16-byte UUID as 8-4-4-4-12 lowercase hex (blkid's form).
+pub(crate) fn fmt_uuid(b: &[u8; 16]) -> String {
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+/// Detect ext2/3/4, FAT or btrfs in [offset, offset+len) of `dev`. Ok(None): not a filesystem
+/// we map (the caller stores the partition whole). Err: it is one, but damaged, not cleanly
+/// unmounted or in a form bmr does not map (multi-device btrfs).
 pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if len < 2048 {
         return Ok(None);
@@ -49,7 +74,12 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if let Some(info) = ext::probe(dev, offset, len, &head[1024..])? {
         return Ok(Some(info));
     }
-    fat::probe(dev, offset, len, &head[..512])
+    if let Some(info) = fat::probe(dev, offset, len, &head[..512])? {
+        return Ok(Some(info));
+    }
+    // Last: mkfs.fat on a small disk does not reach the 64 KiB a stale btrfs superblock keeps,
+    // while mkfs.btrfs clears the first MiB.
+    btrfs::probe(dev, offset, len)
 }
 
 /// Just the filesystem UUID (as `probe` reports it), also for a mounted filesystem whose
@@ -58,17 +88,9 @@ pub fn probe_uuid(dev: &File) -> Option<String> {
     let mut head = vec![0u8; 2048];
     dev.read_exact_at(&mut head, 0).ok()?;
     if le16(&head, 1024 + 56) == 0xef53 {
-        let b = &head[1024 + 104..1024 + 120];
-        let h =
-            |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-        return Some(format!(
-            "{}-{}-{}-{}-{}",
-            h(0..4),
-            h(4..6),
-            h(6..8),
-            h(8..10),
-            h(10..16)
-        ));
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&head[1024 + 104..1024 + 120]);
+        return Some(fmt_uuid(&id));
     }
     if head[510] == 0x55 && head[511] == 0xaa {
         let fat32 = le16(&head, 22) == 0;
@@ -77,6 +99,13 @@ pub fn probe_uuid(dev: &File) -> Option<String> {
             let v = le32(&head, id);
             return Some(format!("{:04X}-{:04X}", v >> 16, v & 0xffff));
         }
+    }
+    let mut sb = vec![0u8; 4096];
+    dev.read_exact_at(&mut sb, btrfs::SB_OFFSET).ok()?;
+    if &sb[0x40..0x48] == btrfs::MAGIC {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&sb[0x20..0x30]);
+        return Some(fmt_uuid(&id));
     }
     None
 }
