@@ -371,6 +371,16 @@ fn round_trip(name: &str, mkfs_opts: &str, mount_opts: &str, rootdir: bool) {
         used < DELETED_MIB * MIB / 2,
         "{name}: {used} bytes used: the deleted file was stored"
     );
+    // The deleted file's data is still on the source disk (nodiscard), so leaving it out
+    // above was the map's doing.
+    let allocated: u64 = sh(&format!("du -B1 {} | cut -f1", disk.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        allocated > used + DELETED_MIB * MIB * 9 / 10,
+        "{name}: only {allocated} bytes of the source image hold data: the deleted file was discarded"
+    );
 
     let repo = tmp.s("repo");
     let out = bmr(&[
@@ -401,7 +411,7 @@ fn round_trip(name: &str, mkfs_opts: &str, mount_opts: &str, rootdir: bool) {
         serde_json::from_str(&bmr_ok(&["list", "--repo", &repo, "--json"])).unwrap();
     let listed = list[0]["snapshots"][0]["used_bytes"].as_u64().unwrap();
     eprintln!(
-        "MEASURED {name}: bmr partition {used} bytes, bmr list {listed}, df used {df}, tree oracle {need}"
+        "MEASURED {name}: bmr partition {used} bytes, bmr list {listed}, df used {df}, tree oracle {need}, source image data {allocated}"
     );
     assert!(
         listed <= df + df * 3 / 100,
@@ -827,4 +837,37 @@ fn mounted_btrfs_is_in_use() {
     assert!(err.contains("mounted read-write"), "{err}");
     drop(m);
     drop(lo);
+}
+
+/// An image copied after an fsync and before the next commit holds a log tree: refused.
+#[test]
+fn fsync_log_is_refused() {
+    let tmp = Tmp::new("btrfs-log");
+    let img = tmp.path("fs.img");
+    sh(&format!("truncate -s 256M {}", img.display()));
+    let lo = Loop::new(&img, 0, 256 * MIB, false);
+    sh(&format!("mkfs.btrfs -q -f -K {}", lo.0));
+    let mnt = tmp.path("mnt");
+    let m = BtrfsMount::new(&lo.0, &mnt, "nodiscard,commit=300");
+    let copy = tmp.path("crashed.img");
+    sh(&format!(
+        "btrfs filesystem sync {m} && \
+         python3 -c \"import os; f = open('{m}/x', 'wb'); f.write(b'a' * 100000); f.flush(); os.fsync(f.fileno())\" && \
+         cp {i} {c}",
+        m = mnt.display(),
+        i = img.display(),
+        c = copy.display()
+    ));
+    drop(m);
+    drop(lo);
+    let log_root = le64(&rd(&File::open(&copy).unwrap(), SB + 0x60, 8), 0);
+    assert_ne!(log_root, 0, "the copy has no log tree");
+    let e = probe_file(&copy, 0, 256 * MIB).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("not cleanly unmounted") && msg.contains("mount and unmount it"),
+        "{msg}"
+    );
+    // Unmounted cleanly, the same filesystem maps.
+    assert!(probe_file(&img, 0, 256 * MIB).unwrap().is_some());
 }
