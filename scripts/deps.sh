@@ -3,9 +3,9 @@
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 
-PKGS=(gdisk fdisk dosfstools mtools e2fsprogs xfsprogs zstd partclone bmap-tools util-linux
+PKGS=(gdisk fdisk dosfstools mtools e2fsprogs xfsprogs btrfs-progs zstd partclone bmap-tools util-linux
       time file udev kmod xxd attr acl python3 openssl tmux xorriso
-      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2 nginx-light xfsprogs btrfs-progs)
+      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2 nginx-light)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -120,19 +120,26 @@ pub fn mounts_on(devs: &HashSet<u64>) -> Result<Vec<MountUse>> {
         .context("cannot read /proc/self/mountinfo")?;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dev) = fields.get(2).and_then(|s| parse_devnum(s)) else {
-            continue;
-        };
-        if !devs.contains(&dev) {
-            continue;
-        }
-        let opts = fields.get(5).copied().unwrap_or("");
         let sep = fields.iter().position(|f| *f == "-");
         let source = sep
             .and_then(|i| fields.get(i + 2))
             .copied()
             .unwrap_or("?")
             .to_string();
+        // btrfs shows an anonymous device number (0:NN) for each subvolume: its source names
+        // the block device it is on.
+        let by_number = fields.get(2).and_then(|s| parse_devnum(s));
+        let dev = by_number.filter(|d| devs.contains(d)).or_else(|| {
+            source
+                .starts_with('/')
+                .then(|| crate::device::block_devnum(Path::new(&unescape_mount(&source))))
+                .flatten()
+                .filter(|d| devs.contains(d))
+        });
+        let Some(dev) = dev else {
+            continue;
+        };
+        let opts = fields.get(5).copied().unwrap_or("");
         uses.push(MountUse {
             devnum: dev,
             source,

@@ -1,12 +1,14 @@
 //! Filesystem allocation maps: which blocks of a partition are in use, read from the
 //! filesystem's own structures (no mount, no external tools), so a backup skips free space.
 //!
-//! Mapped: ext2/3/4 (the block bitmaps), FAT12/16/32 (the first FAT) and XFS v4/v5 (each
-//! allocation group's by-block-number free-space B+tree). Every other partition is stored
-//! whole, and so is a mapped one whose structures are damaged, not cleanly unmounted, or use
-//! a layout bmr does not read (ext external journal device; XFS external log or realtime
-//! section).
+//! Mapped: ext2/3/4 ([`ext`]: the block bitmaps), FAT12/16/32 ([`fat`]: the first FAT), XFS
+//! v4/v5 ([`xfs`]: each allocation group's by-block-number free-space B+tree) and
+//! single-device btrfs ([`btrfs`]: chunk and extent trees, every copy of DUP chunks). Every
+//! other partition is stored whole, and so is a mapped one whose structures are damaged, not
+//! cleanly unmounted, or use a layout bmr does not read (ext external journal device; XFS
+//! external log or realtime section; multi-device or striped btrfs).
 
+pub mod btrfs;
 pub mod ext;
 pub mod fat;
 mod usedmap;
@@ -21,13 +23,14 @@ pub use usedmap::UsedMap;
 
 #[derive(Debug, Clone)]
 pub struct FsInfo {
-    /// "ext2", "ext3", "ext4", "vfat" or "xfs".
+    /// "ext2", "ext3", "ext4", "vfat", "xfs" or "btrfs".
     pub fstype: String,
     /// "fat12", "fat16", "fat32" for vfat; "xfs v4" or "xfs v5" for xfs.
     pub variant: Option<String>,
     pub uuid: Option<String>,
     pub label: Option<String>,
-    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster, XFS block).
+    /// Allocation unit in bytes (ext block or bigalloc cluster, FAT cluster, XFS block, btrfs
+    /// sector).
     pub block_size: u64,
     pub used: UsedMap,
 }
@@ -61,6 +64,12 @@ pub(crate) fn be64(b: &[u8], o: usize) -> u64 {
     })
 }
 
+pub(crate) fn le64(b: &[u8], o: usize) -> u64 {
+    b.get(o..o + 8).map_or(0, |s| {
+        u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
+    })
+}
+
 /// A 16-byte UUID as blkid prints it: 8-4-4-4-12 lowercase hex.
 pub(crate) fn uuid_text(b: &[u8]) -> String {
     let h = |r: std::ops::Range<usize>| {
@@ -80,8 +89,9 @@ pub(crate) fn uuid_text(b: &[u8]) -> String {
     )
 }
 
-/// Detect ext2/3/4, XFS or FAT in [offset, offset+len) of `dev`. Ok(None): not a filesystem we map
-/// (the caller stores the partition whole). Err: it is one, but damaged or not cleanly unmounted.
+/// Detect ext2/3/4, XFS, FAT or btrfs in [offset, offset+len) of `dev`. Ok(None): not a
+/// filesystem we map (the caller stores the partition whole). Err: it is one, but damaged, not
+/// cleanly unmounted or in a form bmr does not map (multi-device btrfs).
 pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if len < 2048 {
         return Ok(None);
@@ -95,7 +105,12 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if let Some(info) = xfs::probe(dev, offset, len, &head)? {
         return Ok(Some(info));
     }
-    fat::probe(dev, offset, len, &head[..512])
+    if let Some(info) = fat::probe(dev, offset, len, &head[..512])? {
+        return Ok(Some(info));
+    }
+    // Last: mkfs.fat on a small disk does not reach the 64 KiB a stale btrfs superblock keeps,
+    // while mkfs.btrfs clears the first MiB.
+    btrfs::probe(dev, offset, len)
 }
 
 /// Just the filesystem UUID (as `probe` reports it), also for a mounted filesystem whose
@@ -116,6 +131,11 @@ pub fn probe_uuid(dev: &File) -> Option<String> {
             let v = le32(&head, id);
             return Some(format!("{:04X}-{:04X}", v >> 16, v & 0xffff));
         }
+    }
+    let mut sb = vec![0u8; 4096];
+    dev.read_exact_at(&mut sb, btrfs::SB_OFFSET).ok()?;
+    if &sb[0x40..0x48] == btrfs::MAGIC {
+        return Some(uuid_text(&sb[0x20..0x30]));
     }
     None
 }
