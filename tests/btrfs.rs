@@ -563,7 +563,7 @@ fn uuid_and_label_as_blkid_says() {
         "truncate -s 200M {i} && mkfs.btrfs -q -K -L 'my label' {i}",
         i = img.display()
     ));
-    let q = |tag: &str| sh(&format!("blkid -o value -s {tag} {}", img.display()));
+    let q = |tag: &str| sh(&format!("blkid -p -o value -s {tag} {}", img.display()));
     let info = probe_file(&img, 0, 200 * MIB).unwrap().unwrap();
     assert_eq!(info.uuid.as_deref(), Some(q("UUID").trim()));
     assert_eq!(info.label.as_deref(), Some("my label"));

@@ -269,7 +269,7 @@ fn check_map(fx: &Fixture, variant: &str, label: &str) -> (bmr::fs::map::FsInfo,
     let lo = Loop::new(&fx.disk, OFF, LEN);
     assert_eq!(info.fstype, "xfs");
     assert_eq!(info.variant.as_deref(), Some(variant));
-    let blkid = sh(&format!("blkid -o value -s UUID {}", lo.0));
+    let blkid = sh(&format!("blkid -p -o value -s UUID {}", lo.0));
     assert_eq!(info.uuid.as_deref(), Some(blkid.trim()));
     assert_eq!(info.label.as_deref(), Some(label));
     let bs = sb_field(&lo.0, "blocksize");
@@ -425,7 +425,7 @@ fn dirty_log() {
     sh("sync");
     let e = probe().expect_err("mounted, with changes in the log");
     assert!(e.to_string().contains("not cleanly unmounted"), "{e:#}");
-    let blkid = sh(&format!("blkid -o value -s UUID {}", lo.0));
+    let blkid = sh(&format!("blkid -p -o value -s UUID {}", lo.0));
     assert_eq!(
         bmr::fs::map::probe_uuid(&File::open(&lo.0).unwrap()).as_deref(),
         Some(blkid.trim())
