@@ -198,18 +198,6 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     })
 }
 
-fn uuid(b: &[u8]) -> String {
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h(0..4),
-        h(4..6),
-        h(6..8),
-        h(8..10),
-        h(10..16)
-    )
-}
-
 pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsInfo>> {
     if sb.len() < 1024 || le16(sb, 56) != 0xef53 {
         return Ok(None);
@@ -332,7 +320,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
     Ok(Some(FsInfo {
         fstype: name.to_string(),
         variant: None,
-        uuid: Some(uuid(&sb[104..120])),
+        uuid: Some(super::uuid_text(&sb[104..120])),
         label: (!label.is_empty()).then_some(label),
         block_size: cluster,
         used,
