@@ -122,6 +122,7 @@ fn meta_of(path: &Path, rel: &[u8], md: &std::fs::Metadata) -> Result<FileMeta> 
         symlink,
         xattrs,
         data: Data::None,
+        subvol: None,
     })
 }
 

@@ -44,13 +44,28 @@ pub enum Data {
     /// No data (not a regular file, or empty).
     None,
     /// In the base image's filesystem: (file offset, byte offset in the filesystem, length)
-    /// runs; gaps are holes. `inline` holds data kept inside the inode.
+    /// runs; gaps are holes. `inline` holds data kept inside the inode; `encoded` the runs
+    /// stored compressed by the filesystem (btrfs).
     Image {
         extents: Vec<(u64, u64, u64)>,
         inline: Option<ByteBuf>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        encoded: Vec<EncodedRun>,
     },
     /// Stored by an incremental: consecutive chunks of the file (digest, plain length).
     Chunks(Vec<(ByteBuf, u32)>),
+}
+
+/// A compressed run of a file in the image (see `fs::read::Encoded`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedRun {
+    pub file_off: u64,
+    pub disk_off: u64,
+    pub disk_len: u64,
+    /// "zlib", "lzo" or "zstd".
+    pub compression: String,
+    pub skip: u64,
+    pub len: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +86,9 @@ pub struct FileMeta {
     pub symlink: Option<ByteBuf>,
     pub xattrs: Vec<(ByteBuf, ByteBuf)>,
     pub data: Data,
+    /// btrfs: the root directory of a subvolume or snapshot carries its subvolume id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subvol: Option<u64>,
 }
 
 impl FileMeta {
@@ -100,6 +118,7 @@ impl FileMeta {
 
 impl From<crate::fs::read::Entry> for FileMeta {
     fn from(e: crate::fs::read::Entry) -> FileMeta {
+        use crate::fs::read::Compression as C;
         use crate::fs::read::Kind as K;
         let kind = match e.kind {
             K::File => FileKind::File,
@@ -118,6 +137,23 @@ impl From<crate::fs::read::Entry> for FileMeta {
                     .map(|x| (x.file_off, x.disk_off, x.len))
                     .collect(),
                 inline: e.inline.map(ByteBuf::from),
+                encoded: e
+                    .encoded
+                    .iter()
+                    .map(|x| EncodedRun {
+                        file_off: x.file_off,
+                        disk_off: x.disk_off,
+                        disk_len: x.disk_len,
+                        compression: match x.compression {
+                            C::Zlib => "zlib",
+                            C::Lzo => "lzo",
+                            C::Zstd => "zstd",
+                        }
+                        .into(),
+                        skip: x.skip,
+                        len: x.len,
+                    })
+                    .collect(),
             }
         } else {
             Data::None
@@ -144,6 +180,7 @@ impl From<crate::fs::read::Entry> for FileMeta {
             symlink: e.symlink.map(ByteBuf::from),
             xattrs,
             data,
+            subvol: e.subvol,
         }
     }
 }
@@ -241,6 +278,7 @@ mod tests {
             symlink: None,
             xattrs: vec![(ByteBuf::from(b"user.x".to_vec()), ByteBuf::from(vec![0xff]))],
             data: Data::Chunks(vec![(ByteBuf::from(vec![1; 32]), 3)]),
+            subvol: None,
         }
     }
 

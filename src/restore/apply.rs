@@ -100,7 +100,9 @@ impl Applier<'_, '_> {
         let name = String::from_utf8_lossy(&m.path).into_owned();
         let chunks = match &m.data {
             Data::Chunks(c) => c,
-            Data::Image { extents, inline } => {
+            Data::Image {
+                extents, inline, ..
+            } => {
                 let image = self
                     .image
                     .as_mut()

@@ -282,7 +282,9 @@ impl Fs<'_> {
             symlink: None,
             xattrs: Vec::new(),
             extents: Vec::new(),
+            encoded: Vec::new(),
             inline: None,
+            subvol: None,
         };
         for (k, v) in self.xattrs_raw(ino)? {
             if k != b"system.data" {

@@ -220,7 +220,9 @@ pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
         symlink: None,
         xattrs: Vec::new(),
         extents: Vec::new(),
+        encoded: Vec::new(),
         inline: None,
+        subvol: None,
     };
     let mut out = vec![dir_entry(Vec::new(), Kind::Dir, 1)];
     let mut seen = HashSet::new();

@@ -50,6 +50,28 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// How an encoded (compressed) extent's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zlib,
+    /// btrfs's framing: a 4-byte total length, then per-sector LZO1X segments.
+    Lzo,
+    Zstd,
+}
+
+/// A run of a file whose bytes are compressed on disk (btrfs): `disk_len` stored bytes at
+/// `disk_off` decode to an extent of which bytes `skip..skip+len` are the file's bytes
+/// `file_off..file_off+len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub file_off: u64,
+    pub disk_off: u64,
+    pub disk_len: u64,
+    pub compression: Compression,
+    pub skip: u64,
+    pub len: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Relative, '/'-separated raw bytes; the root directory is empty.
@@ -71,8 +93,12 @@ pub struct Entry {
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Regular files: data runs sorted by file offset; gaps are holes.
     pub extents: Vec<Extent>,
-    /// Data kept inside the inode (ext4 inline_data).
+    /// Compressed runs (btrfs); gaps between these and `extents` are holes.
+    pub encoded: Vec<Encoded>,
+    /// Data kept inside the inode (ext4 inline_data, btrfs inline extents), decoded.
     pub inline: Option<Vec<u8>>,
+    /// btrfs: the root directory of a subvolume or snapshot carries its subvolume id.
+    pub subvol: Option<u64>,
 }
 
 /// The whole tree, parents before children.
