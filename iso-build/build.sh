@@ -134,8 +134,9 @@ while IFS= read -r applet; do
     [ -e "$R/$applet" ] || ln -s /bin/busybox "$R/$applet"
 done < <("$BUSYBOX" --list-full)
 install -m 0755 "$BMR_BIN" "$R/bin/bmr"
-# What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP), LVM (imaging a
-# disk with volume groups, activating them after a restore) and mke2fs: from the pinned packages
+# What bmr's fix-ups run (e2fsck and resize2fs for --grow, mtools for the ESP, xfs_growfs and
+# btrfs for --grow, xfs_repair and btrfs check by hand), LVM (imaging a disk with volume groups,
+# activating them after a restore) and mke2fs: from the pinned packages
 # (TOOL_DEBS), with the libraries they need, found as the dynamic loader would.
 T=$TOOLS_ROOT
 # in_tree PATH: PATH inside the tools tree with its symlinks followed there (the packages' own
@@ -174,7 +175,8 @@ with_libs() {
         die "$f needs $lib, which none of TOOL_DEBS (iso-build/debs.sh) has: add its package"
     done
 }
-for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm; do
+for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm \
+    /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/bin/btrfs; do
     found=
     for d in /sbin /usr/sbin /bin /usr/bin; do
         ! in_tree "$d/${t##*/}" || { found=$IN_TREE && break; }

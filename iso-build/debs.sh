@@ -12,7 +12,8 @@ BUSYBOX_PKG=busybox-static
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
 # The rescue system's tools besides busybox (e2fsck, resize2fs and mke2fs for the fix-ups, mtools
-# for the ESP, lvm) and every library they load, glibc included: the initramfs takes them from
+# for the ESP, lvm, xfs_repair/xfs_growfs/xfs_db and btrfs for XFS and btrfs) and every library
+# they load, glibc included: the initramfs takes them from
 # these packages, never from the build host.
 TOOL_DEBS=(
     e2fsprogs=1.47.0-2+b2
@@ -22,6 +23,11 @@ TOOL_DEBS=(
     libuuid1=2.38.1-5+deb12u3
     mtools=4.0.33-1+really4.0.32-1
     lvm2=2.03.16-2
+    xfsprogs=6.1.0-1
+    liburcu8=0.13.2-1
+    btrfs-progs=6.2-1+deb12u2
+    liblzo2-2=2.10-2
+    zlib1g=1:1.2.13.dfsg-1
     libdevmapper1.02.1=2:1.02.185-2
     libdevmapper-event1.02.1=2:1.02.185-2
     libaio1=0.3.113-4

@@ -49,7 +49,13 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Some(h) => h.clone(),
                 None => crate::backup::default_host()?,
             };
-            let s = crate::backup::incremental::run(&o.repo, &host, &o.paths, o.differential)?;
+            let s = crate::backup::incremental::run(
+                &o.repo,
+                &host,
+                &o.paths,
+                o.differential,
+                o.snapshot,
+            )?;
             crate::backup::incremental::print_summary(&s);
         }
         Command::Backup(o) => {

@@ -5,7 +5,7 @@
 //! type differ from the previous backup), chunked and deduplicated like image data. Files
 //! unchanged since the image keep pointing at the image's blocks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_bytes::ByteBuf;
 
+use super::subvol::{self, Snapshot, SubvolIds};
+use crate::device::safety::mount_field;
 use crate::repo::manifest::{
     IncFs, IncManifest, Kind, MANIFEST_FORMAT, MANIFEST_VERSION, Stats, TocRef,
 };
-use crate::repo::snapshot::{HashedFile, SnapshotWriter};
+use crate::repo::snapshot::SnapshotWriter;
 use crate::repo::toc::{Data, FileKind, FileMeta, TocWriter};
 use crate::repo::{CHUNK_SIZE, Digest, RepoWrite};
 use crate::util::progress::human_bytes;
@@ -31,27 +33,39 @@ pub struct IncSummary {
     pub elapsed: std::time::Duration,
 }
 
-/// The mount covering `mp` exactly: (source device, fs type).
-fn mount_source(mp: &Path) -> Result<(String, String)> {
+/// The mount covering `mp` exactly, from /proc/self/mountinfo.
+struct MountOf {
+    source: String,
+    fstype: String,
+    /// The directory of the filesystem mounted there, relative to its root ("" for the
+    /// whole filesystem; "@" for a btrfs subvolume mounted with subvol=@, or a bind mount's
+    /// directory).
+    root: Vec<u8>,
+}
+
+fn mount_of(mp: &Path) -> Result<MountOf> {
+    use std::os::unix::ffi::OsStrExt;
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .context("cannot read /proc/self/mountinfo")?;
-    let want = mp.to_string_lossy();
+    let want = mp.as_os_str().as_bytes();
     let mut found = None;
     for line in info.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         let Some(sep) = f.iter().position(|x| *x == "-") else {
             continue;
         };
-        let point = f
-            .get(4)
-            .map(|p| p.replace("\\040", " "))
-            .unwrap_or_default();
-        if point == want {
+        if f.get(4).map(|p| mount_field(p)).as_deref() == Some(want) {
             // The last matching line is the visible mount.
-            found = Some((
-                f.get(sep + 2).copied().unwrap_or("").to_string(),
-                f.get(sep + 1).copied().unwrap_or("").to_string(),
-            ));
+            let root = mount_field(f.get(3).copied().unwrap_or("/"));
+            found = Some(MountOf {
+                source: f.get(sep + 2).copied().unwrap_or("").to_string(),
+                fstype: f.get(sep + 1).copied().unwrap_or("").to_string(),
+                root: root
+                    .split(|&c| c == b'/')
+                    .filter(|c| !c.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(&b'/'),
+            });
         }
     }
     found.with_context(|| {
@@ -174,23 +188,67 @@ fn store_file(
     Ok(Data::Chunks(chunks))
 }
 
+/// One filesystem of the image being walked: its previous file list, what the walks found,
+/// and which parts of it they covered.
 struct Walker<'a> {
     repo: &'a dyn RepoWrite,
+    /// The previous file list; what is left after the walks was deleted or not covered.
     prev: HashMap<Vec<u8>, FileMeta>,
+    out: BTreeMap<Vec<u8>, FileMeta>,
+    /// Directories inside a walk that the walk did not enter (other mounts, btrfs subvolumes
+    /// not mounted on their own): their previous entries stay.
+    skipped: Vec<Vec<u8>>,
+    /// The device the current walk stays on.
     dev: u64,
-    out: TocWriter<HashedFile>,
+    /// btrfs: subvolume ids (the file list's inode numbers carry them).
+    subvols: Option<SubvolIds>,
     comp: zstd::bulk::Compressor<'static>,
     stats: Stats,
     changed: u64,
     links: HashMap<u64, Data>,
 }
 
+fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut r = rel.to_vec();
+    if !r.is_empty() {
+        r.push(b'/');
+    }
+    r.extend_from_slice(name);
+    r
+}
+
+/// `path` is `prefix` or below it.
+fn under(path: &[u8], prefix: &[u8]) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+}
+
 impl Walker<'_> {
-    fn visit(&mut self, path: &Path, rel: Vec<u8>) -> Result<()> {
+    fn visit(&mut self, path: &Path, rel: Vec<u8>, top: bool) -> Result<()> {
         let md = std::fs::symlink_metadata(path)
             .with_context(|| format!("cannot stat {}", path.display()))?;
+        let placeholder =
+            self.subvols.is_some() && md.is_dir() && md.ino() == subvol::EMPTY_SUBVOL_DIR_INO;
+        if !top && md.is_dir() && (md.dev() != self.dev || placeholder) {
+            // Another mount, a btrfs subvolume of its own, or (in a snapshot) the stand-in of
+            // one: what the previous list says of it and below it still holds.
+            let m = match self.prev.get(&rel) {
+                Some(p) => p.clone(),
+                None if placeholder => return Ok(()),
+                None => meta_of(path, &rel, &md)?,
+            };
+            self.out.insert(rel.clone(), m);
+            self.skipped.push(rel);
+            return Ok(());
+        }
         let mut m = meta_of(path, &rel, &md)?;
-        // What is left in `prev` after the walk was deleted.
+        if let Some(ids) = &mut self.subvols {
+            let id = ids.of(md.dev(), path)?;
+            m.inode = subvol::toc_inode(id, md.ino());
+            if md.is_dir() && md.ino() == subvol::SUBVOL_ROOT_INO {
+                m.subvol = Some(id);
+            }
+        }
         let prev = self.prev.remove(&rel);
         if let Some(p) = prev.filter(|p| p.unchanged(&m)) {
             // Metadata-only changes (chmod, chown, xattrs) move ctime too, so an unchanged
@@ -208,9 +266,9 @@ impl Walker<'_> {
         if m.kind == FileKind::File && m.nlink > 1 {
             self.links.entry(m.inode).or_insert_with(|| m.data.clone());
         }
-        self.out.push(&m)?;
-        // Stay on this filesystem: a directory that is another mount point is recorded, not entered.
-        if m.kind == FileKind::Dir && md.dev() == self.dev {
+        let is_dir = m.kind == FileKind::Dir;
+        self.out.insert(rel.clone(), m);
+        if is_dir {
             let mut names: Vec<_> = std::fs::read_dir(path)
                 .with_context(|| format!("cannot list {}", path.display()))?
                 .map(|e| e.map(|e| e.file_name()))
@@ -219,16 +277,62 @@ impl Walker<'_> {
             names.sort();
             for n in names {
                 use std::os::unix::ffi::OsStrExt;
-                let mut r = rel.clone();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(n.as_bytes());
-                self.visit(&path.join(&n), r)?;
+                self.visit(&path.join(&n), join(&rel, n.as_bytes()), false)?;
             }
         }
         Ok(())
     }
+
+    /// The new file list: what the walks found, plus the previous entries outside what they
+    /// covered (`covered`: the walked directories). Ok(list, deleted).
+    fn finish(mut self, covered: &[Vec<u8>]) -> Result<(Vec<FileMeta>, u64)> {
+        let mut deleted = 0;
+        for (path, p) in std::mem::take(&mut self.prev) {
+            // The most specific walked or skipped directory above the entry decides.
+            let walked = covered
+                .iter()
+                .filter(|c| under(&path, c))
+                .map(|c| c.len())
+                .max();
+            let skipped = self
+                .skipped
+                .iter()
+                .filter(|c| under(&path, c))
+                .map(|c| c.len())
+                .max();
+            match (walked, skipped) {
+                (Some(w), s) if s.is_none_or(|s| s < w) => deleted += 1,
+                _ => {
+                    self.out.entry(path).or_insert(p);
+                }
+            }
+        }
+        for path in self.out.keys() {
+            if path.is_empty() {
+                continue;
+            }
+            let parent = path
+                .iter()
+                .rposition(|&c| c == b'/')
+                .map_or(&path[..0], |i| &path[..i]);
+            if !self.out.contains_key(parent) {
+                bail!(
+                    "{:?} is in no directory of the image's file list: take a new image backup",
+                    String::from_utf8_lossy(path)
+                );
+            }
+        }
+        Ok((self.out.into_values().collect(), deleted))
+    }
+}
+
+/// A named mount point: where its filesystem is, and what is walked for it.
+struct Cover {
+    mp: PathBuf,
+    uuid: String,
+    /// The mounted directory's path in the filesystem ("" = its root).
+    prefix: Vec<u8>,
+    btrfs: bool,
 }
 
 pub fn run(
@@ -236,8 +340,16 @@ pub fn run(
     host: &str,
     mountpoints: &[PathBuf],
     differential: bool,
+    snapshot: Option<super::SnapshotMode>,
 ) -> Result<IncSummary> {
     let start = std::time::Instant::now();
+    let snapshot_btrfs = match snapshot {
+        None => false,
+        Some(super::SnapshotMode::Btrfs) => true,
+        Some(super::SnapshotMode::Lvm) => bail!(
+            "--snapshot lvm is for image backups; an incremental reads mounted filesystems (btrfs ones can use --snapshot btrfs)"
+        ),
+    };
     crate::repo::check_host_name(host)?;
     let repo = crate::repo::open_write(repo_path, false)?;
     let repo = repo.as_ref();
@@ -269,16 +381,18 @@ pub fn run(
         latest.clone()
     };
     // Which filesystem of the image each mount point holds, before anything is stored.
-    let mut targets = Vec::new();
+    // Mount points of one filesystem (btrfs subvolumes) share its file list.
+    let mut areas: BTreeMap<u32, Vec<Cover>> = BTreeMap::new();
     for mp in mountpoints {
         let mp =
             std::fs::canonicalize(mp).with_context(|| format!("cannot find {}", mp.display()))?;
-        let (source, _fstype) = mount_source(&mp)?;
-        let dev = File::open(&source)
-            .with_context(|| format!("cannot open {source} (mounted on {})", mp.display()))?;
+        let mnt = mount_of(&mp)?;
+        let dev = File::open(&mnt.source)
+            .with_context(|| format!("cannot open {} (mounted on {})", mnt.source, mp.display()))?;
         let uuid = crate::fs::map::probe_uuid(&dev).with_context(|| {
             format!(
-                "cannot read the filesystem UUID of {source} (mounted on {})",
+                "cannot read the filesystem UUID of {} (mounted on {})",
+                mnt.source,
                 mp.display()
             )
         })?;
@@ -288,12 +402,32 @@ pub fn run(
             .find(|t| t.uuid.as_deref() == Some(uuid.as_str()))
         else {
             bail!(
-                "{} holds filesystem {uuid}, which is not in image {} of host {host}: take a new image backup",
+                "{} holds filesystem {uuid}, which has no file list in image {} of host {host}: take a new image backup",
                 mp.display(),
                 base.id
             );
         };
-        targets.push((mp, uuid, base_toc));
+        let btrfs = mnt.fstype == "btrfs";
+        if snapshot_btrfs && !btrfs {
+            bail!(
+                "--snapshot btrfs: {} is {}, not btrfs: back it up in a separate run without --snapshot",
+                mp.display(),
+                mnt.fstype
+            );
+        }
+        let covers = areas.entry(base_toc.area).or_default();
+        if covers.iter().any(|c| c.prefix == mnt.root) {
+            bail!(
+                "{} is the same directory of filesystem {uuid} as another mount point named: name it once",
+                mp.display()
+            );
+        }
+        covers.push(Cover {
+            mp,
+            uuid,
+            prefix: mnt.root,
+            btrfs,
+        });
     }
     // A restore to this point applies only the filesystems named here: one the newest backup
     // also covered would silently go back to the image's state.
@@ -302,7 +436,7 @@ pub fn run(
         if let Some(f) = newest
             .filesystems
             .iter()
-            .find(|f| !targets.iter().any(|(_, _, t)| t.area == f.toc.area))
+            .find(|f| !areas.contains_key(&f.toc.area))
         {
             bail!(
                 "incremental {latest} also covered {}: name it too (a restore to this point would lose its changes), or take a new image backup",
@@ -326,8 +460,12 @@ pub fn run(
     let mut filesystems = Vec::new();
     let mut stats = Stats::default();
     let (mut changed, mut deleted, mut files) = (0, 0, 0);
-    for (mp, uuid, base_toc) in targets {
-        let area = base_toc.area;
+    for (area, mut covers) in areas {
+        let base_toc = base
+            .tocs
+            .iter()
+            .find(|t| t.area == area)
+            .context("image file list vanished")?;
         let prev: HashMap<Vec<u8>, FileMeta> =
             match parent_tocs.iter().find(|(t, _)| t.area == area) {
                 Some((t, sid)) => crate::repo::manifest::read_toc(repo, host, sid, t)?
@@ -336,36 +474,59 @@ pub fn run(
                     .collect(),
                 None => HashMap::new(),
             };
-        let out = TocWriter::new(sw.toc_file(area)?)?;
-        let root_dev = std::fs::metadata(&mp)?.dev();
+        // The whole filesystem first, then its subvolumes: the most specific walk of a
+        // directory has the last word.
+        covers.sort_by(|a, b| a.prefix.cmp(&b.prefix));
         let mut w = Walker {
             repo,
             prev,
-            dev: root_dev,
-            out,
+            out: BTreeMap::new(),
+            skipped: Vec::new(),
+            dev: 0,
+            subvols: covers[0].btrfs.then(SubvolIds::default),
             comp: zstd::bulk::Compressor::new(3)?,
             stats: Stats::default(),
             changed: 0,
             links: HashMap::new(),
         };
-        w.visit(&mp, Vec::new())?;
-        let Walker {
-            out,
-            prev,
-            stats: ws,
-            changed: ch,
-            ..
-        } = w;
+        for c in &covers {
+            let snap = if snapshot_btrfs {
+                Some(Snapshot::take(&c.mp)?)
+            } else {
+                None
+            };
+            let dir = snap.as_ref().map_or(c.mp.as_path(), |s| s.path.as_path());
+            w.dev = std::fs::metadata(dir)
+                .with_context(|| format!("cannot stat {}", dir.display()))?
+                .dev();
+            if let (Some(s), Some(ids)) = (&snap, &mut w.subvols) {
+                ids.set(w.dev, s.source_id);
+            }
+            w.visit(dir, c.prefix.clone(), true)?;
+            // A directory walked explicitly is not skipped by the walk of its parent.
+            w.skipped.retain(|s| s != &c.prefix);
+        }
+        let ch = w.changed;
+        let ws = w.stats.clone();
+        let covered: Vec<Vec<u8>> = covers.iter().map(|c| c.prefix.clone()).collect();
+        let (list, del) = w.finish(&covered)?;
+        let mut out = TocWriter::new(sw.toc_file(area)?)?;
+        for m in &list {
+            out.push(m)?;
+        }
         let (f, count) = out.finish()?;
         // Chunks first, then the file list that names them.
         let (sha256, len) = sw.commit_file(f)?;
-        let del = prev.len() as u64;
         filesystems.push(IncFs {
-            mountpoint: mp.display().to_string(),
+            mountpoint: covers
+                .iter()
+                .map(|c| c.mp.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
             toc: TocRef {
                 area,
                 fstype: base_toc.fstype.clone(),
-                uuid: Some(uuid.clone()),
+                uuid: Some(covers[0].uuid.clone()),
                 file: crate::repo::paths::toc_name(&id, area),
                 sha256,
                 len,

@@ -7,6 +7,7 @@
 
 pub mod incremental;
 pub mod lvm;
+pub mod subvol;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -32,7 +33,10 @@ use crate::util::progress::{Progress, human_bytes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SnapshotMode {
+    /// Image backups: LVM snapshots of the logical volumes on the disk.
     Lvm,
+    /// Incrementals: read-only snapshots of the mounted btrfs subvolumes (removed after).
+    Btrfs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -46,7 +50,8 @@ pub struct BackupOptions {
     /// Back up although a filesystem on DISK is mounted read-write (crash-consistent).
     #[arg(long)]
     pub allow_live: bool,
-    /// Read a snapshot instead of the live disk.
+    /// Read a snapshot instead of the live disk (lvm) or the live subvolumes (btrfs, with
+    /// --incremental).
     #[arg(long, value_enum)]
     pub snapshot: Option<SnapshotMode>,
     /// Another name the disk had on its own machine (e.g. /dev/sda or a /dev/disk/by-id path)
@@ -404,6 +409,9 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
             })?;
             Some(s)
         }
+        Some(SnapshotMode::Btrfs) => bail!(
+            "--snapshot btrfs is for --incremental (an image backup reads the disk: use the rescue system, or --snapshot lvm for logical volumes)"
+        ),
         None => None,
     };
     let uses = crate::device::safety::mounts_on(&crate::device::safety::disk_devnums(disk_path))?;

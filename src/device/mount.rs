@@ -80,17 +80,26 @@ pub fn mount_range(
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = Command::new("mount");
     // A read-only mount leaves a clean filesystem byte for byte as restored.
-    let ro = if read_only { "ro," } else { "" };
+    let mut opts: Vec<String> = Vec::new();
+    if read_only {
+        opts.push("ro".into());
+    }
+    match crate::fs::id::identify_at(&disk.file, start).map(|f| f.fstype) {
+        // The top-level subvolume, whatever the default one is: file lists start there.
+        Some(t) if t == "btrfs" => opts.push("subvolid=5".into()),
+        // The source of a restore to an image file may be mounted here with the same UUID.
+        Some(t) if t == "xfs" => opts.push("nouuid".into()),
+        _ => {}
+    }
     if disk.is_block {
         let n = partition.context("an unpartitioned disk on a block device")?;
-        if read_only {
-            cmd.args(["-o", "ro"]);
-        }
         cmd.arg(partition_node(&disk.path, n)?);
     } else {
-        cmd.arg("-o")
-            .arg(format!("{ro}loop,offset={start},sizelimit={len}"))
-            .arg(&disk.path);
+        opts.push(format!("loop,offset={start},sizelimit={len}"));
+        cmd.arg(&disk.path);
+    }
+    if !opts.is_empty() {
+        cmd.arg("-o").arg(opts.join(","));
     }
     let out = cmd.arg(&dir).output().context("cannot run mount")?;
     if !out.status.success() {

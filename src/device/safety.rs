@@ -167,11 +167,31 @@ pub fn mounts_on(devs: &HashSet<u64>) -> Result<Vec<MountUse>> {
     Ok(uses)
 }
 
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+pub fn mount_field(f: &str) -> Vec<u8> {
+    let b = f.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn unescape_mount(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+    String::from_utf8_lossy(&mount_field(s)).into_owned()
 }
 
 /// Refuse a restore target that is mounted, runs this system, or holds the repository.

@@ -7,6 +7,7 @@ pub mod efiboot;
 pub mod grow;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -39,6 +40,55 @@ pub struct FixupOptions {
 
 fn is_ext(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4")
+}
+
+/// Filesystems a Linux root or /boot lives on.
+fn holds_system_files(fstype: &str) -> bool {
+    is_ext(fstype) || matches!(fstype, "xfs" | "btrfs")
+}
+
+/// The directories of a mounted filesystem that hold a system's files: its root, and on
+/// btrfs (mounted at the top level) each subvolume up to two levels down that holds an
+/// /etc/fstab or a GRUB configuration (`@`, `root`, `@rootfs`). Snapshots inside a system
+/// (snapper's `@/.snapshots/N/snapshot`) are left as they were taken.
+fn system_dirs(mnt: &Path, btrfs: bool) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let holds = |d: &Path| {
+        devnames::FILES
+            .iter()
+            .any(|rel| mnt.join(d).join(rel).is_file())
+    };
+    let mut out = vec![PathBuf::new()];
+    let mut level = vec![PathBuf::new()];
+    for _ in 0..if btrfs { 2 } else { 0 } {
+        let mut next = Vec::new();
+        for d in &level {
+            // A system's own directories hold no subvolume layout.
+            if !d.as_os_str().is_empty() && holds(d) {
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(mnt.join(d)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let sub = d.join(e.file_name());
+                let Ok(md) = std::fs::symlink_metadata(mnt.join(&sub)) else {
+                    continue;
+                };
+                if !md.is_dir() {
+                    continue;
+                }
+                // Inode 256: the root directory of a subvolume.
+                if md.ino() == 256 {
+                    out.push(sub.clone());
+                }
+                next.push(sub);
+            }
+        }
+        level = next;
+    }
+    out.retain(|d| holds(d));
+    out
 }
 
 /// Refuse, before anything is written, what the fix-ups cannot do on this target.
@@ -180,7 +230,8 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
 fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
     let root = parts.iter().find_map(|p| {
         let f = crate::fs::id::identify_at(&disk.file, p.start)?;
-        if !is_ext(&f.fstype) {
+        // btrfs roots live in subvolumes that a chroot would have to mount as /.
+        if !is_ext(&f.fstype) && f.fstype != "xfs" {
             return None;
         }
         let tag = format!("root{}", p.number);
@@ -195,7 +246,7 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
     });
     let Some(root) = root else {
         bail!(
-            "--reinstall-bootloader: no root filesystem (ext2/3/4 with /etc/fstab) on the restored disk"
+            "--reinstall-bootloader: no root filesystem (ext2/3/4 or XFS with /etc/fstab) on the restored disk (on btrfs: boot the restored system and run grub-install there)"
         );
     };
     let esp = parts
@@ -245,25 +296,28 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
         let Some(f) = crate::fs::id::identify_at(&disk.file, p.start) else {
             continue;
         };
-        if !is_ext(&f.fstype) {
+        if !holds_system_files(&f.fstype) {
             continue;
         }
         let tag = format!("fix{}", p.number);
         // Read-only first: a filesystem with nothing to change stays exactly as restored.
-        let texts: Vec<(&str, String)> = {
+        let texts: Vec<(PathBuf, &str, String)> = {
             let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, true)?;
-            devnames::FILES
-                .iter()
-                .filter_map(|rel| {
-                    std::fs::read_to_string(mnt.dir.join(rel))
-                        .ok()
-                        .map(|t| (*rel, t))
+            system_dirs(&mnt.dir, f.fstype == "btrfs")
+                .into_iter()
+                .flat_map(|dir| {
+                    let root = mnt.dir.join(&dir);
+                    devnames::FILES.iter().filter_map(move |rel| {
+                        std::fs::read_to_string(root.join(rel))
+                            .ok()
+                            .map(|t| (dir.clone(), *rel, t))
+                    })
                 })
                 .collect()
         };
         let named: BTreeSet<String> = texts
             .iter()
-            .flat_map(|(rel, t)| devnames::disks_named(rel, t))
+            .flat_map(|(_, rel, t)| devnames::disks_named(rel, t))
             .collect();
         let ours: BTreeSet<String> = if source.is_empty() {
             // An image file's backup does not say what the disk was called: one disk named
@@ -302,10 +356,10 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
             }
             continue;
         }
-        let rewrites: Vec<(&str, String, Vec<String>)> = texts
+        let rewrites: Vec<(PathBuf, String, Vec<String>)> = texts
             .iter()
-            .filter_map(|(rel, text)| {
-                devnames::rewrite(rel, text, &ours, &uuids).map(|(n, d)| (*rel, n, d))
+            .filter_map(|(dir, rel, text)| {
+                devnames::rewrite(rel, text, &ours, &uuids).map(|(n, d)| (dir.join(rel), n, d))
             })
             .collect();
         if rewrites.is_empty() {
@@ -313,7 +367,8 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
         }
         let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, false)?;
         for (rel, new, diff) in rewrites {
-            std::fs::write(mnt.dir.join(rel), new).with_context(|| {
+            let rel = rel.display();
+            std::fs::write(mnt.dir.join(rel.to_string()), new).with_context(|| {
                 format!("cannot write /{rel} on the restored partition {}", p.number)
             })?;
             step(

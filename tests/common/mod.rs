@@ -2,6 +2,9 @@
 //! mkfs.fat, mtools, sgdisk, sfdisk, e2fsck, mount) and need root, as in CI.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -553,4 +556,93 @@ pub fn web1_image(tmp: &Tmp, seed: u32) -> (String, PathBuf) {
         &disk.display().to_string(),
     ]);
     (repo, disk)
+}
+
+/// Everything observable about a tree: kind, mode, owner, size, mtime, link target, content,
+/// xattrs, and hard-link groups.
+pub fn state(root: &Path) -> BTreeMap<Vec<u8>, String> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), Vec<u8>> = BTreeMap::new();
+    fn walk(
+        root: &Path,
+        p: &Path,
+        out: &mut BTreeMap<Vec<u8>, String>,
+        inodes: &mut BTreeMap<(u64, u64), Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
+            if rel == b"lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            let ft = md.file_type();
+            let mut xattrs: Vec<String> = xattr_list(&path);
+            xattrs.sort();
+            let extra = if ft.is_symlink() {
+                format!("-> {:?}", std::fs::read_link(&path).unwrap())
+            } else if ft.is_file() {
+                let data = std::fs::read(&path).unwrap();
+                let first = inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone();
+                format!(
+                    "sha {} link-of {:?}",
+                    sha(&data),
+                    String::from_utf8_lossy(&first)
+                )
+            } else {
+                String::new()
+            };
+            // Directory mtimes change as entries come and go; compare them too.
+            out.insert(
+                rel.clone(),
+                format!(
+                    "mode {:o} uid {} gid {} size {} mtime {}.{} {extra} xattrs {xattrs:?}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    if ft.is_dir() { 0 } else { md.size() },
+                    md.mtime(),
+                    md.mtime_nsec(),
+                ),
+            );
+            if ft.is_dir() {
+                walk(root, &path, out, inodes);
+            }
+        }
+    }
+    walk(root, root, &mut out, &mut inodes);
+    out
+}
+
+pub fn xattr_list(p: &Path) -> Vec<String> {
+    let Ok(names) = xattr::list(p) else {
+        return Vec::new();
+    };
+    names
+        .map(|n| {
+            let v = xattr::get(p, &n).ok().flatten().unwrap_or_default();
+            format!("{:?}={v:02x?}", n)
+        })
+        .collect()
+}
+
+pub fn sha(data: &[u8]) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(data);
+    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn names(s: &BTreeMap<Vec<u8>, String>) -> Vec<String> {
+    s.keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
 }
