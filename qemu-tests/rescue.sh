@@ -2,8 +2,9 @@
 # The rescue system in QEMU: the ISO as CD and as USB stick under SeaBIOS and OVMF, and the PXE
 # bundle through iPXE, each restoring the sample machine unattended over HTTP from the host onto
 # a blank disk that is then checked on the host; the bad paths, each of which must end in one
-# clear `BMR-RESULT: failed` line; the TUI driven over the serial console; and an incremental
-# of a FAT filesystem made and restored in the rescue shell (the host has no vfat).
+# clear `BMR-RESULT: failed` line; the TUI driven over the serial console; an incremental
+# of a FAT filesystem made and restored in the rescue shell (the host has no vfat); and the XFS
+# and btrfs tools (xfs_growfs, xfs_repair, xfs_db, btrfs) run in the rescue shell.
 #
 #   qemu-tests/rescue.sh            all cases (two at a time)
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
@@ -13,7 +14,8 @@
 source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
-       tui-serial fat-incremental no-network wrong-host unreachable two-disks not-blank)
+       tui-serial fat-incremental xfs-btrfs-tools no-network wrong-host unreachable two-disks
+       not-blank)
 
 # A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
 happy() {
@@ -120,6 +122,28 @@ case_fat-incremental() {
         "$WORK/fat-incremental.log" "$ROOT/qemu-tests/fat-incremental.guest" &
     local driver=$!
     SERIAL=unix boot fat-incremental bios cd "bmr.break" "virtio:$src" "virtio:$t"
+    wait "$driver"  # its last line on stderr says which step failed
+}
+
+# The rescue system's XFS and btrfs drivers and tools (qemu-tests/xfs-btrfs-tools.guest): an
+# XFS and a btrfs made on the host smaller than their disks, grown in the rescue shell the way
+# bmr's --grow does it, and checked.
+case_xfs-btrfs-tools() {
+    local x=$WORK/xfs-btrfs-tools-xfs.img b=$WORK/xfs-btrfs-tools-btrfs.img mnt
+    rm -f "$x" "$b" "$WORK/xfs-btrfs-tools.sock" && truncate -s 512M "$x" && truncate -s 256M "$b"
+    mkfs.xfs -q -d size=320m "$x" && mkfs.btrfs -q -b 128M "$b" >/dev/null || return 1
+    mnt=$(mktemp -d)
+    for f in "$x" "$b"; do
+        if ! { mount -o loop "$f" "$mnt" && echo "made on the host" >"$mnt/hello.txt" && umount "$mnt"; }; then
+            rmdir "$mnt"
+            return 1
+        fi
+    done
+    rmdir "$mnt"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/xfs-btrfs-tools.sock" \
+        "$WORK/xfs-btrfs-tools.log" "$ROOT/qemu-tests/xfs-btrfs-tools.guest" &
+    local driver=$!
+    SERIAL=unix NET=none boot xfs-btrfs-tools bios cd "bmr.break" "virtio:$x" "virtio:$b"
     wait "$driver"  # its last line on stderr says which step failed
 }
 

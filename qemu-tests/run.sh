@@ -5,7 +5,9 @@
 # USB stick and PXE under both firmwares; one drill through the TUI over the serial console;
 # one with --grow; one whose BIOS boot code is lost, restored with --reinstall-bootloader (a
 # Debian root with GRUB's tools, from debootstrap); one whose image is taken inside a guest
-# through an LVM snapshot of a mounted, busy logical volume.
+# through an LVM snapshot of a mounted, busy logical volume; one with an XFS root and one with a
+# btrfs root in subvolume @ (and /home in @home, Wednesday's incremental through --snapshot
+# btrfs), both grown with --grow (xfs_growfs, btrfs filesystem resize).
 #
 #   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
 #   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
@@ -23,9 +25,14 @@ declare -A DRILLS=(
     [mbr-sata-cd]="--layout mbr --rescue-firmware bios --bus sata --delivery cd"
     [gpt-sata-cd-reinstall]="--layout gpt --rescue-firmware bios --bus sata --delivery cd --reinstall-bootloader"
     [gpt-sata-cd-uefi-lvm]="--layout gpt --rescue-firmware uefi --bus sata --delivery cd --lvm"
+    # The source machines name /dev/sda3: their targets are on other buses (NVMe, virtio), so
+    # they boot only once bmr has rewritten the names in fstab and grub.cfg (inside @ on btrfs).
+    [gpt-xfs-nvme-cd-grow]="--layout gpt --rootfs xfs --rescue-firmware bios --bus nvme --delivery cd --grow"
+    [gpt-btrfs-virtio-usb-uefi-grow]="--layout gpt --rootfs btrfs --rescue-firmware uefi --bus virtio --delivery usb --grow"
 )
-ORDER=(gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd
-       gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe mbr-sata-cd)
+ORDER=(gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-btrfs-virtio-usb-uefi-grow gpt-xfs-nvme-cd-grow
+       gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe
+       mbr-sata-cd)
 
 running() {
     local n=0 p
