@@ -87,14 +87,14 @@ boot() {
             args+=(-drive "if=none,id=cd,media=cdrom,readonly=on,file=$d/rescue.iso"
                    -device "ide-cd,drive=cd,bootindex=0")
         else
-            args+=(-device qemu-xhci,id=xhci
+            args+=(-device "qemu-xhci,id=xhci"
                    -drive "if=none,id=stick,format=raw,readonly=on,file=$d/rescue.iso"
                    -device "usb-storage,bus=xhci.0,drive=stick,bootindex=0")
         fi
         if [ "${NET:-}" = none ]; then
             args+=(-nic none)  # QEMU adds a NIC by default
         else
-            args+=(-netdev user,id=n0 -device virtio-net-pci,netdev=n0)
+            args+=(-netdev "user,id=n0" -device "virtio-net-pci,netdev=n0")
         fi
         ;;
     pxe)
@@ -121,6 +121,7 @@ firmware_args() {
 
 # disk_args ARRAY BUS:FILE...: the disks, BUS virtio | sata | nvme | usb.
 disk_args() {
+    # shellcheck disable=SC2178 # a nameref to the caller's array
     local -n _argv=$1
     shift
     local i=0 spec bus file

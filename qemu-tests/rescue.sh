@@ -159,7 +159,7 @@ main() {
     [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
     mkdir -p "$WORK"
     make_sample
-    start_server
+    start_server "$WORK/repo"
     trap stop_server EXIT
     local want=("$@")
     [ ${#want[@]} -gt 0 ] || want=("${CASES[@]}")
