@@ -3,6 +3,7 @@
 
 pub mod ext;
 pub mod fat;
+pub mod xfs;
 
 use anyhow::{Result, bail};
 
@@ -106,6 +107,7 @@ pub fn read_tree(fs: &dyn ReadAt, fstype: &str) -> Result<Vec<Entry>> {
     match fstype {
         "ext2" | "ext3" | "ext4" => ext::read_tree(fs),
         "vfat" => fat::read_tree(fs),
+        "xfs" => xfs::read_tree(fs),
         other => bail!("no file reader for {other}"),
     }
 }

@@ -188,13 +188,17 @@ fn by_path(entries: &[Entry]) -> HashMap<Vec<u8>, &Entry> {
 
 /// Mount the image read-only and compare every path's metadata, xattrs and content.
 fn compare_ext_with_mount(img: &Path, mnt: &Path, entries: &[Entry]) {
+    compare_with_mount(img, mnt, entries, "ro,noatime");
+}
+
+fn compare_with_mount(img: &Path, mnt: &Path, entries: &[Entry], opts: &str) {
     let f = File::open(img).unwrap();
     let r = FileRange {
         file: &f,
         base: 0,
         len: f.metadata().unwrap().len(),
     };
-    let _m = Mount::new(img, mnt, "ro,noatime");
+    let _m = Mount::new(img, mnt, opts);
     let real = walk_mount(mnt);
     let ours = by_path(entries);
     let real_paths: BTreeSet<_> = real.keys().cloned().collect();
@@ -588,4 +592,154 @@ fn corrupt_input_never_panics() {
     let (ok, err) = fuzz(&fat, &regions, "vfat", 200, 0xfeed_beef_dead_cafe);
     eprintln!("fat fuzz: {ok} ok, {err} errors");
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The tree every mountable XFS fixture gets: every kind of inode, every directory and
+/// attribute fork format, remote symlinks and values, ACLs, holes, unwritten extents, a
+/// B+tree data fork and (with reflink) shared blocks.
+const XFS_POPULATE: &str = r#"
+        mkdir -p a/b/c "with space"
+        echo hello > hello.txt
+        head -c 100000 /dev/urandom > a/rand.bin
+        ln hello.txt a/b/hardlink
+        ln hello.txt hardlink2
+        ln -s hello.txt short
+        ln -s "$(printf 'a%.0s' $(seq 100))/target" medium
+        ln -s "$(for i in $(seq 100); do printf 'component%03d/' $i; done | head -c 1000)" remote
+        mkfifo fifo
+        mknod chr c 1 3
+        mknod blk b 8 1
+        mknod hugedev c 500 200000
+        python3 -c "import socket; s=socket.socket(socket.AF_UNIX); s.bind('sock')"
+        truncate -s 10M sparse
+        printf data | dd of=sparse bs=1 seek=5000000 conv=notrunc status=none
+        fallocate -l 1M prealloc
+        printf abc | dd of=prealloc conv=notrunc status=none
+        xfs_io -f -c "falloc 1048576 1048576" -c "pwrite -q 0 4096" -c "pwrite -q 1310720 4096" mixed
+        args=(); for i in $(seq 0 399); do args+=(-c "pwrite -q -S $((i % 200)) $((i * 12288)) 4096"); done
+        xfs_io -f "${args[@]}" -c fsync frag
+        if xfs_info . | grep -q 'reflink=1'; then cp --reflink=always a/rand.bin reflinked; fi
+        touch empty
+        touch "$(printf 'bad\xff\xfename')" "$(printf 'new\nline')" "$(printf 'L%.0s' $(seq 255))"
+        mkdir small; for i in $(seq 5); do : > small/s$i; done
+        mkdir medium_dir; for i in $(seq 60); do : > medium_dir/entry_$i; done
+        mkdir leafdir; for i in $(seq 400); do : > leafdir/a_longer_file_name_number_$i; done
+        mkdir many; for i in $(seq 3000); do : > many/file_with_a_longish_name_$i; done
+        rm many/file_with_a_longish_name_1*
+        p=deep; for i in $(seq 30); do p=$p/d$i; done; mkdir -p $p; echo bottom > $p/f
+        printf x > xattr.txt
+        setfattr -n user.a -v hello xattr.txt
+        setfattr -n trusted.t -v 0x00ff01 xattr.txt
+        setfattr -n security.test -v sec xattr.txt
+        printf y > bigx; setfattr -n user.big -v "$(head -c 6000 /dev/zero | tr '\0' b)" bigx
+        setfattr -n user.small -v s bigx
+        printf z > leafx; for i in $(seq 12); do setfattr -n user.key$i -v "value $i, longer than what fits in the inode" leafx; done
+        printf w > nodex; for i in $(seq 700); do setfattr -n user.some_longer_key_$i -v "value number $i" nodex; done
+        setfattr -n user.big -v "$(head -c 20000 /dev/zero | tr '\0' c)" nodex
+        mkdir xdir; setfattr -n user.dirattr -v v xdir
+        touch acl.txt; setfacl -m u:1234:rwx,g:55:r acl.txt
+        mkdir acldir; setfacl -m u:99:rx acldir; setfacl -d -m u:1234:rx,g:7:rwx acldir
+        touch acldir/inherits
+        touch owned; chown 1234:5678 owned
+        install -m 4755 /dev/null suid
+        install -m 2750 /dev/null sgid
+        mkdir sticky; chmod 1777 sticky
+        touch -d '2001-02-03 04:05:06.123456789' hello.txt
+        touch old; touch -d '1960-01-01 01:02:03.5' old
+        touch future; touch -d '2200-01-01 00:00:00.25' future
+        "#;
+
+/// xfs_db confirms the fixture has the formats the test means to cover (run in the directory
+/// holding `img` and `inodes`).
+const XFS_CHECK_FORMATS: &str = r#"
+        ino() { awk -v f="$1" '$1 == f {print $2}' inodes; }
+        db() { xfs_db -r -c "inode $(ino $1)" "${@:2}" img; }
+        bs=$(xfs_db -r -c 'sb 0' -c 'print blocksize' img | sed 's/.* = //')
+        want() { echo "$2" | grep -q -- "$3" || { echo "$1: want $3, got: $2" >&2; exit 1; }; }
+        want frag "$(db frag -c 'print core.format')" '3 (btree)'
+        want small "$(db small -c 'print core.format')" '1 (local)'
+        want xattr.txt "$(db xattr.txt -c 'print core.aformat')" '1 (local)'
+        want remote "$(db remote -c 'print core.format')" '2 (extents)'
+        want medium_dir "$(db medium_dir -c 'bmap')" 'data offset 0 '
+        ! db medium_dir -c bmap | grep -v 'data offset 0 ' | grep -q offset
+        leaf=$(( (32 << 30) / bs )); free=$(( (64 << 30) / bs ))
+        want leafdir "$(db leafdir -c bmap)" "data offset $leaf "
+        ! db leafdir -c bmap | grep -q "data offset $free "
+        want many "$(db many -c bmap)" "data offset $free "
+        want leafx "$(db leafx -c 'ablock 0' -c print)" 'magic = 0x.bee'
+        want nodex "$(db nodex -c 'ablock 0' -c print)" 'magic = 0x.ebe'
+        "#;
+
+fn xfs_case(name: &str, mkfs: &str) -> Vec<Entry> {
+    let d = tmpdir(&format!("xfs-{name}"));
+    let img = d.join("img");
+    let mnt = d.join("mnt");
+    sh(&format!(
+        r#"cd '{d}'
+        truncate -s 512M img
+        mkfs.xfs -f -q -K {mkfs} img
+        mount -o loop img mnt
+        cd mnt
+        {XFS_POPULATE}
+        for f in frag many leafdir medium_dir small nodex leafx xattr.txt remote; do
+            echo "$f $(stat -c %i $f)"; done > ../inodes
+        cd ..
+        umount mnt
+        {XFS_CHECK_FORMATS}
+        "#,
+        d = d.display()
+    ));
+    let entries = read_img(&img, "xfs");
+    let m = by_path(&entries);
+    assert!(entries.len() > 1889 + 400 + 60, "{}", entries.len());
+    let frag = m[&b"frag"[..]];
+    assert_eq!(frag.extents.len(), 400, "frag: {:?}", &frag.extents[..3]);
+    let sparse = m[&b"sparse"[..]];
+    assert!(sparse.extents.iter().all(|x| x.file_off > 0), "{sparse:?}");
+    let pre = m[&b"prealloc"[..]];
+    assert_eq!(pre.extents.len(), 1, "{pre:?}");
+    assert!(pre.extents[0].len <= 65536, "{pre:?}");
+    let mixed = m[&b"mixed"[..]];
+    assert_eq!(mixed.extents.len(), 2, "{mixed:?}");
+    assert_eq!(m[&b"hardlink2"[..]].inode, m[&b"hello.txt"[..]].inode);
+    assert_eq!(m[&b"hello.txt"[..]].nlink, 3);
+    assert_eq!(m[&b"chr"[..]].rdev, (1, 3));
+    assert_eq!(m[&b"hugedev"[..]].rdev, (500, 200000));
+    assert_eq!(m[&b"remote"[..]].symlink.as_ref().unwrap().len(), 1000);
+    assert_eq!(m[&b"hello.txt"[..]].mtime, (981_173_106, 123_456_789));
+    assert!(m[&b"old"[..]].mtime.0 < 0);
+    let nodex = m[&b"nodex"[..]];
+    assert_eq!(nodex.xattrs.len(), 701);
+    let acl = m[&b"acl.txt"[..]];
+    assert!(
+        acl.xattrs
+            .iter()
+            .any(|(n, v)| n == b"system.posix_acl_access" && v.starts_with(&[2, 0, 0, 0]))
+    );
+    if let Some(r) = m.get(&b"reflinked"[..]) {
+        assert_eq!(r.extents, m[&b"a/rand.bin"[..]].extents);
+    }
+    compare_with_mount(&img, &mnt, &entries, "ro,norecovery");
+    let _ = std::fs::remove_dir_all(&d);
+    entries
+}
+
+#[test]
+fn xfs_v5_default() {
+    xfs_case("v5", "");
+}
+
+#[test]
+fn xfs_v5_1k_blocks() {
+    xfs_case("1k", "-b size=1024");
+}
+
+#[test]
+fn xfs_v5_reflink_rmapbt_nrext64() {
+    xfs_case("rmap", "-m reflink=1,rmapbt=1 -i nrext64=1");
+}
+
+#[test]
+fn xfs_v5_no_ftype_small_dirblocks() {
+    xfs_case("bigdir", "-n size=16384 -i size=1024 -m bigtime=0");
 }
