@@ -12,7 +12,7 @@ use std::process::Command;
 use super::*;
 use crate::fs::map::le16;
 
-fn sh(script: &str) -> String {
+pub(super) fn sh(script: &str) -> String {
     let out = Command::new("bash")
         .arg("-euo")
         .arg("pipefail")
@@ -29,7 +29,7 @@ fn sh(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn tmpdir(name: &str) -> PathBuf {
+pub(super) fn tmpdir(name: &str) -> PathBuf {
     let d = PathBuf::from(format!("/tmp/fsread-test-{name}-{}", std::process::id()));
     let _ = Command::new("umount").arg(d.join("mnt")).output();
     let _ = std::fs::remove_dir_all(&d);
@@ -39,10 +39,10 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 /// Unmounts on drop, so a failing assertion does not leave a mount behind.
-struct Mount(PathBuf);
+pub(super) struct Mount(PathBuf);
 
 impl Mount {
-    fn new(img: &Path, mnt: &Path, opts: &str) -> Mount {
+    pub(super) fn new(img: &Path, mnt: &Path, opts: &str) -> Mount {
         sh(&format!(
             "mount -o {opts},loop '{}' '{}'",
             img.display(),
@@ -58,7 +58,7 @@ impl Drop for Mount {
     }
 }
 
-struct Mem(Vec<u8>);
+pub(super) struct Mem(pub(super) Vec<u8>);
 
 impl ReadAt for Mem {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -86,7 +86,7 @@ unsafe extern "C" {
     ) -> isize;
 }
 
-fn xattrs_of(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(super) fn xattrs_of(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let cp = CString::new(p.as_os_str().as_bytes()).unwrap();
     let mut list = vec![0u8; 65536];
     let n = unsafe { llistxattr(cp.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
@@ -110,7 +110,7 @@ fn xattrs_of(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
-fn kind_of(ft: std::fs::FileType) -> Kind {
+pub(super) fn kind_of(ft: std::fs::FileType) -> Kind {
     if ft.is_symlink() {
         Kind::Symlink
     } else if ft.is_dir() {
@@ -129,7 +129,7 @@ fn kind_of(ft: std::fs::FileType) -> Kind {
 }
 
 /// Every path under `root` (relative, raw bytes), root included.
-fn walk_mount(root: &Path) -> BTreeMap<Vec<u8>, PathBuf> {
+pub(super) fn walk_mount(root: &Path) -> BTreeMap<Vec<u8>, PathBuf> {
     let mut out = BTreeMap::new();
     out.insert(Vec::new(), root.to_path_buf());
     let mut stack = vec![(Vec::new(), root.to_path_buf())];
@@ -150,7 +150,7 @@ fn walk_mount(root: &Path) -> BTreeMap<Vec<u8>, PathBuf> {
     out
 }
 
-fn check_order(entries: &[Entry]) {
+pub(super) fn check_order(entries: &[Entry]) {
     assert_eq!(entries.first().map(|e| e.path.as_slice()), Some(&b""[..]));
     let mut seen = BTreeSet::new();
     for e in entries {
@@ -491,16 +491,16 @@ fn fat32() {
 }
 
 /// xorshift64* pseudo-random numbers (deterministic).
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
