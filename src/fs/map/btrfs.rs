@@ -489,7 +489,9 @@ impl<'a> Reader<'a> {
             return Err(bad(format!("level {got_level} where {level} was expected")));
         }
         let got_owner = le64(b, 0x58);
-        if got_owner != owner {
+        // Subvolume trees share blocks with their snapshots: a block keeps the owner that
+        // wrote it, which may be any subvolume.
+        if got_owner != owner && !(is_fs_tree(owner) && is_fs_tree(got_owner)) {
             return Err(bad(format!("owned by tree {got_owner}, not tree {owner}")));
         }
         let got_gen = le64(b, 0x50);
@@ -609,6 +611,11 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+}
+
+/// The top-level subvolume (5) or a subvolume or snapshot (256 to 2^64 - 256).
+pub(crate) fn is_fs_tree(id: u64) -> bool {
+    id == 5 || (256..=u64::MAX - 255).contains(&id)
 }
 
 /// A ROOT_ITEM's root block: bytenr at 176, level at 238 (after the embedded inode item).

@@ -23,14 +23,11 @@ use super::decode::{MAX_ENCODED, decode};
 use super::{Compression, Encoded, Entry, Extent, Kind, ReadAt};
 use crate::fs::map::btrfs::{
     BG_DATA, ChunkMap, Key, MAGIC, ROOT_ITEM, ROOT_TREE, Reader, Root, SB_OFFSET, SB_SIZE,
-    load_chunks, parse_super, root_from_item,
+    is_fs_tree, load_chunks, parse_super, root_from_item,
 };
 use crate::fs::map::{le16, le32, le64};
 
 const FS_TREE: u64 = 5;
-const FIRST_FREE_OBJECTID: u64 = 256;
-/// Subvolume and snapshot ids run from 256 to 2^64 - 256 (higher ids are internal trees).
-const LAST_FREE_OBJECTID: u64 = u64::MAX - 255;
 const ROOT_DIR: u64 = 256;
 /// What the kernel shows where a snapshot holds a subvolume that is not part of it.
 const EMPTY_SUBVOL_DIR: u64 = 2;
@@ -347,12 +344,10 @@ impl Fs<'_> {
         };
         match kind {
             Kind::CharDev | Kind::BlockDev => {
-                // new_encode_dev: minor's low byte, major, minor's high bits.
+                // The kernel's own dev_t (MKDEV: 12-bit major above a 20-bit minor), not the
+                // new_encode_dev form ext4 stores: what `stat` shows for 8:1 is 0x800001 here.
                 let d = it.rdev;
-                e.rdev = (
-                    ((d & 0xfff00) >> 8) as u32,
-                    ((d & 0xff) | ((d >> 12) & 0xfff00)) as u32,
-                );
+                e.rdev = (((d >> 20) & 0xfff) as u32, (d & 0xf_ffff) as u32);
             }
             Kind::Symlink => {
                 let x = ino
@@ -492,10 +487,9 @@ fn read_all(fs: &mut Fs, s: &crate::fs::map::btrfs::Super) -> Result<Vec<Entry>>
         tree_root,
         "root tree",
         &mut |k, d| {
-            let subvol = |id: u64| id == FS_TREE || (FIRST_FREE_OBJECTID..=LAST_FREE_OBJECTID).contains(&id);
             match k.kind {
                 // Keys come in order: a later ROOT_ITEM of the same tree is newer.
-                ROOT_ITEM if subvol(k.objectid) => {
+                ROOT_ITEM if is_fs_tree(k.objectid) => {
                     match root_from_item(k.objectid, d, "subvolume") {
                         Ok(r) => {
                             roots.insert(k.objectid, r);
