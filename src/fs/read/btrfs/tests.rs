@@ -449,7 +449,7 @@ fn find_item(img: &[u8], blocks: &[(u64, u8)], key: (u64, u8, u64), nodesize: us
         for i in 0..n {
             let e = 101 + i * 25;
             if (le64(b, e), b[e + 8], le64(b, e + 9)) == key {
-                return (p as usize, 101 + le32(b, e + 17) as usize);
+                return (p as usize, p as usize + 101 + le32(b, e + 17) as usize);
             }
         }
     }
