@@ -101,7 +101,9 @@ impl Applier<'_, '_> {
         let chunks = match &m.data {
             Data::Chunks(c) => c,
             Data::Image {
-                extents, inline, ..
+                extents,
+                inline,
+                encoded,
             } => {
                 let image = self
                     .image
@@ -122,6 +124,38 @@ impl Applier<'_, '_> {
                             .with_context(|| format!("cannot write {name:?}"))?;
                         done += n as u64;
                     }
+                }
+                for r in encoded {
+                    use crate::fs::read::Compression as C;
+                    let len = r.len.min(m.size.saturating_sub(r.file_off));
+                    if len == 0 {
+                        continue;
+                    }
+                    let compression = match r.compression.as_str() {
+                        "zlib" => C::Zlib,
+                        "lzo" => C::Lzo,
+                        "zstd" => C::Zstd,
+                        other => bail!(
+                            "file {name:?}: compression {other:?} in the file list is unknown to this bmr"
+                        ),
+                    };
+                    let x = crate::fs::read::Encoded {
+                        file_off: r.file_off,
+                        disk_off: r.disk_off,
+                        disk_len: r.disk_len,
+                        compression,
+                        skip: r.skip,
+                        len,
+                    };
+                    let plain = crate::fs::read::read_encoded(&x, |buf, off| image.read_at(buf, off))
+                        .with_context(|| {
+                            format!(
+                                "file {name:?}: its {} compressed bytes at file offset {} (image offset {}) do not decode",
+                                r.compression, r.file_off, r.disk_off
+                            )
+                        })?;
+                    f.write_all_at(&plain, r.file_off)
+                        .with_context(|| format!("cannot write {name:?}"))?;
                 }
                 f.set_len(m.size)
                     .with_context(|| format!("cannot size {name:?}"))?;
