@@ -200,7 +200,7 @@ fn plan_areas(
             }
             Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
             Err(e) => {
-                let msg = format!("{what}: {e:#}; stored whole instead");
+                let msg = format!("{what}: {e:#}; stored whole instead, with no file list");
                 eprintln!("warning: {msg}");
                 warnings.push(msg.clone());
                 let mut p = whole(AreaKind::Partition, start, len, num);
