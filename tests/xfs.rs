@@ -826,7 +826,9 @@ fn file_list_end_to_end() {
     assert_eq!(tocs[0]["fstype"], "xfs");
 
     let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "--part", "1", "/t"]);
-    for name in ["big.bin", "sub", "other", "longlink", "big-dir", "frag", "sparse"] {
+    for name in [
+        "big.bin", "sub", "other", "longlink", "big-dir", "frag", "sparse",
+    ] {
         assert!(ls.contains(name), "{name} not in:\n{ls}");
     }
     let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "--json", "/t/big-dir"]);
@@ -841,7 +843,16 @@ fn file_list_end_to_end() {
     let to = tm.path().to_path_buf();
     let to_s = to.display().to_string();
     bmr_ok(&[
-        "restore-files", "--repo", &repo, "--host", "h", "--part", "1", "--to", &to_s, "/t",
+        "restore-files",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--part",
+        "1",
+        "--to",
+        &to_s,
+        "/t",
     ]);
     sh(&format!(
         "diff -r --no-dereference {} {}/t",
@@ -900,7 +911,10 @@ fn dirty_log_no_file_list() {
     );
     let manifest: serde_json::Value =
         serde_json::from_str(&sh(&format!("cat {repo}/hosts/h/snapshots/*.json"))).unwrap();
-    assert!(manifest["tocs"].as_array().unwrap().is_empty(), "{manifest:#}");
+    assert!(
+        manifest["tocs"].as_array().unwrap().is_empty(),
+        "{manifest:#}"
+    );
     let part = manifest["areas"]
         .as_array()
         .unwrap()

@@ -558,7 +558,7 @@ fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
     plans.iter().map(|p| p.area.clone()).collect()
 }
 
-/// Table of contents of every ext/FAT filesystem, read from the disk itself. A filesystem
+/// Table of contents of every filesystem `fs::read` knows, read from the disk itself. A filesystem
 /// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
 fn write_tocs(
     w: &SnapshotWriter,
