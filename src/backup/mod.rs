@@ -205,7 +205,7 @@ fn plan_areas(
             }
             Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
             Err(e) => {
-                let msg = format!("{what}: {e:#}; stored whole instead");
+                let msg = format!("{what}: {e:#}; stored whole instead, with no file list");
                 eprintln!("warning: {msg}");
                 warnings.push(msg.clone());
                 let mut p = whole(AreaKind::Partition, start, len, num);
@@ -566,7 +566,7 @@ fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
     plans.iter().map(|p| p.area.clone()).collect()
 }
 
-/// Table of contents of every ext/FAT filesystem, read from the disk itself. A filesystem
+/// Table of contents of every filesystem `fs::read` knows, read from the disk itself. A filesystem
 /// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
 fn write_tocs(
     w: &SnapshotWriter,

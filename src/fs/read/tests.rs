@@ -633,7 +633,7 @@ const XFS_POPULATE: &str = r#"
         setfattr -n security.test -v sec xattr.txt
         printf y > bigx; setfattr -n user.big -v "$(head -c 6000 /dev/zero | tr '\0' b)" bigx
         setfattr -n user.small -v s bigx
-        printf z > leafx; for i in $(seq 12); do setfattr -n user.key$i -v "value $i, longer than what fits in the inode" leafx; done
+        printf z > leafx; for i in $(seq 12); do setfattr -n user.key$i -v "$i $(printf 'v%.0s' $(seq $LEAFX_LEN))" leafx; done
         printf w > nodex; for i in $(seq 700); do setfattr -n user.some_longer_key_$i -v "value number $i" nodex; done
         setfattr -n user.big -v "$(head -c 20000 /dev/zero | tr '\0' c)" nodex
         mkdir xdir; setfattr -n user.dirattr -v v xdir
@@ -670,7 +670,8 @@ const XFS_CHECK_FORMATS: &str = r#"
         want nodex "$(db nodex -c 'ablock 0' -c print)" 'magic = 0x.ebe'
         "#;
 
-fn xfs_case(name: &str, mkfs: &str) -> Vec<Entry> {
+/// `leafx_len`: the length of leafx's 12 values, so they overflow the inode but fit one block.
+fn xfs_case(name: &str, mkfs: &str, leafx_len: u32) -> Vec<Entry> {
     let d = tmpdir(&format!("xfs-{name}"));
     let img = d.join("img");
     let mnt = d.join("mnt");
@@ -680,6 +681,7 @@ fn xfs_case(name: &str, mkfs: &str) -> Vec<Entry> {
         mkfs.xfs -f -q -K {mkfs} img
         mount -o loop img mnt
         cd mnt
+        LEAFX_LEN={leafx_len}
         {XFS_POPULATE}
         for f in frag many leafdir medium_dir small nodex leafx xattr.txt remote; do
             echo "$f $(stat -c %i $f)"; done > ../inodes
@@ -726,28 +728,32 @@ fn xfs_case(name: &str, mkfs: &str) -> Vec<Entry> {
 
 #[test]
 fn xfs_v5_default() {
-    xfs_case("v5", "");
+    xfs_case("v5", "", 45);
 }
 
 #[test]
 fn xfs_v5_1k_blocks() {
-    xfs_case("1k", "-b size=1024");
+    xfs_case("1k", "-b size=1024", 45);
 }
 
 #[test]
 fn xfs_v5_reflink_rmapbt_nrext64() {
-    xfs_case("rmap", "-m reflink=1,rmapbt=1 -i nrext64=1");
+    xfs_case("rmap", "-m reflink=1,rmapbt=1 -i nrext64=1", 45);
 }
 
 #[test]
-fn xfs_v5_no_ftype_small_dirblocks() {
-    xfs_case("bigdir", "-n size=16384 -i size=1024 -m bigtime=0");
+fn xfs_v5_16k_dirblocks_1k_inodes_no_bigtime() {
+    xfs_case("bigdir", "-n size=16384 -i size=1024 -m bigtime=0", 200);
 }
 
 /// A protofile tree for XFS v4 (which this kernel cannot mount): every kind mkfs can make,
 /// big directories, remote symlinks, owners and set-id bits. Returns (path, kind, mode, uid,
 /// gid, what: content source, target or "major minor").
-fn xfs_proto_tree(d: &Path) -> (String, Vec<(String, Kind, u32, u32, u32, String)>) {
+/// What a protofile line should give: path, kind, mode, uid, gid, and the content source,
+/// symlink target or "major minor".
+type ProtoWant = (String, Kind, u32, u32, u32, String);
+
+fn xfs_proto_tree(d: &Path) -> (String, Vec<ProtoWant>) {
     sh(&format!(
         "cd '{}' && head -c 300000 /dev/urandom > big && echo hello > small && : > empty && \
          head -c 5000 /dev/urandom > mid",
@@ -760,8 +766,20 @@ fn xfs_proto_tree(d: &Path) -> (String, Vec<(String, Kind, u32, u32, u32, String
         .map(|i| format!("component{i:03}/"))
         .collect::<String>()[..1000]
         .to_string();
-    let mut add = |proto: &mut String, depth: usize, name: &str, path: &str, k: Kind, m: &str, ids: (u32, u32), extra: &str| {
-        proto.push_str(&format!("{}{name} {m} {} {} {extra}\n", " ".repeat(depth), ids.0, ids.1));
+    let mut add = |proto: &mut String,
+                   depth: usize,
+                   name: &str,
+                   path: &str,
+                   k: Kind,
+                   m: &str,
+                   ids: (u32, u32),
+                   extra: &str| {
+        proto.push_str(&format!(
+            "{}{name} {m} {} {} {extra}\n",
+            " ".repeat(depth),
+            ids.0,
+            ids.1
+        ));
         let mut mode = u32::from_str_radix(&m[3..], 8).unwrap();
         if &m[1..2] == "u" {
             mode |= 0o4000;
@@ -771,20 +789,106 @@ fn xfs_proto_tree(d: &Path) -> (String, Vec<(String, Kind, u32, u32, u32, String
         }
         want.push((path.to_string(), k, mode, ids.0, ids.1, extra.to_string()));
     };
-    add(&mut proto, 1, "big", "big", Kind::File, "---644", (0, 0), &file("big"));
-    add(&mut proto, 1, "small", "small", Kind::File, "---600", (12, 34), &file("small"));
-    add(&mut proto, 1, "empty", "empty", Kind::File, "-ug755", (0, 0), &file("empty"));
-    add(&mut proto, 1, "short", "short", Kind::Symlink, "l--777", (0, 0), "small");
-    add(&mut proto, 1, "remote", "remote", Kind::Symlink, "l--777", (0, 0), &long);
-    add(&mut proto, 1, "chr", "chr", Kind::CharDev, "c--644", (0, 6), "1 3");
-    add(&mut proto, 1, "blk", "blk", Kind::BlockDev, "b--660", (0, 6), "259 100000");
-    add(&mut proto, 1, "fifo", "fifo", Kind::Fifo, "p--600", (5, 5), "");
-    for (dir, n) in [("sf", 3), ("blockdir", 60), ("leafdir", 400), ("many", 3000)] {
+    add(
+        &mut proto,
+        1,
+        "big",
+        "big",
+        Kind::File,
+        "---644",
+        (0, 0),
+        &file("big"),
+    );
+    add(
+        &mut proto,
+        1,
+        "small",
+        "small",
+        Kind::File,
+        "---600",
+        (12, 34),
+        &file("small"),
+    );
+    add(
+        &mut proto,
+        1,
+        "empty",
+        "empty",
+        Kind::File,
+        "-ug755",
+        (0, 0),
+        &file("empty"),
+    );
+    add(
+        &mut proto,
+        1,
+        "short",
+        "short",
+        Kind::Symlink,
+        "l--777",
+        (0, 0),
+        "small",
+    );
+    add(
+        &mut proto,
+        1,
+        "remote",
+        "remote",
+        Kind::Symlink,
+        "l--777",
+        (0, 0),
+        &long,
+    );
+    add(
+        &mut proto,
+        1,
+        "chr",
+        "chr",
+        Kind::CharDev,
+        "c--644",
+        (0, 6),
+        "1 3",
+    );
+    add(
+        &mut proto,
+        1,
+        "blk",
+        "blk",
+        Kind::BlockDev,
+        "b--660",
+        (0, 6),
+        "259 100000",
+    );
+    add(
+        &mut proto,
+        1,
+        "fifo",
+        "fifo",
+        Kind::Fifo,
+        "p--600",
+        (5, 5),
+        "",
+    );
+    for (dir, n) in [
+        ("sf", 3),
+        ("blockdir", 60),
+        ("leafdir", 400),
+        ("many", 3000),
+    ] {
         add(&mut proto, 1, dir, dir, Kind::Dir, "d--755", (1, 2), "");
         for i in 0..n {
             let name = format!("a_longer_entry_name_{i}");
             let src = if i % 100 == 0 { "mid" } else { "empty" };
-            add(&mut proto, 2, &name, &format!("{dir}/{name}"), Kind::File, "---644", (0, 0), &file(src));
+            add(
+                &mut proto,
+                2,
+                &name,
+                &format!("{dir}/{name}"),
+                Kind::File,
+                "---644",
+                (0, 0),
+                &file(src),
+            );
         }
         proto.push_str(" $\n");
     }
@@ -795,7 +899,10 @@ fn xfs_proto_tree(d: &Path) -> (String, Vec<(String, Kind, u32, u32, u32, String
 
 #[test]
 fn xfs_v4_protofile() {
-    for (name, opts) in [("v4", "-m crc=0"), ("v4ft", "-m crc=0 -n ftype=1 -b size=1024")] {
+    for (name, opts) in [
+        ("v4", "-m crc=0"),
+        ("v4ft", "-m crc=0 -n ftype=1 -b size=1024"),
+    ] {
         let d = tmpdir(&format!("xfs-{name}"));
         let (proto, want) = xfs_proto_tree(&d.join("src"));
         std::fs::write(d.join("proto"), proto).unwrap();
@@ -816,7 +923,11 @@ fn xfs_v4_protofile() {
         assert_eq!(entries.len(), want.len());
         for (path, kind, mode, uid, gid, extra) in &want {
             let e = m[path.as_bytes()];
-            assert_eq!((e.kind, e.mode, e.uid, e.gid), (*kind, *mode, *uid, *gid), "{path}");
+            assert_eq!(
+                (e.kind, e.mode, e.uid, e.gid),
+                (*kind, *mode, *uid, *gid),
+                "{path}"
+            );
             match kind {
                 Kind::File => {
                     let data = std::fs::read(extra).unwrap();
@@ -867,11 +978,23 @@ fn xfs_regions(img: &Path, names: &[(&str, u64)]) -> Vec<(u64, u64)> {
             .unwrap_or_else(|| panic!("{name}: no inode location"));
         out.push((byte, 512));
         for fork in ["-d", "-a"] {
-            for l in db(&format!("-c 'inode {ino}' -c 'bmap {fork}'")).lines().take(3) {
-                let Some(sb) = l.split("startblock ").nth(1) else { continue };
+            for l in db(&format!("-c 'inode {ino}' -c 'bmap {fork}'"))
+                .lines()
+                .take(3)
+            {
+                let Some(sb) = l.split("startblock ").nth(1) else {
+                    continue;
+                };
                 let fsb: u64 = sb.split_whitespace().next().unwrap().parse().unwrap();
                 let b = db(&format!("-c 'convert fsblock {fsb} byte'"));
-                let b = u64::from_str_radix(b.split_whitespace().next().unwrap().trim_start_matches("0x"), 16).unwrap();
+                let b = u64::from_str_radix(
+                    b.split_whitespace()
+                        .next()
+                        .unwrap()
+                        .trim_start_matches("0x"),
+                    16,
+                )
+                .unwrap();
                 out.push((b, 4096));
             }
         }
@@ -887,7 +1010,11 @@ fn xfs_fuzz(img: &Path, regions: &[(u64, u64)], rounds: u32, seed: u64) -> (u32,
         let mut flips = Vec::new();
         for _ in 0..1 + rng.below(8) {
             let (start, len) = regions[rng.below(regions.len() as u64) as usize];
-            let x = if rng.below(4) == 0 { rng.next() as u8 | 1 } else { 1 << rng.below(8) };
+            let x = if rng.below(4) == 0 {
+                rng.next() as u8 | 1
+            } else {
+                1 << rng.below(8)
+            };
             flips.push((start + rng.below(len), x));
         }
         let p = Patched { file: &f, flips };
@@ -895,7 +1022,10 @@ fn xfs_fuzz(img: &Path, regions: &[(u64, u64)], rounds: u32, seed: u64) -> (u32,
             Ok((entries, warnings)) => {
                 ok += 1;
                 warned += u32::from(!warnings.is_empty());
-                for e in entries.iter().filter(|e| e.kind == Kind::File && e.size < 1 << 26) {
+                for e in entries
+                    .iter()
+                    .filter(|e| e.kind == Kind::File && e.size < 1 << 26)
+                {
                     let _ = read_file(&p, e);
                 }
             }
@@ -929,7 +1059,7 @@ fn xfs_hostile() {
         })
         .collect();
     let regions = xfs_regions(&v4, &names);
-    let (ok, err, warned) = xfs_fuzz(&v4, &regions, 300, 0x5eed_0f_f1a5);
+    let (ok, err, warned) = xfs_fuzz(&v4, &regions, 300, 0x005e_ed0f_f1a5);
     eprintln!("xfs v4 fuzz: {ok} ok ({warned} with warnings), {err} errors");
     assert!(err + warned > 30, "{ok} {err} {warned}");
 
@@ -949,28 +1079,59 @@ fn xfs_hostile() {
         d = d.display()
     ));
     let entries = read_img(&img, "xfs");
-    let ino = |p: &str| entries.iter().find(|e| e.path == p.as_bytes()).unwrap().inode;
+    let ino = |p: &str| {
+        entries
+            .iter()
+            .find(|e| e.path == p.as_bytes())
+            .unwrap()
+            .inode
+    };
     let (root, b, frag) = (ino(""), ino("a/b"), ino("frag"));
-    let names = [("", root), ("many", ino("many")), ("frag", frag), ("attrs", ino("attrs"))];
+    let names = [
+        ("", root),
+        ("many", ino("many")),
+        ("frag", frag),
+        ("attrs", ino("attrs")),
+    ];
     let regions = xfs_regions(&img, &names);
     let (ok, err, warned) = xfs_fuzz(&img, &regions, 200, 0xabcd_ef01_2345);
     eprintln!("xfs v5 fuzz: {ok} ok ({warned} with warnings), {err} errors");
     assert!(err + warned > 30, "{ok} {err} {warned}");
 
     let xdb = |cmds: &str| sh(&format!("xfs_db -x {cmds} '{}'", img.display()));
-    let fresh = |f: &File| xfs::read_tree_report(&FileRange { file: f, base: 0, len: 512 << 20 });
+    let fresh = |f: &File| {
+        xfs::read_tree_report(&FileRange {
+            file: f,
+            base: 0,
+            len: 512 << 20,
+        })
+    };
     // a/b/c -> the root directory: a loop.
     let a = ino("a");
-    xdb(&format!("-c 'inode {b}' -c 'write u3.sfdir3.list[0].inumber.i4 {a}'"));
-    let (got, warnings) = fresh(&File::open(&img).unwrap()).unwrap();
-    assert!(warnings.iter().any(|w| w.contains("a/b/c") && w.contains("loop")), "{warnings:?}");
-    assert_eq!(got.len(), entries.len() - 1);
-    xdb(&format!("-c 'inode {b}' -c 'write u3.sfdir3.list[0].inumber.i4 {}'", ino("a/b/c")));
-    // A B+tree pointer far outside the filesystem: frag is skipped, the rest stays.
-    xdb(&format!("-c 'inode {frag}' -c 'write u3.bmbt.ptrs[1] 4000000000'"));
+    xdb(&format!(
+        "-c 'inode {b}' -c 'write u3.sfdir3.list[0].inumber.i4 {a}'"
+    ));
     let (got, warnings) = fresh(&File::open(&img).unwrap()).unwrap();
     assert!(
-        warnings.iter().any(|w| w.contains("\"frag\"") && w.contains("outside the filesystem")),
+        warnings
+            .iter()
+            .any(|w| w.contains("a/b/c") && w.contains("loop")),
+        "{warnings:?}"
+    );
+    assert_eq!(got.len(), entries.len() - 1);
+    xdb(&format!(
+        "-c 'inode {b}' -c 'write u3.sfdir3.list[0].inumber.i4 {}'",
+        ino("a/b/c")
+    ));
+    // A B+tree pointer far outside the filesystem: frag is skipped, the rest stays.
+    xdb(&format!(
+        "-c 'inode {frag}' -c 'write u3.bmbt.ptrs[1] 4000000000'"
+    ));
+    let (got, warnings) = fresh(&File::open(&img).unwrap()).unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("\"frag\"") && w.contains("outside the filesystem")),
         "{warnings:?}"
     );
     assert_eq!(got.len(), entries.len() - 1);

@@ -379,7 +379,9 @@ impl Fs<'_> {
         visited: &mut HashSet<u64>,
         out: &mut Vec<Run>,
     ) -> Result<()> {
-        let (b, rest) = bufs.split_first_mut().context("B+tree deeper than its root")?;
+        let (b, rest) = bufs
+            .split_first_mut()
+            .context("B+tree deeper than its root")?;
         let blk = self
             .linear(fsb, 1)
             .ok_or_else(|| damaged(ino, format!("B+tree block {fsb} outside the filesystem")))?;
@@ -548,10 +550,7 @@ impl Fs<'_> {
 
     fn symlink(&self, ino: &Inode) -> Result<Vec<u8>> {
         if ino.size == 0 || ino.size > SYMLINK_MAXLEN {
-            return Err(damaged(
-                ino.ino,
-                format!("a symlink of {} bytes", ino.size),
-            ));
+            return Err(damaged(ino.ino, format!("a symlink of {} bytes", ino.size)));
         }
         let len = ino.size as usize;
         if ino.format == FMT_LOCAL {
@@ -822,8 +821,11 @@ impl Fs<'_> {
                         push_attr(out, flags, name, value.to_vec());
                     } else {
                         let h = b.get(idx..idx + 9).ok_or_else(bad)?;
-                        let (vblk, vlen, nlen) =
-                            (u64::from(be32(h, 0)), be32(h, 4) as usize, usize::from(h[8]));
+                        let (vblk, vlen, nlen) = (
+                            u64::from(be32(h, 0)),
+                            be32(h, 4) as usize,
+                            usize::from(h[8]),
+                        );
                         let name = b.get(idx + 9..idx + 9 + nlen).ok_or_else(bad)?.to_vec();
                         match self.remote_value(ino, map, vblk, vlen) {
                             Ok(v) => push_attr(out, flags, &name, v),
