@@ -62,7 +62,7 @@ impl Host {
         let tmp = Tmp::new(name);
         let disk = tmp.path("disk.img");
         sh(&format!(
-            "truncate -s {}M {d} && sgdisk -q -n1:2048:+{}M -t1:8300 {d}",
+            "truncate -s {}M {d} && sgdisk -n1:2048:+{}M -t1:8300 {d} >/dev/null",
             P1_LEN / MIB + 2,
             P1_LEN / MIB,
             d = disk.display()
