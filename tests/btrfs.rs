@@ -933,25 +933,54 @@ fn file_list_ls_and_restore_files() {
         echo nested > @home/nested/inner && btrfs -q subvolume snapshot -r @ @snap && sync"#,
     );
     let repo = tmp.s("repo");
-    let out = bmr(&["backup", "--repo", &repo, "--host", "h", "-q", &disk.display().to_string()]);
+    let out = bmr(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "-q",
+        &disk.display().to_string(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "backup failed: {stderr}");
-    assert!(!stderr.contains("no file list") && !stderr.contains("warning"), "{stderr}");
+    assert!(
+        !stderr.contains("no file list") && !stderr.contains("warning"),
+        "{stderr}"
+    );
 
     let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/"]);
-    for sv in ["\"@\" [subvolume", "\"@home\" [subvolume", "\"@snap\" [subvolume"] {
+    for sv in [
+        "\"@\" [subvolume",
+        "\"@home\" [subvolume",
+        "\"@snap\" [subvolume",
+    ] {
         assert!(ls.contains(sv), "{sv} missing from:\n{ls}");
     }
     let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/@"]);
-    assert!(ls.contains("\"big.txt\"") && ls.contains("\"sparse\""), "{ls}");
+    assert!(
+        ls.contains("\"big.txt\"") && ls.contains("\"sparse\""),
+        "{ls}"
+    );
     assert!(ls.contains(" 3000000 "), "{ls}");
     let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/@home"]);
-    assert!(ls.contains("\"user\"") && ls.contains("\"nested\" [subvolume"), "{ls}");
+    assert!(
+        ls.contains("\"user\"") && ls.contains("\"nested\" [subvolume"),
+        "{ls}"
+    );
 
     let to = tmp.path("out");
     bmr_ok(&[
-        "restore-files", "--repo", &repo, "--host", "h", "--to", &to.display().to_string(),
-        "/@", "/@home/user", "/@snap/over.txt",
+        "restore-files",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--to",
+        &to.display().to_string(),
+        "/@",
+        "/@home/user",
+        "/@snap/over.txt",
     ]);
     let lo = Loop::new(&disk, MIB, 320 * MIB, true);
     let mnt = tmp.path("src-mnt");
@@ -972,7 +1001,10 @@ fn file_list_ls_and_restore_files() {
     let ino = |p: &str| sh(&format!("stat -c %i {}/{p}", to.display()));
     assert_eq!(ino("@/small"), ino("@/hard"), "hard link not linked");
     // The sparse file came back sparse.
-    let blocks: u64 = sh(&format!("stat -c %b {}/@/sparse", to.display())).trim().parse().unwrap();
+    let blocks: u64 = sh(&format!("stat -c %b {}/@/sparse", to.display()))
+        .trim()
+        .parse()
+        .unwrap();
     assert!(blocks < 100, "sparse file takes {blocks} blocks");
     drop(m);
     drop(lo);
@@ -1006,7 +1038,15 @@ fn log_tree_gets_no_file_list() {
     let log_root = le64(&rd(&File::open(&copy).unwrap(), MIB + SB + 0x60, 8), 0);
     assert_ne!(log_root, 0, "the copy has no log tree");
     let repo = tmp.s("repo");
-    let out = bmr(&["backup", "--repo", &repo, "--host", "h", "-q", &copy.display().to_string()]);
+    let out = bmr(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "-q",
+        &copy.display().to_string(),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "backup failed: {stderr}");
     assert!(
@@ -1018,8 +1058,15 @@ fn log_tree_gets_no_file_list() {
     // The image is there: restored, it mounts and replays its log.
     let restored = tmp.path("restored.img");
     bmr_ok(&[
-        "restore", "--repo", &repo, "--host", "h", "--target", &restored.display().to_string(),
-        "--verify", "-q",
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--target",
+        &restored.display().to_string(),
+        "--verify",
+        "-q",
     ]);
     let lo = Loop::new(&restored, MIB, 256 * MIB, false);
     let rm = tmp.path("restored-mnt");
