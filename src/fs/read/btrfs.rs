@@ -382,7 +382,7 @@ impl Fs<'_> {
                 e.inline = Some(self.inline_data(x)?);
                 continue;
             }
-            if x.kind == FILE_EXTENT_PREALLOC || x.disk_bytenr == 0 {
+            if x.kind == FILE_EXTENT_PREALLOC || x.disk_bytenr == 0 || x.num_bytes == 0 {
                 continue;
             }
             if x.other {
