@@ -582,7 +582,10 @@ fn write_tocs(
             if a.content == crate::repo::manifest::Content::Whole
                 && let Some(note) = &a.note
             {
-                let msg = format!("no file list for the partition at offset {}: {note}", a.start);
+                let msg = format!(
+                    "no file list for the partition at offset {}: {note}",
+                    a.start
+                );
                 eprintln!("warning: {msg}");
                 warnings.push(msg);
             }

@@ -427,7 +427,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-
     /// One tree block, from the first copy that passes every check.
     fn node(
         &self,

@@ -132,8 +132,11 @@ fn parse_inode(d: &[u8]) -> Result<InodeItem> {
     })
 }
 
-/// DIR_ITEM, DIR_INDEX and XATTR_ITEM items: (location, name, data) entries back to back.
-fn parse_dir_items(d: &[u8]) -> Result<Vec<(Key, &[u8], &[u8])>> {
+/// One entry of a DIR_ITEM, DIR_INDEX or XATTR_ITEM: location, name, data.
+type DirEntry<'a> = (Key, &'a [u8], &'a [u8]);
+
+/// DIR_ITEM, DIR_INDEX and XATTR_ITEM items: entries back to back.
+fn parse_dir_items(d: &[u8]) -> Result<Vec<DirEntry<'_>>> {
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < d.len() {
@@ -263,8 +266,9 @@ impl Fs<'_> {
             self.warn.push(format!("subvolume {id}: {s}; left out"));
         }
         if let Err(e) = res {
-            self.warn
-                .push(format!("subvolume {id}: {e:#}; the rest of its tree is left out"));
+            self.warn.push(format!(
+                "subvolume {id}: {e:#}; the rest of its tree is left out"
+            ));
         }
         for ino in inos.values_mut() {
             if ino.index.is_empty() {
@@ -281,7 +285,9 @@ impl Fs<'_> {
         match self.chunks.find(logical, len.max(1)) {
             Some((_, c)) if c.kind & BG_DATA != 0 => Ok(c.stripes[0] + (logical - c.logical)),
             Some(_) => bail!("data at logical {logical} lies in a metadata chunk (damaged)"),
-            None => bail!("data at logical {logical} (+{len}) lies in no chunk, or spans one's end (damaged)"),
+            None => bail!(
+                "data at logical {logical} (+{len}) lies in no chunk, or spans one's end (damaged)"
+            ),
         }
     }
 
@@ -376,7 +382,7 @@ impl Fs<'_> {
                 e.inline = Some(self.inline_data(x)?);
                 continue;
             }
-            if x.kind == FILE_EXTENT_PREALLOC || x.disk_bytenr == 0 {
+            if x.kind == FILE_EXTENT_PREALLOC || x.disk_bytenr == 0 || x.num_bytes == 0 {
                 continue;
             }
             if x.other {
@@ -386,7 +392,10 @@ impl Fs<'_> {
                 );
             }
             let len = x.num_bytes.min(size - x.file_off);
-            if x.offset.checked_add(x.num_bytes).is_none_or(|end| end > x.ram_bytes) {
+            if x.offset
+                .checked_add(x.num_bytes)
+                .is_none_or(|end| end > x.ram_bytes)
+            {
                 bail!(
                     "extent at file offset {}: {} bytes at {} of a {}-byte extent (damaged)",
                     x.file_off,
@@ -528,7 +537,16 @@ fn read_all(fs: &mut Fs, s: &crate::fs::map::btrfs::Super) -> Result<Vec<Entry>>
         };
         let inos = fs.load(sv, root);
         let before = out.len();
-        walk_subvol(fs, sv, &inos, base.clone(), base_depth, &mut entered, &mut queue, &mut out);
+        walk_subvol(
+            fs,
+            sv,
+            &inos,
+            base.clone(),
+            base_depth,
+            &mut entered,
+            &mut queue,
+            &mut out,
+        );
         if let Some(e) = out.get_mut(before).filter(|e| e.path == base) {
             e.subvol = Some(sv);
         } else if sv == FS_TREE {
@@ -558,8 +576,10 @@ fn walk_subvol(
         let e = match fs.entry(sv, oid, ino, path.clone()) {
             Ok(e) => e,
             Err(err) => {
-                fs.warn
-                    .push(format!("{:?} (subvolume {sv}): {err:#}; left out", shown(&path)));
+                fs.warn.push(format!(
+                    "{:?} (subvolume {sv}): {err:#}; left out",
+                    shown(&path)
+                ));
                 continue;
             }
         };

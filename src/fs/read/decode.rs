@@ -92,8 +92,12 @@ fn lzo(input: &[u8], out_len: usize) -> Result<Vec<u8>> {
         }
         let src = &input[pos..pos + n];
         pos += n;
-        let got = lzo_segment(src, &mut seg)
-            .with_context(|| format!("LZO segment at offset {} does not decode (damaged)", pos - n))?;
+        let got = lzo_segment(src, &mut seg).with_context(|| {
+            format!(
+                "LZO segment at offset {} does not decode (damaged)",
+                pos - n
+            )
+        })?;
         out.extend_from_slice(&seg[..got]);
         let left = LZO_SECTOR - pos % LZO_SECTOR;
         if left < 4 {

@@ -91,7 +91,10 @@ fn fixture(name: &str, mkfs: &str, opts: &str, size_mib: u64) -> (std::path::Pat
         sh(&format!("cd '{}' && {POPULATE}", mnt.display()));
     }
     let (entries, w) = read(&img);
-    assert!(w.is_empty(), "{name}: warnings on a sound filesystem: {w:?}");
+    assert!(
+        w.is_empty(),
+        "{name}: warnings on a sound filesystem: {w:?}"
+    );
     compare_with_mount(&img, &mnt, &entries);
     (img, entries)
 }
@@ -236,10 +239,12 @@ fn common_checks(entries: &[Entry], compressed: bool) {
         );
         // The clone shares the original's extents.
         let clone = at(&m, "@/clone.txt");
-        assert!(clone.encoded.iter().any(|c| big
-            .encoded
-            .iter()
-            .any(|b| b.disk_off == c.disk_off)));
+        assert!(
+            clone
+                .encoded
+                .iter()
+                .any(|c| big.encoded.iter().any(|b| b.disk_off == c.disk_off))
+        );
     } else {
         assert!(big.encoded.is_empty() && !big.extents.is_empty());
         assert!(
@@ -249,7 +254,10 @@ fn common_checks(entries: &[Entry], compressed: bool) {
     }
     // Incompressible data stays plain where compression is on.
     let random = at(&m, "@snap/random.bin");
-    assert!(!random.extents.is_empty() && random.encoded.is_empty(), "{random:?}");
+    assert!(
+        !random.extents.is_empty() && random.encoded.is_empty(),
+        "{random:?}"
+    );
 }
 
 #[test]
@@ -411,7 +419,9 @@ fn chunks(img: &Path) -> Vec<(u64, u64, u64)> {
             }
         }
     }
-    out.into_iter().map(|(l, n, p)| (l, n, p.unwrap())).collect()
+    out.into_iter()
+        .map(|(l, n, p)| (l, n, p.unwrap()))
+        .collect()
 }
 
 /// A small single-metadata btrfs with a subvolume and a deep, wide tree (4 KiB nodes).
@@ -439,7 +449,12 @@ fn small_fixture(name: &str, opts: &str) -> (std::path::PathBuf, std::path::Path
     (d, img)
 }
 
-fn find_item(img: &[u8], blocks: &[(u64, u8)], key: (u64, u8, u64), nodesize: usize) -> (usize, usize) {
+fn find_item(
+    img: &[u8],
+    blocks: &[(u64, u8)],
+    key: (u64, u8, u64),
+    nodesize: usize,
+) -> (usize, usize) {
     for &(p, level) in blocks {
         if level != 0 {
             continue;
@@ -478,7 +493,10 @@ fn btrfs_crafted_loops_and_pointers() {
         out.trim().rsplit(' ').next().unwrap().parse().unwrap()
     };
     let fs_blocks = tree_blocks(&img, &["5"]);
-    assert!(fs_blocks.iter().any(|b| b.1 > 0), "the fs tree has no interior node");
+    assert!(
+        fs_blocks.iter().any(|b| b.1 > 0),
+        "the fs tree has no interior node"
+    );
     let (sound, w) = {
         let mem = Mem(base.clone());
         let mut w = Vec::new();
@@ -495,23 +513,39 @@ fn btrfs_crafted_loops_and_pointers() {
         recsum(&mut img2, leaf, nodesize);
         let mut w = Vec::new();
         let e = read_tree_warn(&Mem(img2), &mut w).unwrap();
-        assert!(w.iter().any(|m| m.contains("d1/d2") && m.contains("loop")), "{w:?}");
+        assert!(
+            w.iter().any(|m| m.contains("d1/d2") && m.contains("loop")),
+            "{w:?}"
+        );
         assert!(!e.iter().any(|e| e.path.starts_with(b"d1/d2")));
-        assert!(e.iter().any(|e| e.path == b"d1/a") && e.iter().any(|e| e.path == b"wide/file_400"));
+        assert!(
+            e.iter().any(|e| e.path == b"d1/a") && e.iter().any(|e| e.path == b"wide/file_400")
+        );
     }
     // 2. A directory entry in subvolume 256 pointing back at the top-level subvolume.
     {
         let mut img2 = base.clone();
         let sv_blocks = tree_blocks(&img, &["256"]);
-        let (leaf, item) = find_item(&img2, &sv_blocks, (256, 96, index("256", 256, "dir")), nodesize);
+        let (leaf, item) = find_item(
+            &img2,
+            &sv_blocks,
+            (256, 96, index("256", 256, "dir")),
+            nodesize,
+        );
         img2[item..item + 8].copy_from_slice(&5u64.to_le_bytes());
         img2[item + 8] = 132;
         img2[item + 9..item + 17].copy_from_slice(&u64::MAX.to_le_bytes());
         recsum(&mut img2, leaf, nodesize);
         let mut w = Vec::new();
         let e = read_tree_warn(&Mem(img2), &mut w).unwrap();
-        assert!(w.iter().any(|m| m.contains("sv/dir") && m.contains("subvolume 5")), "{w:?}");
-        assert!(e.iter().any(|e| e.path == b"sv/f") && !e.iter().any(|e| e.path.starts_with(b"sv/dir")));
+        assert!(
+            w.iter()
+                .any(|m| m.contains("sv/dir") && m.contains("subvolume 5")),
+            "{w:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.path == b"sv/f") && !e.iter().any(|e| e.path.starts_with(b"sv/dir"))
+        );
         assert!(e.len() < n_sound && e.len() > n_sound - 5);
     }
     // 3. An interior node's pointer to a block outside the device: that subtree is left out.
@@ -548,7 +582,10 @@ fn btrfs_crafted_loops_and_pointers() {
         recsum(&mut img2, leaf, nodesize);
         let mut w = Vec::new();
         let e = read_tree_warn(&Mem(img2), &mut w).unwrap_err();
-        assert!(format!("{e:#}").contains("top-level subvolume"), "{e:#} {w:?}");
+        assert!(
+            format!("{e:#}").contains("top-level subvolume"),
+            "{e:#} {w:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&d);
 }
