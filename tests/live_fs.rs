@@ -282,10 +282,13 @@ fn btrfs_subvolumes_monday_to_thursday() {
         ));
     }
     h.image();
-    let ls = bmr_ok(&["ls", "--repo", &h.repo, "--host", "h"]);
+    let ls = |dir: &str| bmr_ok(&["ls", "--repo", &h.repo, "--host", "h", dir]);
+    let (top, user, snap) = (ls("/"), ls("/@home/user"), ls("/@-monday"));
     assert!(
-        ls.contains("@home/user/notes") && ls.contains("@-monday/file2"),
-        "{ls}"
+        top.contains("\"@\" [subvolume 256]")
+            && user.contains("\"notes\"")
+            && snap.contains("\"file2\""),
+        "{top}{user}{snap}"
     );
     let lo = Loop::new(&h.disk, false);
     let mut m = Mounts(Vec::new());
