@@ -83,7 +83,7 @@ pub fn select(src: &dyn RepoRead, o: &SelectOptions) -> Result<Selected> {
             .max_by_key(|(t, _)| image.areas.get(t.area as usize).map_or(0, |a| a.len))
             .with_context(|| {
                 format!(
-                    "snapshot {} has no file lists (no ext, FAT or btrfs filesystem)",
+                    "snapshot {} has no file lists (no ext, FAT, XFS or btrfs filesystem it could read)",
                     snapshot
                 )
             })?,

@@ -11,9 +11,9 @@
 //! and the top-level subvolume's root must be sound.
 //!
 //! Inode numbers are per subvolume in btrfs; `Entry::inode` must be unique in the filesystem
-//! (it is the hard-link identity), so it is `(subvolume id << 48) | objectid`, also for the
-//! top-level subvolume (id 5). The incremental backup's live walker computes the same value:
-//! keep the two in step.
+//! (it is the hard-link identity), so it is [`toc_inode`]: `(subvolume id << 40) | objectid`,
+//! also for the top-level subvolume (id 5). The incremental backup's live walker calls the same
+//! function.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -54,7 +54,13 @@ const MAX_DEPTH: usize = 4096;
 /// Warnings kept (the count of the rest is reported).
 const MAX_WARNINGS: usize = 200;
 /// Objectids above this would collide in the inode formula.
-const MAX_OBJECTID: u64 = (1 << 48) - 1;
+const MAX_OBJECTID: u64 = (1 << 40) - 1;
+
+/// The file list's inode number of inode `objectid` of subvolume `subvol`: unique in the
+/// filesystem for 16 million subvolume ids and a trillion inodes per subvolume.
+pub fn toc_inode(subvol: u64, objectid: u64) -> u64 {
+    (subvol << 40) | (objectid & MAX_OBJECTID)
+}
 
 struct InodeItem {
     size: u64,
@@ -338,7 +344,7 @@ impl Fs<'_> {
             ctime: it.ctime,
             atime: it.atime,
             // Unique across subvolumes: see the module documentation.
-            inode: (sv << 48) | oid,
+            inode: toc_inode(sv, oid),
             nlink: it.nlink,
             rdev: (0, 0),
             symlink: None,
@@ -642,7 +648,7 @@ fn walk_subvol(
                             mtime: times.0,
                             ctime: times.1,
                             atime: times.2,
-                            inode: (sv << 48) | EMPTY_SUBVOL_DIR,
+                            inode: toc_inode(sv, EMPTY_SUBVOL_DIR),
                             nlink: 1,
                             rdev: (0, 0),
                             symlink: None,

@@ -124,7 +124,7 @@ pub fn read_tree_warn(
     match fstype {
         "ext2" | "ext3" | "ext4" => ext::read_tree(fs),
         "vfat" => fat::read_tree(fs),
-        "xfs" => xfs::read_tree(fs),
+        "xfs" => xfs::read_tree_warn(fs, warnings),
         "btrfs" => btrfs::read_tree_warn(fs, warnings),
         other => bail!("no file reader for {other}"),
     }

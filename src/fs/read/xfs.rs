@@ -958,10 +958,18 @@ fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
 
 /// The tree, printing a warning for every entry skipped as damaged.
 pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
-    let (entries, warnings) = read_tree_report(dev)?;
+    let mut warnings = Vec::new();
+    let entries = read_tree_warn(dev, &mut warnings)?;
     for w in &warnings {
-        eprintln!("warning: xfs: {w}");
+        eprintln!("warning: {w}");
     }
+    Ok(entries)
+}
+
+/// The tree; what was skipped of a damaged filesystem is added to `warnings`.
+pub fn read_tree_warn(dev: &dyn ReadAt, warnings: &mut Vec<String>) -> Result<Vec<Entry>> {
+    let (entries, w) = read_tree_report(dev)?;
+    warnings.extend(w.into_iter().map(|w| format!("xfs: {w}")));
     Ok(entries)
 }
 

@@ -15,7 +15,7 @@ use super::super::tests::{
 use super::super::{Entry, FileRange, Kind, read_file};
 use super::read_tree_warn;
 
-const SUBVOL_SHIFT: u32 = 48;
+const SUBVOL_SHIFT: u32 = 40;
 
 fn read(img: &Path) -> (Vec<Entry>, Vec<String>) {
     let f = File::open(img).unwrap();
