@@ -3,7 +3,7 @@
 //! directory fd opened without following symlinks, so a restored `etc -> /` symlink can never
 //! redirect a write out of the filesystem being restored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -305,6 +305,9 @@ pub fn apply(
         })
     };
     let mut stats = ApplyStats::default();
+    // Directories whose entries or metadata this changes; no other is written to (a read-only
+    // btrfs snapshot in the filesystem stays untouched).
+    let mut touched: HashSet<Vec<u8>> = HashSet::new();
     // Children come after parents in the list: remove in reverse order.
     for t in current.iter().rev() {
         if t.path.is_empty() || keep(t) {
@@ -320,6 +323,7 @@ pub fn apply(
         unlinkat(dir.as_fd(), OsStr::from_bytes(name), flag)
             .with_context(|| format!("cannot remove {:?}", String::from_utf8_lossy(&t.path)))?;
         stats.removed += 1;
+        touched.insert(parent.to_vec());
     }
     let mut links: HashMap<u64, Vec<u8>> = HashMap::new();
     for d in desired {
@@ -334,6 +338,10 @@ pub fn apply(
         let (parent, name) = split(&d.path);
         let name_os = OsStr::from_bytes(name);
         if kept.is_none() {
+            touched.insert(parent.to_vec());
+            if d.kind == FileKind::Dir {
+                touched.insert(d.path.to_vec());
+            }
             let dir = a.dirs.open(parent)?;
             let mode = Mode::from_bits_truncate(0o600);
             match d.kind {
@@ -424,12 +432,19 @@ pub fn apply(
         } else if kept.is_some_and(|t| !same_meta(t, d)) {
             a.set_meta(d)?;
             stats.updated += 1;
+            if d.kind == FileKind::Dir {
+                touched.insert(d.path.to_vec());
+            }
         } else if d.kind == FileKind::File && d.nlink > 1 {
             links.entry(d.inode).or_insert_with(|| d.path.to_vec());
         }
     }
     // Creating and removing entries changed directory times: set them last, deepest first.
-    for d in desired.iter().rev().filter(|d| d.kind == FileKind::Dir) {
+    for d in desired
+        .iter()
+        .rev()
+        .filter(|d| d.kind == FileKind::Dir && touched.contains(d.path.as_slice()))
+    {
         let (parent, name) = split(&d.path);
         let name_os = OsStr::from_bytes(if name.is_empty() { b"." } else { name });
         let dir = a.dirs.open(parent)?;
@@ -439,7 +454,13 @@ pub fn apply(
             &ts(d.atime),
             &ts(d.mtime),
             UtimensatFlags::NoFollowSymlink,
-        )?;
+        )
+        .with_context(|| {
+            format!(
+                "cannot set the times of {:?}",
+                String::from_utf8_lossy(&d.path)
+            )
+        })?;
     }
     stats.chunk_bytes = a.chunks.fetched;
     Ok(stats)
