@@ -336,6 +336,9 @@ fn btrfs_subvolumes_monday_to_thursday() {
             "monday 2"
         );
         let (ok, out) = sh_status(&format!("btrfs scrub start -B -r {}", top.display()));
-        assert!(ok && out.contains("no errors found"), "scrub at {at}:\n{out}");
+        assert!(
+            ok && out.contains("no errors found"),
+            "scrub at {at}:\n{out}"
+        );
     }
 }
