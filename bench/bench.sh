@@ -1,7 +1,8 @@
 #!/bin/bash
 # Benchmark bmr against partclone + zstd, bmaptool and plain zstd -d on one GPT disk with a
 # 7 GiB ext4 partition holding a copy of $BMR_BENCH_DATA (default /usr/lib, ~4 GiB of real
-# files). Writes the results to docs/benchmarks.md. Run as root:  bench/bench.sh
+# files), and against partclone.xfs / partclone.btrfs on the same files in XFS and btrfs.
+# Writes the results to docs/benchmarks.md. Run as root:  bench/bench.sh
 # Work files go to $BMR_BENCH_DIR (default /var/tmp/bmr-bench, needs ~25 GB; the source disk is
 # kept between runs; delete the directory to rebuild it).
 # BMR_BASELINE=/path/to/an/older/bmr also times that binary's backup and restore side by side
@@ -113,6 +114,40 @@ if [ -n "${BMR_BASELINE:-}" ]; then
     done
 fi
 
+echo "== XFS and btrfs: the same files, bmr vs partclone"
+declare -A FS_USED FS_NEW
+for fs in xfs btrfs; do
+    img=$W/$fs.img
+    if [ ! -f "$img" ]; then
+        echo "building the $fs source disk from $DATA (once)..."
+        truncate -s $((PART_OFF + PART_SIZE + 1024 * 1024)) "$W/$fs.tmp"
+        sgdisk -n 1:2048:4095 -t 1:ef02 -n 2:4096:+7G -t 2:8300 "$W/$fs.tmp" >/dev/null
+        loop $PART_OFF $PART_SIZE "$W/$fs.tmp"
+        "mkfs.$fs" -q -f "$LOOP" >/dev/null
+        mkdir -p "$W/mnt-$fs"
+        mount "$LOOP" "$W/mnt-$fs"
+        cp -a "$DATA/." "$W/mnt-$fs/"
+        umount "$W/mnt-$fs"
+        losetup -d "$LOOP"
+        mv "$W/$fs.tmp" "$img"
+    fi
+    loop $PART_OFF $PART_SIZE "$img"; FS_LOOP=$LOOP
+    rm -rf "$W/repo-$fs" "$W/pc-$fs.zst" "$W/out.$fs" "$W/out.pc"
+    measure "${fs}_bmr_backup" "$BMR" backup --repo "$W/repo-$fs" --host "$fs" -q "$img"
+    measure "${fs}_partclone_zstd" bash -c "partclone.$fs -c -q -s $FS_LOOP -o - 2>/dev/null | zstd -T0 -q -c > $W/pc-$fs.zst"
+    read -r FS_USED[$fs] FS_NEW[$fs] < <("$BMR" list --repo "$W/repo-$fs" --host "$fs" --json | python3 -c \
+      'import json,sys; s=json.load(sys.stdin)[0]["snapshots"]; print(s[0]["used_bytes"], s[0]["new_bytes"])')
+    measure "${fs}_bmr_restore" "$BMR" restore --repo "$W/repo-$fs" --host "$fs" --target "$W/out.$fs" -q
+    loop $PART_OFF $PART_SIZE "$W/out.$fs"
+    if [ "$fs" = xfs ]; then xfs_repair -n "$LOOP" >/dev/null; else btrfs check --readonly "$LOOP" >/dev/null 2>&1; fi
+    losetup -d "$LOOP"
+    rm -f "$W/out.$fs"
+    truncate -s $PART_SIZE "$W/out.pc"
+    measure "${fs}_partclone_restore" bash -c "zstd -d -q -c $W/pc-$fs.zst | partclone.$fs -r -q -s - -O $W/out.pc 2>/dev/null && sync"
+    rm -f "$W/out.pc"
+    losetup -d "$FS_LOOP"
+done
+
 echo "== file level"
 # One ~1 MiB file out of the image: count the chunk bytes restore-files reads.
 ONE=$(cd "$DATA" && find . -type f -size +1000k -size -1100k | head -1 | sed 's|^\./||')
@@ -176,6 +211,19 @@ zstd image: $(( $(stat -c %s "$W/pc.zst") / 1048576 )) MiB. bmr compresses with 
 matches \`zstd\`'s default: about 10% smaller, about 1.6x slower to back up on this machine); restore speed
 does not depend on the level. Numbers on this VM vary by up to 2x between runs (page cache and writeback).
 EOF
+cat <<EOF
+
+XFS and btrfs (the same files on a 7 GiB partition of each, made by \`mkfs\` defaults and \`cp -a\`;
+each restore is checked by \`xfs_repair -n\` or \`btrfs check --readonly\`):
+
+| filesystem | used (MiB) | \`bmr backup\` (s) | \`partclone -c \| zstd -T0\` (s) | backup speed-up | \`bmr restore\` (s) | \`zstd -d \| partclone -r\` (s) | restore speed-up | stored (MiB) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+EOF
+for fs in xfs btrfs; do
+    echo "| $fs | $((FS_USED[$fs] / 1048576)) | ${SECS[${fs}_bmr_backup]} | ${SECS[${fs}_partclone_zstd]} | $(r "${SECS[${fs}_partclone_zstd]} / ${SECS[${fs}_bmr_backup]}")x | ${SECS[${fs}_bmr_restore]} | ${SECS[${fs}_partclone_restore]} | $(r "${SECS[${fs}_partclone_restore]} / ${SECS[${fs}_bmr_restore]}")x | $((FS_NEW[$fs] / 1048576)) |"
+done
+echo
+echo "Goals: backup at least 2x and restore at least 4x faster than partclone."
 if [ -n "$BASE_ROWS" ]; then
 cat <<EOF
 

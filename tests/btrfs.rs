@@ -871,3 +871,207 @@ fn fsync_log_is_refused() {
     // Unmounted cleanly, the same filesystem maps.
     assert!(probe_file(&img, 0, 256 * MIB).unwrap().is_some());
 }
+
+/// A GPT disk with one btrfs partition of `mib` MiB, mounted with `opts` while `script` runs
+/// in it, then unmounted.
+fn btrfs_disk_with(tmp: &Tmp, mib: u64, opts: &str, script: &str) -> PathBuf {
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s {}M {d} && sgdisk -n 1:2048:+{mib}M -t 1:8300 {d} >/dev/null",
+        mib + 2,
+        d = disk.display()
+    ));
+    let lo = Loop::new(&disk, MIB, mib * MIB, false);
+    sh(&format!("mkfs.btrfs -q -f {}", lo.0));
+    let mnt = tmp.path("mnt");
+    let m = BtrfsMount::new(&lo.0, &mnt, opts);
+    sh(&format!(
+        "set +o pipefail; cd {m} && {}",
+        script,
+        m = mnt.display()
+    ));
+    drop(m);
+    drop(lo);
+    disk
+}
+
+/// Metadata as the kernel shows it, for comparing a restored tree with its source.
+fn stat_tree(dir: &Path) -> String {
+    sh(&format!(
+        "cd {} && find . -mindepth 1 | LC_ALL=C sort | while read -r p; do \
+           stat -c '%n %F %a %u %g %.9Y' \"$p\"; [ -d \"$p\" ] || stat -c %s \"$p\"; \
+           getfattr -h -d -m - --absolute-names \"$p\" 2>/dev/null | grep -v '^#' | LC_ALL=C sort; \
+           [ -L \"$p\" ] || getfacl -cp \"$p\" 2>/dev/null | LC_ALL=C sort; \
+         done",
+        dir.display()
+    ))
+}
+
+/// The backup of a compressed btrfs with subvolumes has a file list: `bmr ls` shows the
+/// subvolumes and their files, `bmr restore-files` brings back compressed, inline and sparse
+/// files and whole subtrees as they were.
+#[test]
+fn file_list_ls_and_restore_files() {
+    let tmp = Tmp::new("btrfs-files");
+    let disk = btrfs_disk_with(
+        &tmp,
+        320,
+        "nodiscard,compress=zstd",
+        r#"btrfs -q subvolume create @ && btrfs -q subvolume create @home && \
+        btrfs -q subvolume create @home/nested && \
+        cd @ && yes 'compressible text for bmr' | head -c 3000000 > big.txt && \
+        echo small > small && printf 'z%.0s' $(seq 1500) > inline && \
+        yes 'overwritten' | head -c 800000 > over.txt && sync && \
+        head -c 8192 /dev/urandom | dd of=over.txt bs=4096 seek=40 conv=notrunc status=none && \
+        truncate -s 5M sparse && printf tail | dd of=sparse bs=1 seek=4000000 conv=notrunc status=none && \
+        head -c 200000 /dev/urandom > random.bin && \
+        ln small hard && mkdir -p etc/deep && echo conf > etc/deep/conf && ln -s ../small etc/link && \
+        setfattr -n user.note -v hello small && setfacl -m u:1234:rwx,g:55:r etc/deep/conf && \
+        setfacl -d -m u:99:rx etc && chown 1234:5678 etc/deep/conf && chmod 640 etc/deep/conf && \
+        touch -d '2003-04-05 06:07:08.5' big.txt inline && cd .. && \
+        mkdir -p @home/user && yes home | head -c 300000 > @home/user/doc && \
+        echo nested > @home/nested/inner && btrfs -q subvolume snapshot -r @ @snap && sync"#,
+    );
+    let repo = tmp.s("repo");
+    let out = bmr(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "-q",
+        &disk.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backup failed: {stderr}");
+    assert!(
+        !stderr.contains("no file list") && !stderr.contains("warning"),
+        "{stderr}"
+    );
+
+    let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/"]);
+    for sv in [
+        "\"@\" [subvolume",
+        "\"@home\" [subvolume",
+        "\"@snap\" [subvolume",
+    ] {
+        assert!(ls.contains(sv), "{sv} missing from:\n{ls}");
+    }
+    let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/@"]);
+    assert!(
+        ls.contains("\"big.txt\"") && ls.contains("\"sparse\""),
+        "{ls}"
+    );
+    assert!(ls.contains(" 3000000 "), "{ls}");
+    let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "/@home"]);
+    assert!(
+        ls.contains("\"user\"") && ls.contains("\"nested\" [subvolume"),
+        "{ls}"
+    );
+
+    let to = tmp.path("out");
+    bmr_ok(&[
+        "restore-files",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--to",
+        &to.display().to_string(),
+        "/@",
+        "/@home/user",
+        "/@snap/over.txt",
+    ]);
+    let lo = Loop::new(&disk, MIB, 320 * MIB, true);
+    let mnt = tmp.path("src-mnt");
+    let m = BtrfsMount::new(&lo.0, &mnt, "ro,subvolid=5");
+    for sub in ["@", "@home/user"] {
+        sh(&format!(
+            "diff -r --no-dereference {}/{sub} {}/{sub}",
+            mnt.display(),
+            to.display()
+        ));
+        assert_eq!(stat_tree(&mnt.join(sub)), stat_tree(&to.join(sub)), "{sub}");
+    }
+    sh(&format!(
+        "cmp {m}/@snap/over.txt {t}/@snap/over.txt && cmp {m}/@/over.txt {t}/@/over.txt",
+        m = mnt.display(),
+        t = to.display()
+    ));
+    let ino = |p: &str| sh(&format!("stat -c %i {}/{p}", to.display()));
+    assert_eq!(ino("@/small"), ino("@/hard"), "hard link not linked");
+    // The sparse file came back sparse.
+    let blocks: u64 = sh(&format!("stat -c %b {}/@/sparse", to.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(blocks < 100, "sparse file takes {blocks} blocks");
+    drop(m);
+    drop(lo);
+}
+
+/// A filesystem copied with a log tree pending (after an fsync) is stored whole, with the
+/// warning that it has no file list; the backup completes.
+#[test]
+fn log_tree_gets_no_file_list() {
+    let tmp = Tmp::new("btrfs-log-toc");
+    let disk = tmp.path("src.img");
+    sh(&format!(
+        "truncate -s 258M {d} && sgdisk -n 1:2048:+256M -t 1:8300 {d} >/dev/null",
+        d = disk.display()
+    ));
+    let lo = Loop::new(&disk, MIB, 256 * MIB, false);
+    sh(&format!("mkfs.btrfs -q -f {}", lo.0));
+    let mnt = tmp.path("mnt");
+    let m = BtrfsMount::new(&lo.0, &mnt, "nodiscard,commit=300");
+    let copy = tmp.path("crashed.img");
+    sh(&format!(
+        "echo before > {m}/f && btrfs filesystem sync {m} && \
+         python3 -c \"import os; f = open('{m}/x', 'wb'); f.write(b'a' * 100000); f.flush(); os.fsync(f.fileno())\" && \
+         cp --sparse=always {d} {c}",
+        m = mnt.display(),
+        d = disk.display(),
+        c = copy.display()
+    ));
+    drop(m);
+    drop(lo);
+    let log_root = le64(&rd(&File::open(&copy).unwrap(), MIB + SB + 0x60, 8), 0);
+    assert_ne!(log_root, 0, "the copy has no log tree");
+    let repo = tmp.s("repo");
+    let out = bmr(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "-q",
+        &copy.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "backup failed: {stderr}");
+    assert!(
+        stderr.contains("no file list") && stderr.contains("log tree"),
+        "{stderr}"
+    );
+    let err = bmr_fails(&["ls", "--repo", &repo, "--host", "h", "/"]);
+    assert!(err.contains("no file lists"), "{err}");
+    // The image is there: restored, it mounts and replays its log.
+    let restored = tmp.path("restored.img");
+    bmr_ok(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--target",
+        &restored.display().to_string(),
+        "--verify",
+        "-q",
+    ]);
+    let lo = Loop::new(&restored, MIB, 256 * MIB, false);
+    let rm = tmp.path("restored-mnt");
+    let m = BtrfsMount::new(&lo.0, &rm, "nodiscard");
+    assert_eq!(std::fs::read(rm.join("x")).unwrap(), vec![b'a'; 100000]);
+    drop(m);
+    drop(lo);
+}

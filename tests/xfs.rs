@@ -758,3 +758,170 @@ fn v4_512_blocks() {
     let (_, pc) = check_map(&fx, "xfs v4", "v4-512");
     round_trip(&fx, &pc, false);
 }
+
+/// Per-file metadata of a tree as find and getfattr show it, sorted: path, mode, owner, size,
+/// mtime (ns), link count, and every extended attribute (ACLs included) in hex.
+fn tree_meta(dir: &Path) -> String {
+    sh(&format!(
+        "cd {d} && find . -mindepth 1 -printf '%P %M %U %G %s %T@ %n\\n' | sort && \
+         getfattr -R -h -d -m - -e hex . 2>/dev/null | \
+         awk '/^# file: /{{f=substr($0,9); next}} NF{{print f, $0}}' | sort",
+        d = dir.display()
+    ))
+}
+
+/// The file list end to end: a backup of a GPT disk with an XFS partition makes one (no "no
+/// file list" warning), `bmr ls` lists it and `bmr restore-files` brings back content, modes,
+/// owners, mtimes, xattrs, ACLs and hard links.
+#[test]
+fn file_list_end_to_end() {
+    let tmp = Tmp::new("xfs-files");
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "truncate -s {}M {d} && sgdisk -n 1:2048:+{PART_MIB}M -t 1:8300 {d} >/dev/null",
+        PART_MIB + 2,
+        d = disk.display()
+    ));
+    let lo = Loop::new(&disk, OFF, LEN);
+    sh(&format!("mkfs.xfs -f -K -q {}", lo.0));
+    let m = Mnt::new(&lo.0, &tmp.path("mnt"), "rw");
+    let t = m.path().join("t");
+    populate(&t, 11);
+    sh(&format!(
+        r#"cd {t}
+        ln big.bin sub/big-hardlink
+        ln -s "$(printf 'x%.0s' $(seq 900))" longlink
+        mkdir big-dir; for i in $(seq 2500); do echo $i > big-dir/entry_number_$i; done
+        setfattr -n user.a -v hello other/hello.txt
+        setfattr -n trusted.t -v 0x00ff01 other/hello.txt
+        setfattr -n security.s -v sec other/hello.txt
+        setfattr -n user.big -v "$(head -c 6000 /dev/zero | tr '\0' q)" sub/mid.bin
+        for i in $(seq 200); do setfattr -n user.key$i -v "value $i" sub/deeper/f1; done
+        setfacl -m u:1234:rwx,g:55:r other/hello.txt
+        setfacl -d -m u:1234:rx,g:7:rwx sub
+        chown 1234:5678 sub/deeper/f2; chmod 4755 sub/deeper/f3
+        args=(); for i in $(seq 0 199); do args+=(-c "pwrite -q $((i * 16384)) 4096"); done
+        xfs_io -f "${{args[@]}}" frag
+        truncate -s 20M sparse; echo tail >> sparse
+        touch -d '2001-02-03 04:05:06.123456789' other/hello.txt
+        "#,
+        t = t.display()
+    ));
+    m.unmount();
+    let m = Mnt::new(&lo.0, &tmp.path("mnt"), "ro");
+    let want = tree_meta(&m.path().join("t"));
+    assert!(want.contains("system.posix_acl_access") && want.contains("user.key200"));
+
+    let repo = tmp.s("repo");
+    let d = disk.display().to_string();
+    let out = bmr(&["backup", "--repo", &repo, "--host", "h", "-q", &d]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("no file list"), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&sh(&format!("cat {repo}/hosts/h/snapshots/*.json"))).unwrap();
+    let tocs = manifest["tocs"].as_array().unwrap();
+    assert_eq!(tocs.len(), 1, "{manifest:#}");
+    assert_eq!(tocs[0]["fstype"], "xfs");
+
+    let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "--part", "1", "/t"]);
+    for name in [
+        "big.bin", "sub", "other", "longlink", "big-dir", "frag", "sparse",
+    ] {
+        assert!(ls.contains(name), "{name} not in:\n{ls}");
+    }
+    let ls = bmr_ok(&["ls", "--repo", &repo, "--host", "h", "--json", "/t/big-dir"]);
+    assert!(ls.contains("entry_number_2500"), "{ls}");
+
+    // Into another XFS: the host's ext4 has no room for 200 xattrs on one file.
+    let target = tmp.path("target.img");
+    sh(&format!("truncate -s {LEN} {}", target.display()));
+    let lo2 = Loop::new(&target, 0, LEN);
+    sh(&format!("mkfs.xfs -f -K -q {}", lo2.0));
+    let tm = Mnt::new(&lo2.0, &tmp.path("restored"), "rw");
+    let to = tm.path().to_path_buf();
+    let to_s = to.display().to_string();
+    bmr_ok(&[
+        "restore-files",
+        "--repo",
+        &repo,
+        "--host",
+        "h",
+        "--part",
+        "1",
+        "--to",
+        &to_s,
+        "/t",
+    ]);
+    sh(&format!(
+        "diff -r --no-dereference {} {}/t",
+        m.path().join("t").display(),
+        to.display()
+    ));
+    let got = tree_meta(&to.join("t"));
+    if got != want {
+        let w: Vec<&str> = want.lines().collect();
+        let g: Vec<&str> = got.lines().collect();
+        let missing: Vec<_> = w.iter().filter(|l| !g.contains(l)).take(10).collect();
+        let extra: Vec<_> = g.iter().filter(|l| !w.contains(l)).take(10).collect();
+        panic!("restored tree differs:\nsource only: {missing:#?}\nrestored only: {extra:#?}");
+    }
+    let ino = |p: &str| sh(&format!("stat -c %i {}/t/{p}", to.display()));
+    assert_eq!(ino("big.bin"), ino("sub/big-hardlink"));
+    tm.unmount();
+    m.unmount();
+}
+
+/// A dirty log: the backup completes, the partition is stored whole and the warning says it
+/// has no file list; the reader refuses it on its own too.
+#[test]
+fn dirty_log_no_file_list() {
+    let tmp = Tmp::new("xfs-dirty-toc");
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "truncate -s {}M {d} && sgdisk -n 1:2048:+{PART_MIB}M -t 1:8300 {d} >/dev/null",
+        PART_MIB + 2,
+        d = disk.display()
+    ));
+    let lo = Loop::new(&disk, OFF, LEN);
+    sh(&format!("mkfs.xfs -f -K -q {}", lo.0));
+    let m = Mnt::new(&lo.0, &tmp.path("mnt"), "rw");
+    populate(&m.path().join("t"), 2);
+    sh("sync");
+    sh(&format!("xfs_io -x -c 'shutdown' {}", m.s()));
+    m.unmount();
+    let f = File::open(&disk).unwrap();
+    let r = bmr::fs::read::FileRange {
+        file: &f,
+        base: OFF,
+        len: LEN,
+    };
+    let e = bmr::fs::read::read_tree(&r, "xfs").expect_err("dirty log");
+    assert!(e.to_string().contains("not cleanly unmounted"), "{e:#}");
+
+    let repo = tmp.s("repo");
+    let d = disk.display().to_string();
+    let out = bmr(&["backup", "--repo", &repo, "--host", "h", "-q", &d]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not cleanly unmounted") && stderr.contains("no file list"),
+        "{stderr}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&sh(&format!("cat {repo}/hosts/h/snapshots/*.json"))).unwrap();
+    assert!(
+        manifest["tocs"].as_array().unwrap().is_empty(),
+        "{manifest:#}"
+    );
+    let part = manifest["areas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["partition"] == 1)
+        .unwrap();
+    assert_eq!(part["content"], "whole", "{part:#}");
+    let e = bmr_fails(&["ls", "--repo", &repo, "--host", "h"]);
+    assert!(e.contains("no file list"), "{e}");
+}

@@ -205,7 +205,7 @@ fn plan_areas(
             }
             Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
             Err(e) => {
-                let msg = format!("{what}: {e:#}; stored whole instead");
+                let msg = format!("{what}: {e:#}; stored whole instead, with no file list");
                 eprintln!("warning: {msg}");
                 warnings.push(msg.clone());
                 let mut p = whole(AreaKind::Partition, start, len, num);
@@ -566,7 +566,7 @@ fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
     plans.iter().map(|p| p.area.clone()).collect()
 }
 
-/// Table of contents of every ext/FAT filesystem, read from the disk itself. A filesystem
+/// Table of contents of every filesystem `fs::read` knows, read from the disk itself. A filesystem
 /// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
 fn write_tocs(
     w: &SnapshotWriter,
@@ -576,13 +576,37 @@ fn write_tocs(
 ) -> Result<Vec<crate::repo::manifest::TocRef>> {
     let mut out = Vec::new();
     for (ai, a) in areas.iter().enumerate() {
-        let Some(fs) = &a.fs else { continue };
+        let Some(fs) = &a.fs else {
+            // A filesystem the map refused (damaged, not cleanly unmounted: a btrfs log tree)
+            // is stored whole, and its structures are not trusted for a file list either.
+            if a.content == crate::repo::manifest::Content::Whole
+                && let Some(note) = &a.note
+            {
+                let msg = format!(
+                    "no file list for the partition at offset {}: {note}",
+                    a.start
+                );
+                eprintln!("warning: {msg}");
+                warnings.push(msg);
+            }
+            continue;
+        };
         let range = crate::fs::read::FileRange {
             file: &disk.file,
             base: a.start,
             len: a.len,
         };
-        let entries = match crate::fs::read::read_tree(&range, &fs.fstype) {
+        let mut read_warnings = Vec::new();
+        let read = crate::fs::read::read_tree_warn(&range, &fs.fstype, &mut read_warnings);
+        for m in read_warnings {
+            let msg = format!(
+                "file list of the {} filesystem at offset {}: {m}",
+                fs.fstype, a.start
+            );
+            eprintln!("warning: {msg}");
+            warnings.push(msg);
+        }
+        let entries = match read {
             Ok(e) => e,
             Err(e) => {
                 let msg = format!(

@@ -1,5 +1,5 @@
 //! btrfs subvolumes seen through a mount: which subvolume a directory is (the file lists'
-//! inode numbers are `(subvolume id << 48) | inode`, as `fs::read::btrfs` writes them), and
+//! inode numbers are `fs::read::btrfs::toc_inode`, as the image's file list has them), and
 //! the read-only snapshots `--snapshot btrfs` walks instead of the live subvolumes.
 
 use std::collections::HashMap;
@@ -38,10 +38,7 @@ pub fn subvol_id(dir: &Path) -> Result<u64> {
     Ok(args.treeid)
 }
 
-/// The file-list inode of inode `ino` of subvolume `subvol`.
-pub fn toc_inode(subvol: u64, ino: u64) -> u64 {
-    (subvol << 48) | (ino & ((1 << 48) - 1))
-}
+pub use crate::fs::read::btrfs::toc_inode;
 
 /// Subvolume ids by device number: every subvolume has its own st_dev.
 #[derive(Default)]
@@ -141,14 +138,5 @@ impl Drop for Snapshot {
                 self.path.display()
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn toc_inode_packs_subvolume_and_inode() {
-        assert_eq!(super::toc_inode(5, 256), (5 << 48) | 256);
-        assert_eq!(super::toc_inode(257, 1 << 50), 257 << 48);
     }
 }

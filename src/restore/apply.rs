@@ -3,7 +3,7 @@
 //! directory fd opened without following symlinks, so a restored `etc -> /` symlink can never
 //! redirect a write out of the filesystem being restored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -101,7 +101,9 @@ impl Applier<'_, '_> {
         let chunks = match &m.data {
             Data::Chunks(c) => c,
             Data::Image {
-                extents, inline, ..
+                extents,
+                inline,
+                encoded,
             } => {
                 let image = self
                     .image
@@ -122,6 +124,38 @@ impl Applier<'_, '_> {
                             .with_context(|| format!("cannot write {name:?}"))?;
                         done += n as u64;
                     }
+                }
+                for r in encoded {
+                    use crate::fs::read::Compression as C;
+                    let len = r.len.min(m.size.saturating_sub(r.file_off));
+                    if len == 0 {
+                        continue;
+                    }
+                    let compression = match r.compression.as_str() {
+                        "zlib" => C::Zlib,
+                        "lzo" => C::Lzo,
+                        "zstd" => C::Zstd,
+                        other => bail!(
+                            "file {name:?}: compression {other:?} in the file list is unknown to this bmr"
+                        ),
+                    };
+                    let x = crate::fs::read::Encoded {
+                        file_off: r.file_off,
+                        disk_off: r.disk_off,
+                        disk_len: r.disk_len,
+                        compression,
+                        skip: r.skip,
+                        len,
+                    };
+                    let plain = crate::fs::read::read_encoded(&x, |buf, off| image.read_at(buf, off))
+                        .with_context(|| {
+                            format!(
+                                "file {name:?}: its {} compressed bytes at file offset {} (image offset {}) do not decode",
+                                r.compression, r.file_off, r.disk_off
+                            )
+                        })?;
+                    f.write_all_at(&plain, r.file_off)
+                        .with_context(|| format!("cannot write {name:?}"))?;
                 }
                 f.set_len(m.size)
                     .with_context(|| format!("cannot size {name:?}"))?;
@@ -271,6 +305,9 @@ pub fn apply(
         })
     };
     let mut stats = ApplyStats::default();
+    // Directories whose entries or metadata this changes; no other is written to (a read-only
+    // btrfs snapshot in the filesystem stays untouched).
+    let mut touched: HashSet<Vec<u8>> = HashSet::new();
     // Children come after parents in the list: remove in reverse order.
     for t in current.iter().rev() {
         if t.path.is_empty() || keep(t) {
@@ -286,6 +323,7 @@ pub fn apply(
         unlinkat(dir.as_fd(), OsStr::from_bytes(name), flag)
             .with_context(|| format!("cannot remove {:?}", String::from_utf8_lossy(&t.path)))?;
         stats.removed += 1;
+        touched.insert(parent.to_vec());
     }
     let mut links: HashMap<u64, Vec<u8>> = HashMap::new();
     for d in desired {
@@ -300,6 +338,10 @@ pub fn apply(
         let (parent, name) = split(&d.path);
         let name_os = OsStr::from_bytes(name);
         if kept.is_none() {
+            touched.insert(parent.to_vec());
+            if d.kind == FileKind::Dir {
+                touched.insert(d.path.to_vec());
+            }
             let dir = a.dirs.open(parent)?;
             let mode = Mode::from_bits_truncate(0o600);
             match d.kind {
@@ -390,12 +432,19 @@ pub fn apply(
         } else if kept.is_some_and(|t| !same_meta(t, d)) {
             a.set_meta(d)?;
             stats.updated += 1;
+            if d.kind == FileKind::Dir {
+                touched.insert(d.path.to_vec());
+            }
         } else if d.kind == FileKind::File && d.nlink > 1 {
             links.entry(d.inode).or_insert_with(|| d.path.to_vec());
         }
     }
     // Creating and removing entries changed directory times: set them last, deepest first.
-    for d in desired.iter().rev().filter(|d| d.kind == FileKind::Dir) {
+    for d in desired
+        .iter()
+        .rev()
+        .filter(|d| d.kind == FileKind::Dir && touched.contains(d.path.as_slice()))
+    {
         let (parent, name) = split(&d.path);
         let name_os = OsStr::from_bytes(if name.is_empty() { b"." } else { name });
         let dir = a.dirs.open(parent)?;
@@ -405,7 +454,13 @@ pub fn apply(
             &ts(d.atime),
             &ts(d.mtime),
             UtimensatFlags::NoFollowSymlink,
-        )?;
+        )
+        .with_context(|| {
+            format!(
+                "cannot set the times of {:?}",
+                String::from_utf8_lossy(&d.path)
+            )
+        })?;
     }
     stats.chunk_bytes = a.chunks.fetched;
     Ok(stats)

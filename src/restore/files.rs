@@ -83,7 +83,7 @@ pub fn select(src: &dyn RepoRead, o: &SelectOptions) -> Result<Selected> {
             .max_by_key(|(t, _)| image.areas.get(t.area as usize).map_or(0, |a| a.len))
             .with_context(|| {
                 format!(
-                    "snapshot {} has no file lists (no ext or FAT filesystem)",
+                    "snapshot {} has no file lists (no ext, FAT, XFS or btrfs filesystem it could read)",
                     snapshot
                 )
             })?,
@@ -155,6 +155,7 @@ pub fn ls(o: &LsOptions) -> Result<()> {
                     "kind": f.kind, "mode": f.mode, "uid": f.uid, "gid": f.gid, "size": f.size,
                     "mtime": f.mtime.0, "inode": f.inode, "nlink": f.nlink,
                     "symlink": f.symlink.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+                    "subvol": f.subvol,
                 })
             })
             .collect();
@@ -171,8 +172,13 @@ pub fn ls(o: &LsOptions) -> Result<()> {
             .as_ref()
             .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
             .unwrap_or_default();
+        // btrfs subvolume and snapshot roots, like `btrfs subvolume list` names them.
+        let subvol = f
+            .subvol
+            .map(|id| format!(" [subvolume {id}]"))
+            .unwrap_or_default();
         println!(
-            "{} {:>3} {:>6} {:>6} {:>12} {} {:?}{link}",
+            "{} {:>3} {:>6} {:>6} {:>12} {} {:?}{link}{subvol}",
             perms(f.kind, f.mode),
             f.nlink,
             f.uid,

@@ -311,14 +311,18 @@ impl<'r> RestorePlan<'r> {
         if let Some(what) = &t.holds {
             out.push(format!("            holds {what}: it will be overwritten"));
         }
-        for a in &m.areas {
+        for (ai, a) in m.areas.iter().enumerate() {
             let what = match (a.kind, a.partition) {
                 (AreaKind::Boot, _) => "boot area".to_string(),
                 (AreaKind::Partition, Some(n)) => format!("partition {n}"),
                 (AreaKind::Partition, None) => "whole disk".to_string(),
             };
             let fs = match (&a.fs, a.volumes.as_slice()) {
-                (Some(f), _) => describe_fs(f),
+                // Whether single files can come back from it without this restore.
+                (Some(f), _) if m.tocs.iter().any(|t| t.area == ai as u32) => {
+                    format!("{}, file list", describe_fs(f))
+                }
+                (Some(f), _) => format!("{}, no file list", describe_fs(f)),
                 (None, []) => "stored whole".to_string(),
                 (None, lvs) => {
                     let lvs: Vec<String> = lvs

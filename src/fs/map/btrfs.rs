@@ -16,32 +16,32 @@ use super::{FsInfo, UsedMap, le16, le32, le64, uuid_text};
 /// The primary superblock's offset; `MAGIC` sits 0x40 into it.
 pub(crate) const SB_OFFSET: u64 = 0x10000;
 pub(crate) const MAGIC: &[u8; 8] = b"_BHRfS_M";
-const SB_SIZE: usize = 4096;
+pub(crate) const SB_SIZE: usize = 4096;
 /// Superblock copies at 64 KiB, 64 MiB and 256 GiB, where the device is large enough.
 const SB_MIRRORS: [u64; 3] = [0x1_0000, 0x400_0000, 0x40_0000_0000];
 /// btrfs leaves the first MiB to boot loaders and partitioning tools.
 const RESERVED: u64 = 1 << 20;
 const SYS_ARRAY_MAX: usize = 2048;
 
-const HEADER: usize = 101;
-const ITEM: usize = 25;
+pub(crate) const HEADER: usize = 101;
+pub(crate) const ITEM: usize = 25;
 const KEY_PTR: usize = 33;
-const KEY: usize = 17;
-const MAX_LEVEL: u8 = 7;
+pub(crate) const KEY: usize = 17;
+pub(crate) const MAX_LEVEL: u8 = 7;
 
-const ROOT_TREE: u64 = 1;
+pub(crate) const ROOT_TREE: u64 = 1;
 const EXTENT_TREE: u64 = 2;
-const CHUNK_TREE: u64 = 3;
+pub(crate) const CHUNK_TREE: u64 = 3;
 const BLOCK_GROUP_TREE: u64 = 11;
 
-const ROOT_ITEM: u8 = 132;
+pub(crate) const ROOT_ITEM: u8 = 132;
 const EXTENT_ITEM: u8 = 168;
 const METADATA_ITEM: u8 = 169;
 const BLOCK_GROUP_ITEM: u8 = 192;
 const DEV_ITEM: u8 = 216;
 const CHUNK_ITEM: u8 = 228;
 
-const BG_DATA: u64 = 1 << 0;
+pub(crate) const BG_DATA: u64 = 1 << 0;
 const BG_SYSTEM: u64 = 1 << 1;
 const BG_METADATA: u64 = 1 << 2;
 const BG_RAID0: u64 = 1 << 3;
@@ -89,14 +89,14 @@ const INCOMPAT_UNSUPPORTED: [(u64, &str); 3] = [
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Key {
-    objectid: u64,
-    kind: u8,
-    offset: u64,
+pub(crate) struct Key {
+    pub(crate) objectid: u64,
+    pub(crate) kind: u8,
+    pub(crate) offset: u64,
 }
 
 impl Key {
-    fn at(b: &[u8], o: usize) -> Key {
+    pub(crate) fn at(b: &[u8], o: usize) -> Key {
         Key {
             objectid: le64(b, o),
             kind: b.get(o + 8).copied().unwrap_or(0),
@@ -108,16 +108,16 @@ impl Key {
 /// One chunk: a logical range and the physical offset of each of its full copies on this
 /// device.
 #[derive(Clone, Debug, PartialEq)]
-struct Chunk {
-    logical: u64,
-    length: u64,
-    kind: u64,
-    stripes: Vec<u64>,
+pub(crate) struct Chunk {
+    pub(crate) logical: u64,
+    pub(crate) length: u64,
+    pub(crate) kind: u64,
+    pub(crate) stripes: Vec<u64>,
 }
 
 /// Logical → physical, sorted by logical address, without overlaps.
 #[derive(Default)]
-struct ChunkMap(Vec<Chunk>);
+pub(crate) struct ChunkMap(Vec<Chunk>);
 
 impl ChunkMap {
     fn insert(&mut self, c: Chunk) -> Result<()> {
@@ -143,7 +143,7 @@ impl ChunkMap {
     }
 
     /// The chunk holding all of [logical, logical+len).
-    fn find(&self, logical: u64, len: u64) -> Option<(usize, &Chunk)> {
+    pub(crate) fn find(&self, logical: u64, len: u64) -> Option<(usize, &Chunk)> {
         let i = self
             .0
             .partition_point(|x| x.logical <= logical)
@@ -154,23 +154,23 @@ impl ChunkMap {
     }
 }
 
-struct Super {
-    fsid: [u8; 16],
+pub(crate) struct Super {
+    pub(crate) fsid: [u8; 16],
     /// What tree block headers carry: the fsid, or metadata_uuid once the fsid was changed.
-    header_fsid: [u8; 16],
-    generation: u64,
-    root: u64,
-    root_level: u8,
-    chunk_root: u64,
-    chunk_root_level: u8,
-    chunk_root_generation: u64,
-    sectorsize: u64,
-    nodesize: u64,
-    csum_type: u16,
-    compat_ro: u64,
-    devid: u64,
-    dev_bytes: u64,
-    label: String,
+    pub(crate) header_fsid: [u8; 16],
+    pub(crate) generation: u64,
+    pub(crate) root: u64,
+    pub(crate) root_level: u8,
+    pub(crate) chunk_root: u64,
+    pub(crate) chunk_root_level: u8,
+    pub(crate) chunk_root_generation: u64,
+    pub(crate) sectorsize: u64,
+    pub(crate) nodesize: u64,
+    pub(crate) csum_type: u16,
+    pub(crate) compat_ro: u64,
+    pub(crate) devid: u64,
+    pub(crate) dev_bytes: u64,
+    pub(crate) label: String,
 }
 
 fn bytes16(b: &[u8], o: usize) -> [u8; 16] {
@@ -193,7 +193,7 @@ fn csum_ok(csum_type: u16, block: &[u8]) -> Option<bool> {
     }
 }
 
-fn parse_super(sb: &[u8], part_len: u64) -> Result<Super> {
+pub(crate) fn parse_super(sb: &[u8], part_len: u64) -> Result<Super> {
     let csum_type = le16(sb, 0xc4);
     if csum_type > 3 {
         bail!("unknown checksum type {csum_type} (a newer btrfs, or damaged)");
@@ -396,24 +396,37 @@ fn sys_chunks(s: &Super, sb: &[u8]) -> Result<ChunkMap> {
 
 /// Where a tree's root is and what its root block must say about itself.
 #[derive(Clone, Copy)]
-struct Root {
-    owner: u64,
-    bytenr: u64,
-    level: u8,
-    generation: u64,
+pub(crate) struct Root {
+    pub(crate) owner: u64,
+    pub(crate) bytenr: u64,
+    pub(crate) level: u8,
+    pub(crate) generation: u64,
 }
 
-struct Reader<'a> {
-    dev: &'a File,
-    offset: u64,
-    s: &'a Super,
+/// Positional reads of the device, relative to the start of the filesystem.
+pub(crate) type ReadFn<'a> = &'a dyn Fn(&mut [u8], u64) -> std::io::Result<()>;
+
+pub(crate) struct Reader<'a> {
+    pub(crate) dev: ReadFn<'a>,
+    pub(crate) s: &'a Super,
     /// Every tree block read, to refuse a second visit (a loop or shared block in a tree that
-    /// never shares) and to mark them all.
-    visited: HashSet<u64>,
-    max_nodes: usize,
+    /// never shares) and to mark them all. The file reader clears it between subvolume trees
+    /// (snapshots share blocks).
+    pub(crate) visited: HashSet<u64>,
+    pub(crate) max_nodes: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
+    pub(crate) fn new(dev: ReadFn<'a>, s: &'a Super) -> Reader<'a> {
+        Reader {
+            dev,
+            s,
+            visited: HashSet::new(),
+            // A sound filesystem's tree blocks do not overlap: at most this many fit the device.
+            max_nodes: (s.dev_bytes / s.nodesize) as usize + 1,
+        }
+    }
+
     /// One tree block, from the first copy that passes every check.
     fn node(
         &self,
@@ -438,9 +451,7 @@ impl Reader<'_> {
         for &phys in &c.stripes {
             let mut buf = vec![0u8; ns as usize];
             let at = phys + (logical - c.logical);
-            let checked = self
-                .dev
-                .read_exact_at(&mut buf, self.offset + at)
+            let checked = (self.dev)(&mut buf, at)
                 .with_context(|| format!("cannot read the tree block at logical {logical}"))
                 .and_then(|()| self.check_node(&buf, logical, level, owner, generation, first_key));
             match checked {
@@ -477,7 +488,9 @@ impl Reader<'_> {
             return Err(bad(format!("level {got_level} where {level} was expected")));
         }
         let got_owner = le64(b, 0x58);
-        if got_owner != owner {
+        // Subvolume trees share blocks with their snapshots: a block keeps the owner that
+        // wrote it, which may be any subvolume.
+        if got_owner != owner && !(is_fs_tree(owner) && is_fs_tree(got_owner)) {
             return Err(bad(format!("owned by tree {got_owner}, not tree {owner}")));
         }
         let got_gen = le64(b, 0x50);
@@ -527,6 +540,19 @@ impl Reader<'_> {
         name: &str,
         f: &mut dyn FnMut(Key, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.walk_tolerant(map, root, name, f, None)
+    }
+
+    /// Like `walk`; with `skipped`, a tree block that cannot be read or fails a check (and the
+    /// subtree below it) is left out and described there instead of ending the walk.
+    pub(crate) fn walk_tolerant(
+        &mut self,
+        map: &ChunkMap,
+        root: Root,
+        name: &str,
+        f: &mut dyn FnMut(Key, &[u8]) -> Result<()>,
+        mut skipped: Option<&mut Vec<String>>,
+    ) -> Result<()> {
         if root.level > MAX_LEVEL {
             bail!("the {name} root has level {} (damaged)", root.level);
         }
@@ -535,16 +561,33 @@ impl Reader<'_> {
         let mut stack = vec![(root.bytenr, root.level, root.generation, None)];
         while let Some((logical, level, generation, first_key)) = stack.pop() {
             if !self.visited.insert(logical) {
-                bail!(
+                let msg = format!(
                     "tree block at logical {logical} is reached twice in the {name} (a loop: damaged)"
                 );
+                match skipped.as_deref_mut() {
+                    Some(v) => {
+                        v.push(msg);
+                        continue;
+                    }
+                    None => bail!(msg),
+                }
             }
             if self.visited.len() > self.max_nodes {
                 bail!("more tree blocks than the filesystem can hold (damaged)");
             }
-            let b = self
+            let b = match self
                 .node(map, logical, level, root.owner, generation, first_key)
-                .with_context(|| format!("in the {name}"))?;
+                .with_context(|| format!("in the {name}"))
+            {
+                Ok(b) => b,
+                Err(e) => match skipped.as_deref_mut() {
+                    Some(v) => {
+                        v.push(format!("{e:#}"));
+                        continue;
+                    }
+                    None => return Err(e),
+                },
+            };
             let n = le32(&b, 0x60) as usize;
             if level == 0 {
                 for i in 0..n {
@@ -569,8 +612,13 @@ impl Reader<'_> {
     }
 }
 
+/// The top-level subvolume (5) or a subvolume or snapshot (256 to 2^64 - 256).
+pub(crate) fn is_fs_tree(id: u64) -> bool {
+    id == 5 || (256..=u64::MAX - 255).contains(&id)
+}
+
 /// A ROOT_ITEM's root block: bytenr at 176, level at 238 (after the embedded inode item).
-fn root_from_item(owner: u64, d: &[u8], name: &str) -> Result<Root> {
+pub(crate) fn root_from_item(owner: u64, d: &[u8], name: &str) -> Result<Root> {
     if d.len() < 239 {
         bail!("the {name} root item is too short (damaged)");
     }
@@ -582,33 +630,10 @@ fn root_from_item(owner: u64, d: &[u8], name: &str) -> Result<Root> {
     })
 }
 
-pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
-    if len < SB_OFFSET + SB_SIZE as u64 {
-        return Ok(None);
-    }
-    let mut sb = vec![0u8; SB_SIZE];
-    dev.read_exact_at(&mut sb, offset + SB_OFFSET)
-        .with_context(|| format!("cannot read the partition at offset {offset}"))?;
-    if &sb[0x40..0x48] != MAGIC {
-        return Ok(None);
-    }
-    map(dev, offset, len, &sb)
-        .map(Some)
-        .with_context(|| format!("btrfs at offset {offset}"))
-}
-
-fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
-    let s = parse_super(sb, len)?;
-    let sys = sys_chunks(&s, sb)?;
-    let mut r = Reader {
-        dev,
-        offset,
-        s: &s,
-        visited: HashSet::new(),
-        // A sound filesystem's tree blocks do not overlap: at most this many fit the device.
-        max_nodes: (s.dev_bytes / s.nodesize) as usize + 1,
-    };
-
+/// The chunk map: the bootstrap chunks in the superblock, then the chunk tree (which must
+/// list exactly one device and agree with the bootstrap copies).
+pub(crate) fn load_chunks(r: &mut Reader, s: &Super, sb: &[u8]) -> Result<ChunkMap> {
+    let sys = sys_chunks(s, sb)?;
     let mut chunks = ChunkMap::default();
     let mut devices = 0u64;
     let chunk_root = Root {
@@ -620,7 +645,7 @@ fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
     r.walk(&sys, chunk_root, "chunk tree", &mut |k, d| {
         match k.kind {
             CHUNK_ITEM => {
-                let (c, size) = parse_chunk(&s, d, 0, d.len(), k.offset)?;
+                let (c, size) = parse_chunk(s, d, 0, d.len(), k.offset)?;
                 if size != d.len() {
                     bail!(
                         "chunk at logical {}: item size mismatch (damaged)",
@@ -641,6 +666,31 @@ fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
     for c in sys.0 {
         chunks.insert(c)?;
     }
+
+    Ok(chunks)
+}
+
+pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
+    if len < SB_OFFSET + SB_SIZE as u64 {
+        return Ok(None);
+    }
+    let mut sb = vec![0u8; SB_SIZE];
+    dev.read_exact_at(&mut sb, offset + SB_OFFSET)
+        .with_context(|| format!("cannot read the partition at offset {offset}"))?;
+    if &sb[0x40..0x48] != MAGIC {
+        return Ok(None);
+    }
+    map(dev, offset, len, &sb)
+        .map(Some)
+        .with_context(|| format!("btrfs at offset {offset}"))
+}
+
+fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
+    let s = parse_super(sb, len)?;
+    let read = |buf: &mut [u8], at: u64| dev.read_exact_at(buf, offset + at);
+    let mut r = Reader::new(&read, &s);
+
+    let chunks = load_chunks(&mut r, &s, sb)?;
 
     let mut extent_root = None;
     let mut bg_root = None;

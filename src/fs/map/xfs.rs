@@ -41,29 +41,29 @@ const LOG_WINDOW_BB: u64 = 8 * (256 << 10) / BB;
 /// The longest log record: 256 KiB of data behind up to 8 header blocks.
 const LOG_MAX_RECORD_BB: u64 = (256 << 10) / BB + 8;
 
-/// The superblock fields the map needs, validated.
-struct Sb {
-    v5: bool,
-    block_size: u64,
+/// The superblock fields the map (and the file tree reader) need, validated.
+pub(crate) struct Sb {
+    pub(crate) v5: bool,
+    pub(crate) block_size: u64,
     sect_size: u64,
-    dblocks: u64,
-    agblocks: u64,
-    agcount: u64,
-    agblklog: u32,
+    pub(crate) dblocks: u64,
+    pub(crate) agblocks: u64,
+    pub(crate) agcount: u64,
+    pub(crate) agblklog: u32,
     logstart: u64,
     logblocks: u64,
-    rblocks: u64,
-    inprogress: bool,
-    incompat: u32,
+    pub(crate) rblocks: u64,
+    pub(crate) inprogress: bool,
+    pub(crate) incompat: u32,
     log_incompat: u32,
     uuid: [u8; 16],
     /// The UUID stamped into v5 metadata (differs from `uuid` after `xfs_admin -U`).
-    meta_uuid: [u8; 16],
+    pub(crate) meta_uuid: [u8; 16],
     label: String,
 }
 
 impl Sb {
-    fn ag_len(&self, agno: u64) -> u64 {
+    pub(crate) fn ag_len(&self, agno: u64) -> u64 {
         if agno + 1 == self.agcount {
             self.dblocks - agno * self.agblocks
         } else {
@@ -82,7 +82,7 @@ impl Sb {
 }
 
 /// Whether the little-endian CRC32C stored at `at` matches `buf` (summed with that field zero).
-fn crc_ok(buf: &[u8], at: usize) -> bool {
+pub(crate) fn crc_ok(buf: &[u8], at: usize) -> bool {
     if buf.len() < at + 4 {
         return false;
     }
@@ -91,7 +91,7 @@ fn crc_ok(buf: &[u8], at: usize) -> bool {
     crc32c::crc32c(&copy) == le32(buf, at)
 }
 
-fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
+pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     let what = |m: &str| anyhow!("xfs at offset {at}: {m}");
     let version = be16(sb, 100) & 0xf;
     let v5 = match version {
@@ -211,10 +211,9 @@ pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<Fs
             "xfs at offset {offset}: its log is on another device, so bmr cannot tell whether it was cleanly unmounted"
         );
     }
-    let log = Log::locate(dev, offset, &s)?;
-    // Set while mounted by features that need a log this kernel understands; a clean unmount
-    // clears them.
-    if s.log_incompat != 0 || !log.clean()? {
+    let read = |b: &mut [u8], o: u64| dev.read_exact_at(b, o);
+    let log = Log::locate(&read, offset, &s)?;
+    if !log_clean(&log, &s)? {
         bail!(
             "xfs at offset {offset}: not cleanly unmounted (its log holds changes not yet written back): mount and unmount it, or run xfs_repair, then back up again"
         );
@@ -232,6 +231,27 @@ pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<Fs
         block_size: s.block_size,
         used,
     }))
+}
+
+/// Whether the internal log needs no replay. Set while mounted by features that need a log
+/// this kernel understands; a clean unmount clears them.
+fn log_clean(log: &Log, s: &Sb) -> Result<bool> {
+    Ok(s.log_incompat == 0 && log.clean()?)
+}
+
+/// Positional reads of the device holding the filesystem.
+pub(crate) type ReadFn<'a> = &'a dyn Fn(&mut [u8], u64) -> std::io::Result<()>;
+
+/// Whether the filesystem whose superblock is `s` (at byte `offset` of what `read` reads)
+/// was cleanly unmounted: the same test the map makes before trusting any metadata.
+pub(crate) fn cleanly_unmounted(read: ReadFn, offset: u64, s: &Sb) -> Result<bool> {
+    if s.logstart == 0 {
+        bail!(
+            "xfs at offset {offset}: its log is on another device, so bmr cannot tell whether it was cleanly unmounted"
+        );
+    }
+    let log = Log::locate(read, offset, s)?;
+    log_clean(&log, s)
 }
 
 /// Marks everything of AG `agno` that its by-block-number free-space tree does not list.
@@ -428,7 +448,7 @@ impl Walk<'_> {
 /// The internal log: a ring of 512-byte basic blocks, each starting with the cycle number
 /// (the count of passes over the ring) it was written in.
 struct Log<'a> {
-    dev: &'a File,
+    dev: ReadFn<'a>,
     /// Byte offset on `dev`.
     start: u64,
     /// Length in basic blocks.
@@ -440,7 +460,7 @@ struct Log<'a> {
 }
 
 impl<'a> Log<'a> {
-    fn locate(dev: &'a File, offset: u64, s: &Sb) -> Result<Log<'a>> {
+    fn locate(dev: ReadFn<'a>, offset: u64, s: &Sb) -> Result<Log<'a>> {
         let agno = s.logstart >> s.agblklog;
         let agbno = s.logstart & ((1u64 << s.agblklog) - 1);
         // The internal log lies inside one AG, after its headers.
@@ -466,9 +486,7 @@ impl<'a> Log<'a> {
     }
 
     fn read(&self, bb: u64, buf: &mut [u8]) -> Result<()> {
-        self.dev
-            .read_exact_at(buf, self.start + bb * BB)
-            .context("cannot read the XFS log")
+        (self.dev)(buf, self.start + bb * BB).context("cannot read the XFS log")
     }
 
     /// Cycle numbers of `count` blocks from `from` on, wrapping around the ring.

@@ -1,8 +1,11 @@
 //! Read a filesystem's complete file tree (metadata and where each file's data lives) from the
 //! raw filesystem, without mounting it: the table of contents of an image backup.
 
+pub mod btrfs;
+pub mod decode;
 pub mod ext;
 pub mod fat;
+pub mod xfs;
 
 use anyhow::{Result, bail};
 
@@ -101,16 +104,34 @@ pub struct Entry {
     pub subvol: Option<u64>,
 }
 
-/// The whole tree, parents before children.
+/// The whole tree, parents before children. Warnings (parts left out) go to stderr.
 pub fn read_tree(fs: &dyn ReadAt, fstype: &str) -> Result<Vec<Entry>> {
+    let mut warnings = Vec::new();
+    let r = read_tree_warn(fs, fstype, &mut warnings);
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    r
+}
+
+/// The whole tree, parents before children; what a reader left out of a damaged filesystem
+/// (one bad entry or tree block, not the rest) is described in `warnings`.
+pub fn read_tree_warn(
+    fs: &dyn ReadAt,
+    fstype: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Entry>> {
     match fstype {
         "ext2" | "ext3" | "ext4" => ext::read_tree(fs),
         "vfat" => fat::read_tree(fs),
+        "xfs" => xfs::read_tree_warn(fs, warnings),
+        "btrfs" => btrfs::read_tree_warn(fs, warnings),
         other => bail!("no file reader for {other}"),
     }
 }
 
-/// A regular file's content from its extents and inline data (holes read as zeros).
+/// A regular file's content from its extents, encoded runs and inline data (holes read as
+/// zeros).
 pub fn read_file(fs: &dyn ReadAt, e: &Entry) -> Result<Vec<u8>> {
     if e.size > 16 << 30 {
         bail!(
@@ -128,7 +149,36 @@ pub fn read_file(fs: &dyn ReadAt, e: &Entry) -> Result<Vec<u8>> {
         let end = (x.file_off + x.len).min(e.size) as usize;
         fs.read_at(&mut data[start..end], x.disk_off)?;
     }
+    for x in &e.encoded {
+        let start = x.file_off.min(e.size);
+        let end = x.file_off.saturating_add(x.len).min(e.size);
+        if start == end {
+            continue;
+        }
+        let plain = read_encoded(x, |buf, off| Ok(fs.read_at(buf, off)?))?;
+        data[start as usize..end as usize].copy_from_slice(&plain[..(end - start) as usize]);
+    }
     Ok(data)
+}
+
+/// The file bytes of one encoded run (`len` bytes), its stored bytes read through `read`.
+pub fn read_encoded(
+    x: &Encoded,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<()>,
+) -> Result<Vec<u8>> {
+    let out_len = x.skip.saturating_add(x.len);
+    if x.disk_len > decode::MAX_ENCODED || out_len > decode::MAX_ENCODED {
+        bail!(
+            "compressed run at file offset {}: {} stored bytes for {out_len} (damaged)",
+            x.file_off,
+            x.disk_len
+        );
+    }
+    let mut stored = vec![0u8; x.disk_len as usize];
+    read(&mut stored, x.disk_off)?;
+    let mut plain = decode::decode(x.compression, &stored, out_len as usize)?;
+    plain.drain(..x.skip as usize);
+    Ok(plain)
 }
 
 #[cfg(test)]
