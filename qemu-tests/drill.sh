@@ -152,9 +152,7 @@ backup_week() {
     rm -rf "$repo"
     mount_root
     day monday
-    rm -rf "$D/monday-tree" && mkdir -p "$D/monday-tree"
-    cp -a "$ROOT_MNT/data" "$D/monday-tree/data"
-    [ -z "$HOME_MNT" ] || cp -a "$ROOT_MNT/$HOME_MNT" "$D/monday-tree/$HOME_MNT"
+    cp -a "$ROOT_MNT/data" "$D/monday-data"
     umount_root
     if [ -n "$LVM" ]; then
         image_backup_in_guest "$repo"
@@ -164,13 +162,7 @@ backup_week() {
         step "Monday: image backup of the $LAYOUT disk"
     fi
     local today snap dirs
-    # TEMPORARY (until the XFS and btrfs file-list readers are on main): restore Monday's image.
-    if [ -n "${BMR_DRILL_NO_INCREMENTALS:-}" ]; then
-        rm -rf "$D/expected-tree" && cp -a "$D/monday-tree" "$D/expected-tree"
-        step "Tuesday to Thursday: SKIPPED (BMR_DRILL_NO_INCREMENTALS): restoring Monday's image"
-    fi
     for today in tuesday wednesday thursday; do
-        [ -z "${BMR_DRILL_NO_INCREMENTALS:-}" ] || break
         mount_root
         day "$today"
         mapfile -t dirs < <(incremental_dirs)
