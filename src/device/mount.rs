@@ -86,9 +86,20 @@ pub fn mount_range(
     }
     match crate::fs::id::identify_at(&disk.file, start).map(|f| f.fstype) {
         // The top-level subvolume, whatever the default one is: file lists start there.
-        Some(t) if t == "btrfs" => opts.push("subvolid=5".into()),
+        Some(t) if t == "btrfs" => {
+            opts.push("subvolid=5".into());
+            // Even a read-only mount replays a log: a look must not write.
+            if read_only {
+                opts.push("rescue=nologreplay".into());
+            }
+        }
         // The source of a restore to an image file may be mounted here with the same UUID.
-        Some(t) if t == "xfs" => opts.push("nouuid".into()),
+        Some(t) if t == "xfs" => {
+            opts.push("nouuid".into());
+            if read_only {
+                opts.push("norecovery".into());
+            }
+        }
         _ => {}
     }
     if disk.is_block {

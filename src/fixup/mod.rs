@@ -302,7 +302,20 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
         let tag = format!("fix{}", p.number);
         // Read-only first: a filesystem with nothing to change stays exactly as restored.
         let texts: Vec<(PathBuf, &str, String)> = {
-            let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, true)?;
+            let mnt = match mount_range(disk, p.start, p.len, Some(p.number), &tag, true) {
+                Ok(m) => m,
+                // The blocks are restored; only this check is lost, and the log says so.
+                Err(e) => {
+                    step(
+                        "device names",
+                        &format!(
+                            "partition {} ({}): {e:#}; its fstab and GRUB files were not checked: check them",
+                            p.number, f.fstype
+                        ),
+                    );
+                    continue;
+                }
+            };
             system_dirs(&mnt.dir, f.fstype == "btrfs")
                 .into_iter()
                 .flat_map(|dir| {
