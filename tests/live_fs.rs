@@ -295,6 +295,12 @@ fn btrfs_subvolumes_monday_to_thursday() {
     m.mount(&lo.0, &live, "rw,subvol=@");
     m.mount(&lo.0, &home, "rw,subvol=@home");
     let (tue, thu, tue_state, thu_state) = week(&h, &[&live, &home], &["--snapshot", "btrfs"]);
+    // Nothing changed since Thursday: a snapshot run and a live run after it both see that
+    // (the snapshot does not touch the live subvolumes).
+    let (_, changed, deleted) = h.incremental(&["--snapshot", "btrfs"], &[&live, &home]);
+    assert_eq!((changed, deleted), (0, 0), "a snapshot run after Thursday");
+    let (_, changed, _) = h.incremental(&[], &[&live, &home]);
+    assert_eq!(changed, 0, "the snapshot run changed the live subvolumes");
     let subvols = sh(&format!("btrfs subvolume list {}", live.display()));
     assert_eq!(
         subvols.lines().count(),

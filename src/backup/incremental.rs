@@ -329,6 +329,8 @@ impl Walker<'_> {
 /// A named mount point: where its filesystem is, and what is walked for it.
 struct Cover {
     mp: PathBuf,
+    /// The mounted device.
+    source: String,
     uuid: String,
     /// The mounted directory's path in the filesystem ("" = its root).
     prefix: Vec<u8>,
@@ -424,6 +426,7 @@ pub fn run(
         }
         covers.push(Cover {
             mp,
+            source: mnt.source,
             uuid,
             prefix: mnt.root,
             btrfs,
@@ -491,7 +494,7 @@ pub fn run(
         };
         for c in &covers {
             let snap = if snapshot_btrfs {
-                Some(Snapshot::take(&c.mp)?)
+                Some(Snapshot::take(&c.mp, &c.source, &c.prefix)?)
             } else {
                 None
             };

@@ -63,17 +63,14 @@ impl SubvolIds {
     }
 }
 
-/// A read-only snapshot of the subvolume mounted at a mount point, deleted on drop.
+/// A read-only snapshot of the subvolume mounted at a mount point, deleted on drop. It is
+/// made in the filesystem's top level, mounted apart for it, so the live subvolume's
+/// directories are never touched (their times would count as changes next time).
 pub struct Snapshot {
     pub path: PathBuf,
     /// The id of the snapshotted subvolume (what the file list calls its files).
     pub source_id: u64,
-}
-
-/// Where the snapshot of the subvolume mounted at `mp` goes: inside it (a snapshot does not
-/// contain itself), under a fixed name so that one left by an interrupted run is found.
-fn snapshot_path(mp: &Path) -> PathBuf {
-    mp.join(".bmr-snapshot")
+    top: PathBuf,
 }
 
 fn btrfs(args: &[&std::ffi::OsStr]) -> Result<()> {
@@ -95,48 +92,83 @@ fn btrfs(args: &[&std::ffi::OsStr]) -> Result<()> {
 }
 
 impl Snapshot {
-    pub fn take(mp: &Path) -> Result<Snapshot> {
+    /// `mp`: the mount point; `source`: its device; `prefix`: the mounted subvolume's path in
+    /// the filesystem (from mountinfo).
+    pub fn take(mp: &Path, source: &str, prefix: &[u8]) -> Result<Snapshot> {
+        use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::MetadataExt;
-        let path = snapshot_path(mp);
-        if let Ok(md) = std::fs::symlink_metadata(&path) {
+        let source_id = subvol_id(mp)?;
+        let top = PathBuf::from(format!(
+            "/run/bmr/btrfs-top-{}-{source_id}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&top)
+            .with_context(|| format!("cannot create {}", top.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "btrfs", "-o", "subvolid=5", source])
+            .arg(&top)
+            .output()
+            .context("cannot run mount")?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir(&top);
+            bail!(
+                "--snapshot btrfs: cannot mount the top level of {source}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // From here on, drop undoes what was done.
+        let snap = Snapshot {
+            path: top.join(format!(".bmr-snapshot-{source_id}")),
+            source_id,
+            top,
+        };
+        if let Ok(md) = std::fs::symlink_metadata(&snap.path) {
             // Ours, left by an interrupted run: a subvolume root under our name.
             if md.is_dir() && md.ino() == SUBVOL_ROOT_INO {
                 eprintln!(
-                    "note: removing {}, left by an interrupted bmr run",
-                    path.display()
+                    "note: removing the snapshot {} left by an interrupted bmr run",
+                    snap.path.display()
                 );
-                btrfs(&["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()])?;
+                btrfs(&[
+                    "subvolume".as_ref(),
+                    "delete".as_ref(),
+                    snap.path.as_os_str(),
+                ])?;
             } else {
                 bail!(
-                    "--snapshot btrfs: {} exists and is not a snapshot bmr left: move it away",
-                    path.display()
+                    "--snapshot btrfs: {} exists in the top level of {source} and is not a snapshot bmr left: move it away",
+                    snap.path.display()
                 );
             }
         }
-        let source_id = subvol_id(mp)?;
+        let subvol = snap.top.join(std::ffi::OsStr::from_bytes(prefix));
         btrfs(&[
             "subvolume".as_ref(),
             "snapshot".as_ref(),
             "-r".as_ref(),
-            mp.as_os_str(),
-            path.as_os_str(),
+            subvol.as_os_str(),
+            snap.path.as_os_str(),
         ])
         .with_context(|| format!("--snapshot btrfs: cannot snapshot {}", mp.display()))?;
-        Ok(Snapshot { path, source_id })
+        Ok(snap)
     }
 }
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        if let Err(e) = btrfs(&[
-            "subvolume".as_ref(),
-            "delete".as_ref(),
-            self.path.as_os_str(),
-        ]) {
+        if self.path.exists()
+            && let Err(e) = btrfs(&[
+                "subvolume".as_ref(),
+                "delete".as_ref(),
+                self.path.as_os_str(),
+            ])
+        {
             eprintln!(
                 "warning: cannot remove the snapshot {}: {e:#}; remove it with btrfs subvolume delete",
                 self.path.display()
             );
         }
+        let _ = Command::new("umount").arg(&self.top).status();
+        let _ = std::fs::remove_dir(&self.top);
     }
 }
