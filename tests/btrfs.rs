@@ -21,26 +21,6 @@ use common::*;
 const DELETED_MIB: u64 = 200;
 const PART_MIB: u64 = 640;
 
-/// A loop device over part of an image; detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(img: &Path, offset: u64, len: u64, read_only: bool) -> Loop {
-        let ro = if read_only { "-r" } else { "" };
-        let dev = sh(&format!(
-            "losetup -f --show {ro} -o {offset} --sizelimit {len} {}",
-            img.display()
-        ));
-        Loop(dev.trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = sh_status(&format!("losetup -d {}", self.0));
-    }
-}
-
 /// A mounted btrfs; unmounted on drop (declare it after its Loop).
 struct BtrfsMount(PathBuf);
 

@@ -14,26 +14,6 @@ use std::path::{Path, PathBuf};
 const P1: u64 = MIB;
 const P1_LEN: u64 = 320 * MIB;
 
-struct Loop(String);
-impl Loop {
-    fn new(img: &Path, ro: bool) -> Loop {
-        let ro = if ro { "-r" } else { "" };
-        Loop(
-            sh(&format!(
-                "losetup -f --show {ro} -o {P1} --sizelimit {P1_LEN} {}",
-                img.display()
-            ))
-            .trim()
-            .to_string(),
-        )
-    }
-}
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = sh_status(&format!("losetup -d {}", self.0));
-    }
-}
-
 /// Mounts, unmounted in reverse order on drop.
 struct Mounts(Vec<PathBuf>);
 impl Mounts {
@@ -221,14 +201,14 @@ fn xfs_root_monday_to_thursday() {
     let h = Host::new("livexfs");
     let live = h.tmp.path("live");
     {
-        let lo = Loop::new(&h.disk, false);
+        let lo = Loop::new(&h.disk, P1, P1_LEN, false);
         sh(&format!("mkfs.xfs -q {}", lo.0));
         let mut m = Mounts(Vec::new());
         m.mount(&lo.0, &live, "rw");
         monday(&live);
     }
     h.image();
-    let lo = Loop::new(&h.disk, false);
+    let lo = Loop::new(&h.disk, P1, P1_LEN, false);
     let mut m = Mounts(Vec::new());
     m.mount(&lo.0, &live, "rw");
     let (tue, thu, tue_state, thu_state) = week(&h, &[&live], &[]);
@@ -244,7 +224,7 @@ fn xfs_root_monday_to_thursday() {
         ),
     ] {
         let img = h.restore(at);
-        let lo = Loop::new(&img, true);
+        let lo = Loop::new(&img, P1, P1_LEN, true);
         let (ok, out) = sh_status(&format!("xfs_repair -n {}", lo.0));
         assert!(ok, "xfs_repair -n after the restore at {at}:\n{out}");
         let mut m = Mounts(Vec::new());
@@ -264,7 +244,7 @@ fn btrfs_subvolumes_monday_to_thursday() {
     let live = h.tmp.path("live");
     let home = live.join("home");
     {
-        let lo = Loop::new(&h.disk, false);
+        let lo = Loop::new(&h.disk, P1, P1_LEN, false);
         sh(&format!("mkfs.btrfs -q {}", lo.0));
         let top = h.tmp.path("top");
         let mut m = Mounts(Vec::new());
@@ -290,7 +270,7 @@ fn btrfs_subvolumes_monday_to_thursday() {
             && snap.contains("\"file2\""),
         "{top}{user}{snap}"
     );
-    let lo = Loop::new(&h.disk, false);
+    let lo = Loop::new(&h.disk, P1, P1_LEN, false);
     let mut m = Mounts(Vec::new());
     m.mount(&lo.0, &live, "rw,subvol=@");
     m.mount(&lo.0, &home, "rw,subvol=@home");
@@ -319,7 +299,7 @@ fn btrfs_subvolumes_monday_to_thursday() {
         ),
     ] {
         let img = h.restore(at);
-        let lo = Loop::new(&img, true);
+        let lo = Loop::new(&img, P1, P1_LEN, true);
         sh("btrfs device scan --forget || true");
         let (ok, out) = sh_status(&format!("btrfs check --readonly {}", lo.0));
         assert!(ok, "btrfs check after the restore at {at}:\n{out}");

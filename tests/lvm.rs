@@ -5,28 +5,6 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-
-/// A loop device over `len` bytes of `file` from `offset`; detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn over(file: &Path, offset: u64, len: u64) -> Loop {
-        let dev = sh(&format!(
-            "losetup -f --show -o {offset} --sizelimit {len} {}",
-            file.display()
-        ));
-        Loop(dev.trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
 
 /// lvm scans every block device, and loop devices come and go in the other test: the tests
 /// here take turns.
@@ -96,7 +74,7 @@ fn lvm_physical_volume_round_trip() {
     let (_, parts) = sfdisk_parts(&disk);
     let (_, pv_start, pv_len) = parts[1];
 
-    let pv = Loop::over(&disk, pv_start, pv_len);
+    let pv = Loop::new(&disk, pv_start, pv_len, false);
     lvm(&format!("pvcreate -ff -y {}", pv.0));
     lvm(&format!("vgcreate -s 1M {vg} {}", pv.0));
     add_lvs(&tmp, &vg, &[("data", 2, 12), ("raw", 20, 3)]);
@@ -174,7 +152,7 @@ fn lvm_physical_volume_round_trip() {
         content: Content::Ext { dir: tree },
     };
     check_part(&tmp, &disk, &target, &lv);
-    let back = Loop::over(&target, pv_start, pv_len);
+    let back = Loop::new(&target, pv_start, pv_len, false);
     assert_eq!(lv_ranges(&vg, &back.0), ranges);
 }
 
@@ -210,8 +188,8 @@ fn lvm_refusals() {
         o = other.display()
     ));
     let (_, parts) = sfdisk_parts(&disk);
-    let here = Loop::over(&disk, parts[0].1, parts[0].2);
-    let there = Loop::over(&other, 0, 32 * MIB);
+    let here = Loop::new(&disk, parts[0].1, parts[0].2, false);
+    let there = Loop::new(&other, 0, 32 * MIB, false);
     lvm(&format!("pvcreate -ff -y {} {}", here.0, there.0));
     lvm(&format!("vgcreate {vg} {} {}", here.0, there.0));
     let e = bmr_fails(&[

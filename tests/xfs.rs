@@ -18,25 +18,6 @@ const OFF: u64 = MIB;
 const LEN: u64 = PART_MIB * MIB;
 const BIG_MIB: u64 = 200;
 
-/// A loop device over a byte range of an image, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(img: &Path, off: u64, len: u64) -> Loop {
-        let dev = sh(&format!(
-            "losetup -f --show -o {off} --sizelimit {len} {}",
-            img.display()
-        ));
-        Loop(dev.trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = sh_status(&format!("losetup -d {}", self.0));
-    }
-}
-
 /// A mounted XFS, unmounted on drop (declare it after the Loop it sits on).
 struct Mnt(Option<PathBuf>);
 
@@ -153,7 +134,7 @@ fn fixture(name: &str, mkfs_opts: &str, mount: bool) -> Fixture {
          head -c 20000000 /dev/urandom > {t}/many/twenty.bin",
         t = tree.display()
     ));
-    let lo = Loop::new(&disk, OFF, LEN);
+    let lo = Loop::new(&disk, OFF, LEN, false);
     let label = &name[..name.len().min(12)];
     if mount {
         sh(&format!(
@@ -266,7 +247,7 @@ fn check_map(fx: &Fixture, variant: &str, label: &str) -> (bmr::fs::map::FsInfo,
     let info = bmr::fs::map::probe(&f, OFF, LEN)
         .unwrap_or_else(|e| panic!("probe: {e:#}"))
         .expect("xfs detected");
-    let lo = Loop::new(&fx.disk, OFF, LEN);
+    let lo = Loop::new(&fx.disk, OFF, LEN, false);
     assert_eq!(info.fstype, "xfs");
     assert_eq!(info.variant.as_deref(), Some(variant));
     let blkid = sh(&format!("blkid -p -o value -s UUID {}", lo.0));
@@ -351,7 +332,7 @@ fn round_trip(fx: &Fixture, pc: &[(u64, u64)], mountable: bool) {
     bmr_ok(&[
         "restore", "--repo", &repo, "--host", "x1", "--target", &out_s, "--verify", "-q",
     ]);
-    let lo = Loop::new(&out, OFF, LEN);
+    let lo = Loop::new(&out, OFF, LEN, false);
     let (ok, log) = sh_status(&format!("xfs_repair -n {}", lo.0));
     assert!(ok, "xfs_repair -n of the restored partition:\n{log}");
     for &(pos, size) in pc {
@@ -408,7 +389,7 @@ fn dirty_log() {
     let tmp = Tmp::new("xfs-dirty");
     let img = tmp.path("img");
     sh(&format!("truncate -s {LEN} {}", img.display()));
-    let lo = Loop::new(&img, 0, LEN);
+    let lo = Loop::new(&img, 0, LEN, false);
     sh(&format!("mkfs.xfs -f -q {}", lo.0));
     let state = || {
         sh(&format!(
@@ -481,8 +462,8 @@ fn external_log_and_realtime() {
         img.display(),
         logimg.display()
     ));
-    let lo = Loop::new(&img, 0, LEN);
-    let lolog = Loop::new(&logimg, 0, 64 * MIB);
+    let lo = Loop::new(&img, 0, LEN, false);
+    let lolog = Loop::new(&logimg, 0, 64 * MIB, false);
     sh(&format!("mkfs.xfs -f -q -l logdev={} {}", lolog.0, lo.0));
     let e = bmr::fs::map::probe(&File::open(&img).unwrap(), 0, LEN).expect_err("external log");
     assert!(e.to_string().contains("log is on another device"), "{e:#}");
@@ -528,7 +509,7 @@ impl Victim {
         let img = tmp.path("img");
         sh(&format!("truncate -s {LEN} {}", img.display()));
         {
-            let lo = Loop::new(&img, 0, LEN);
+            let lo = Loop::new(&img, 0, LEN, false);
             if fragment_it {
                 sh(&format!("mkfs.xfs -f -q {opts} {}", lo.0));
                 let m = Mnt::new(&lo.0, &tmp.path("mnt"), "rw");
@@ -782,7 +763,7 @@ fn file_list_end_to_end() {
         PART_MIB + 2,
         d = disk.display()
     ));
-    let lo = Loop::new(&disk, OFF, LEN);
+    let lo = Loop::new(&disk, OFF, LEN, false);
     sh(&format!("mkfs.xfs -f -K -q {}", lo.0));
     let m = Mnt::new(&lo.0, &tmp.path("mnt"), "rw");
     let t = m.path().join("t");
@@ -837,7 +818,7 @@ fn file_list_end_to_end() {
     // Into another XFS: the host's ext4 has no room for 200 xattrs on one file.
     let target = tmp.path("target.img");
     sh(&format!("truncate -s {LEN} {}", target.display()));
-    let lo2 = Loop::new(&target, 0, LEN);
+    let lo2 = Loop::new(&target, 0, LEN, false);
     sh(&format!("mkfs.xfs -f -K -q {}", lo2.0));
     let tm = Mnt::new(&lo2.0, &tmp.path("restored"), "rw");
     let to = tm.path().to_path_buf();
@@ -884,7 +865,7 @@ fn dirty_log_no_file_list() {
         PART_MIB + 2,
         d = disk.display()
     ));
-    let lo = Loop::new(&disk, OFF, LEN);
+    let lo = Loop::new(&disk, OFF, LEN, false);
     sh(&format!("mkfs.xfs -f -K -q {}", lo.0));
     let m = Mnt::new(&lo.0, &tmp.path("mnt"), "rw");
     populate(&m.path().join("t"), 2);

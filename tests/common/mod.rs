@@ -11,6 +11,26 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
+/// A loop device over `len` bytes of `img` from `offset` (read-only if asked); detached on drop.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn new(img: &Path, offset: u64, len: u64, read_only: bool) -> Loop {
+        let ro = if read_only { "-r" } else { "" };
+        let dev = sh(&format!(
+            "losetup -f --show {ro} -o {offset} --sizelimit {len} {}",
+            img.display()
+        ));
+        Loop(dev.trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = sh_status(&format!("losetup -d {}", self.0));
+    }
+}
+
 /// A scratch directory removed on drop.
 pub struct Tmp(pub PathBuf);
 

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use anyhow::{Context, Result, bail};
 
 use super::decode::{MAX_ENCODED, decode};
-use super::{Compression, Encoded, Entry, Extent, Kind, ReadAt};
+use super::{Compression, Encoded, Entry, Extent, Kind, ReadAt, Warnings};
 use crate::fs::map::btrfs::{
     BG_DATA, ChunkMap, Key, MAGIC, ROOT_ITEM, ROOT_TREE, Reader, Root, SB_OFFSET, SB_SIZE,
     is_fs_tree, load_chunks, parse_super, root_from_item,
@@ -100,21 +100,6 @@ struct Ino {
     extents: Vec<FileExtent>,
     /// The first item of this inode that did not parse.
     bad: Option<String>,
-}
-
-struct Warn {
-    list: Vec<String>,
-    more: usize,
-}
-
-impl Warn {
-    fn push(&mut self, m: String) {
-        if self.list.len() < MAX_WARNINGS {
-            self.list.push(m);
-        } else {
-            self.more += 1;
-        }
-    }
 }
 
 fn time(d: &[u8], o: usize) -> (i64, u32) {
@@ -214,7 +199,7 @@ struct Fs<'a> {
     roots: HashMap<u64, Root>,
     /// (parent subvolume, child subvolume) pairs the root tree links (ROOT_REF).
     refs: HashSet<(u64, u64)>,
-    warn: Warn,
+    warn: Warnings,
 }
 
 impl Fs<'_> {
@@ -370,7 +355,11 @@ impl Fs<'_> {
                 if x.ram_bytes > MAX_SYMLINK {
                     bail!("symlink target of {} bytes (damaged)", x.ram_bytes);
                 }
-                e.symlink = Some(self.inline_data(x)?);
+                // The inode's size is the target's length, as readlink(2) answers:
+                // mkfs.btrfs --rootdir stores the terminating NUL in the extent too.
+                let mut t = self.inline_data(x)?;
+                t.truncate(usize::try_from(it.size).unwrap_or(usize::MAX));
+                e.symlink = Some(t);
             }
             Kind::File => self.file_data(&mut e, ino)?,
             _ => {}
@@ -474,16 +463,10 @@ pub fn read_tree_warn(dev: &dyn ReadAt, warnings: &mut Vec<String>) -> Result<Ve
         chunks,
         roots: HashMap::new(),
         refs: HashSet::new(),
-        warn: Warn {
-            list: Vec::new(),
-            more: 0,
-        },
+        warn: Warnings::new(MAX_WARNINGS),
     };
     let out = read_all(&mut fs, &s);
-    warnings.append(&mut fs.warn.list);
-    if fs.warn.more > 0 {
-        warnings.push(format!("and {} more warnings", fs.warn.more));
-    }
+    warnings.extend(fs.warn.finish("warnings"));
     out
 }
 

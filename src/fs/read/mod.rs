@@ -9,6 +9,41 @@ pub mod xfs;
 
 use anyhow::{Result, bail};
 
+/// What a reader skipped of a damaged filesystem, capped so a wrecked one cannot flood the log
+/// or memory: the first `cap`, then a count of the rest.
+pub(crate) struct Warnings {
+    list: Vec<String>,
+    more: usize,
+    cap: usize,
+}
+
+impl Warnings {
+    pub(crate) fn new(cap: usize) -> Warnings {
+        Warnings {
+            list: Vec::new(),
+            more: 0,
+            cap,
+        }
+    }
+
+    pub(crate) fn push(&mut self, m: String) {
+        if self.list.len() < self.cap {
+            self.list.push(m);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// The kept warnings, and a last line counting the others (`rest` names them).
+    pub(crate) fn finish(self, rest: &str) -> Vec<String> {
+        let mut out = self.list;
+        if self.more > 0 {
+            out.push(format!("and {} more {rest}", self.more));
+        }
+        out
+    }
+}
+
 /// Positional reads relative to the start of the filesystem; fills `buf` or fails.
 pub trait ReadAt {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;

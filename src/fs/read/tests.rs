@@ -182,7 +182,7 @@ fn read_img(img: &Path, fstype: &str) -> Vec<Entry> {
     entries
 }
 
-fn by_path(entries: &[Entry]) -> HashMap<Vec<u8>, &Entry> {
+pub(super) fn by_path(entries: &[Entry]) -> HashMap<Vec<u8>, &Entry> {
     entries.iter().map(|e| (e.path.clone(), e)).collect()
 }
 
@@ -199,16 +199,7 @@ fn compare_with_mount(img: &Path, mnt: &Path, entries: &[Entry], opts: &str) {
         len: f.metadata().unwrap().len(),
     };
     let _m = Mount::new(img, mnt, opts);
-    let real = walk_mount(mnt);
-    let ours = by_path(entries);
-    let real_paths: BTreeSet<_> = real.keys().cloned().collect();
-    let our_paths: BTreeSet<_> = ours.keys().cloned().collect();
-    let missing: Vec<_> = real_paths.difference(&our_paths).take(5).collect();
-    let extra: Vec<_> = our_paths.difference(&real_paths).take(5).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "missing {missing:?} extra {extra:?}"
-    );
+    let (real, ours) = same_paths(mnt, entries);
     for (rel, p) in &real {
         let e = ours[rel];
         let md = std::fs::symlink_metadata(p).unwrap();
@@ -222,26 +213,53 @@ fn compare_with_mount(img: &Path, mnt: &Path, entries: &[Entry], opts: &str) {
         assert_eq!(e.atime, (md.atime(), md.atime_nsec() as u32), "{ctx} atime");
         assert_eq!(e.inode, md.ino(), "{ctx}");
         assert_eq!(u64::from(e.nlink), md.nlink(), "{ctx}");
-        let rdev = md.rdev();
-        let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-        let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-        assert_eq!(e.rdev, (major as u32, minor as u32), "{ctx}");
-        let mut x = e.xattrs.clone();
-        x.sort();
-        assert_eq!(x, xattrs_of(p), "{ctx} xattrs");
-        match e.kind {
-            Kind::Symlink => assert_eq!(
-                e.symlink.as_deref(),
-                Some(std::fs::read_link(p).unwrap().as_os_str().as_bytes()),
-                "{ctx}"
-            ),
-            Kind::File => {
-                assert!(e.symlink.is_none());
-                let want = std::fs::read(p).unwrap();
-                assert!(read_file(&r, e).unwrap() == want, "{ctx}: content differs");
-            }
-            _ => assert!(e.symlink.is_none() && e.extents.is_empty()),
+        like_mounted(&r, e, p, &md, &ctx);
+    }
+}
+
+/// Mounted paths, and a reader's entries, by relative path.
+pub(super) type Paths<'a> = (BTreeMap<Vec<u8>, PathBuf>, HashMap<Vec<u8>, &'a Entry>);
+
+/// The paths of a mount and of a reader's entries, which must be the same set.
+pub(super) fn same_paths<'a>(mnt: &Path, entries: &'a [Entry]) -> Paths<'a> {
+    let real = walk_mount(mnt);
+    let ours = by_path(entries);
+    let real_paths: BTreeSet<_> = real.keys().cloned().collect();
+    let our_paths: BTreeSet<_> = ours.keys().cloned().collect();
+    let missing: Vec<_> = real_paths.difference(&our_paths).take(5).collect();
+    let extra: Vec<_> = our_paths.difference(&real_paths).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?} extra {extra:?}"
+    );
+    (real, ours)
+}
+
+/// Device numbers, xattrs, symlink target and content of `e` equal the mounted `p`'s.
+pub(super) fn like_mounted(r: &dyn ReadAt, e: &Entry, p: &Path, md: &std::fs::Metadata, ctx: &str) {
+    let rdev = md.rdev();
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    assert_eq!(e.rdev, (major as u32, minor as u32), "{ctx}");
+    let mut x = e.xattrs.clone();
+    x.sort();
+    assert_eq!(x, xattrs_of(p), "{ctx} xattrs");
+    match e.kind {
+        Kind::Symlink => assert_eq!(
+            e.symlink.as_deref(),
+            Some(std::fs::read_link(p).unwrap().as_os_str().as_bytes()),
+            "{ctx}"
+        ),
+        Kind::File => {
+            assert!(e.symlink.is_none(), "{ctx}");
+            let want = std::fs::read(p).unwrap();
+            let got = read_file(r, e).unwrap();
+            assert!(got == want, "{ctx}: content differs ({e:?})");
         }
+        _ => assert!(
+            e.symlink.is_none() && e.extents.is_empty() && e.encoded.is_empty(),
+            "{ctx}"
+        ),
     }
 }
 

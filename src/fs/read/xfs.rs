@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::{Entry, Extent, Kind, ReadAt};
+use super::{Entry, Extent, Kind, ReadAt, Warnings};
 use crate::fs::map::xfs::{SB_MAGIC, Sb, cleanly_unmounted, crc_ok, parse_sb};
 use crate::fs::map::{be16, be32, be64};
 
@@ -124,23 +124,6 @@ impl Inode {
 
     fn afork(&self) -> Option<&[u8]> {
         (self.forkoff != 0).then(|| &self.raw[self.core + self.forkoff..])
-    }
-}
-
-/// Warnings about skipped entries, capped.
-#[derive(Default)]
-struct Warn {
-    list: Vec<String>,
-    dropped: usize,
-}
-
-impl Warn {
-    fn push(&mut self, m: String) {
-        if self.list.len() < MAX_WARNINGS {
-            self.list.push(m);
-        } else {
-            self.dropped += 1;
-        }
     }
 }
 
@@ -468,7 +451,7 @@ impl Fs<'_> {
         })
     }
 
-    fn entry(&self, path: Vec<u8>, ino: &Inode, kind: Kind, w: &mut Warn) -> Result<Entry> {
+    fn entry(&self, path: Vec<u8>, ino: &Inode, kind: Kind, w: &mut Warnings) -> Result<Entry> {
         let r = &ino.raw;
         let fmt_ok = match kind {
             Kind::File => matches!(ino.format, FMT_EXTENTS | FMT_BTREE),
@@ -597,7 +580,7 @@ impl Fs<'_> {
     }
 
     /// Directory entries (name, inode), "." and ".." excluded.
-    fn dir_entries(&self, ino: &Inode, w: &mut Warn) -> Result<Vec<(Vec<u8>, u64)>> {
+    fn dir_entries(&self, ino: &Inode, w: &mut Warnings) -> Result<Vec<(Vec<u8>, u64)>> {
         let mut out = Vec::new();
         if ino.format == FMT_LOCAL {
             let f = ino.dfork();
@@ -708,7 +691,7 @@ impl Fs<'_> {
         Ok(())
     }
 
-    fn xattrs(&self, ino: &Inode, w: &mut Warn) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn xattrs(&self, ino: &Inode, w: &mut Warnings) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         let Some(f) = ino.afork() else {
             return Ok(out);
@@ -765,7 +748,7 @@ impl Fs<'_> {
         buf: &mut Vec<u8>,
         visited: &mut HashSet<u64>,
         out: &mut Vec<(Vec<u8>, Vec<u8>)>,
-        w: &mut Warn,
+        w: &mut Warnings,
     ) -> Result<()> {
         if depth > MAX_DA_DEPTH || !visited.insert(dablk) {
             return Err(damaged(
@@ -1052,7 +1035,7 @@ pub(crate) fn read_tree_report(dev: &dyn ReadAt) -> Result<(Vec<Entry>, Vec<Stri
         next_slot: RefCell::new(0),
         sb,
     };
-    let mut w = Warn::default();
+    let mut w = Warnings::new(MAX_WARNINGS);
     let mut out = Vec::new();
     let mut seen_dirs = HashSet::new();
     // Depth-first, parents before children, names sorted for a stable order.
@@ -1115,9 +1098,5 @@ pub(crate) fn read_tree_report(dev: &dyn ReadAt) -> Result<(Vec<Entry>, Vec<Stri
             stack.push((p, child, depth + 1));
         }
     }
-    let mut warnings = w.list;
-    if w.dropped > 0 {
-        warnings.push(format!("and {} more damaged entries skipped", w.dropped));
-    }
-    Ok((out, warnings))
+    Ok((out, w.finish("damaged entries skipped")))
 }
