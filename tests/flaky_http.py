@@ -1,5 +1,7 @@
 """A static file server for the tests that can misbehave like a bad network: with --drop N,
-every Nth chunk download is cut off halfway through its body. --tls CERT KEY serves HTTPS;
+every Nth chunk download is cut off halfway through its body. --slow BYTES SECS sends chunk
+bodies BYTES at a time, one piece every SECS (a thin but working link); --stall sends half of
+each chunk body and then nothing (a server that hangs). --tls CERT KEY serves HTTPS;
 --posts DIR stores each POST body there (rescue reports)."""
 import argparse
 import functools
@@ -7,6 +9,7 @@ import http.server
 import os
 import ssl
 import threading
+import time
 
 counter = 0
 lock = threading.Lock()
@@ -14,6 +17,8 @@ lock = threading.Lock()
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     drop_every = 0
+    slow = None
+    stall = False
 
     def log_message(self, *args):
         pass
@@ -32,6 +37,20 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         global counter
+        chunk_get = "/chunks/" in self.path and self.command == "GET"
+        if chunk_get and self.slow:
+            piece, secs = self.slow
+            while data := source.read(piece):
+                outputfile.write(data)
+                outputfile.flush()
+                time.sleep(secs)
+            return
+        if chunk_get and self.stall:
+            data = source.read()
+            outputfile.write(data[: len(data) // 2])
+            outputfile.flush()
+            time.sleep(3600)
+            return
         if self.drop_every and "/chunks/" in self.path and self.command == "GET":
             with lock:
                 counter += 1
@@ -51,8 +70,12 @@ p.add_argument("--drop", type=int, default=0)
 p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
 p.add_argument("--posts")
 p.add_argument("--port", type=int, default=0)
+p.add_argument("--slow", nargs=2, type=float, metavar=("BYTES", "SECS"))
+p.add_argument("--stall", action="store_true")
 a = p.parse_args()
 Handler.drop_every = a.drop
+Handler.slow = (int(a.slow[0]), a.slow[1]) if a.slow else None
+Handler.stall = a.stall
 Handler.posts = a.posts
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", a.port), functools.partial(Handler, directory=a.dir))
 if a.tls:

@@ -169,9 +169,13 @@ fn store_file(
             chunks.push((ByteBuf::new(), n as u32));
         } else {
             let d = Digest::of(piece);
-            if repo.chunk_info(&d).is_none() {
+            if repo.chunk_info(&d, n as u64, false).is_none() {
                 let z = comp.compress(piece).context("zstd compression failed")?;
-                let (len, _, new) = repo.put_chunk(&d, &z)?;
+                let damaged = repo.chunk_len(&d)?.is_some();
+                let (len, _, new) = repo.put_chunk(&d, &z, damaged)?;
+                if damaged {
+                    eprintln!("repaired damaged chunk {d}: rewritten from this backup's data");
+                }
                 if new {
                     stats.new_chunks += 1;
                     stats.new_bytes += len;

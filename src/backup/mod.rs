@@ -66,6 +66,13 @@ pub struct BackupOptions {
     /// Worker threads [default: twice the number of CPUs].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Before reusing a chunk already in the repository, read it and check its stored bytes
+    /// against its checksum (a damaged one is rewritten from this backup's data). Without it,
+    /// only its header and declared length are checked: reading every reused chunk back
+    /// would double a repeat backup's reads. `bmr verify` finds the rest and sets damaged
+    /// chunks aside, so the next backup stores them again.
+    #[arg(long)]
+    pub verify_existing: bool,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
@@ -318,14 +325,16 @@ fn is_zero(buf: &[u8]) -> bool {
 struct Packer {
     comp: zstd::bulk::Compressor<'static>,
     out: Vec<u8>,
+    verify_existing: bool,
 }
 
 impl Packer {
-    fn new(level: i32) -> Result<Packer> {
+    fn new(level: i32, verify_existing: bool) -> Result<Packer> {
         Ok(Packer {
             comp: zstd::bulk::Compressor::new(level)
                 .map_err(|e| anyhow::anyhow!("cannot start zstd: {e}"))?,
             out: Vec::with_capacity(zstd::zstd_safe::compress_bound(CHUNK_SIZE as usize)),
+            verify_existing,
         })
     }
 
@@ -335,7 +344,7 @@ impl Packer {
             (ChunkRef::Zero, 0)
         } else {
             let digest = Digest::of(&job.buf);
-            match repo.chunk_info(&digest) {
+            match repo.chunk_info(&digest, job.buf.len() as u64, self.verify_existing) {
                 Some((len, stored_sha)) => (
                     ChunkRef::Data {
                         digest,
@@ -349,7 +358,15 @@ impl Packer {
                     self.comp
                         .compress_to_buffer(&job.buf, &mut self.out)
                         .context("zstd compression failed")?;
-                    let (len, stored_sha, new) = repo.put_chunk(&digest, &self.out)?;
+                    // Something under the name that did not pass the check: a damaged chunk,
+                    // replaced with this data (which heals older snapshots that use it too).
+                    let damaged = repo.chunk_len(&digest)?.is_some();
+                    let (len, stored_sha, new) = repo.put_chunk(&digest, &self.out, damaged)?;
+                    if damaged {
+                        eprintln!(
+                            "repaired damaged chunk {digest}: rewritten from this backup's data"
+                        );
+                    }
                     (
                         ChunkRef::Data {
                             digest,
@@ -468,7 +485,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     let mut next = 0u64;
     let result = crate::util::pool::pipeline(
         threads,
-        || Packer::new(opts.compression_level),
+        || Packer::new(opts.compression_level, opts.verify_existing),
         |p, job| p.pack(repo, job),
         |jobs| reader(&disk, snaps.as_ref(), &plans, &free_rx, jobs),
         |d: Done| {

@@ -10,6 +10,7 @@ use crate::repo::RepoRead;
 use crate::repo::chunkindex::ChunkRef;
 use crate::repo::manifest::{Kind, SnapshotSummary};
 use crate::repo::snapshot::write_host_index;
+use crate::repo::chunk::DAMAGED_SUFFIX;
 use crate::repo::{Digest, paths};
 use crate::util::progress::human_bytes;
 
@@ -175,10 +176,12 @@ pub fn prune(o: &PruneOptions) -> Result<()> {
     // stored but has not referenced yet is never deleted.
     let _lock = repo.lock("repo", true)?;
     let used = referenced(repo)?;
+    let (staged, staged_bytes) = remove_staged(repo, o.dry_run)?;
     let (mut n, mut bytes, mut kept) = (0u64, 0u64, 0u64);
     for prefix in 0..=255u8 {
         for e in repo.list_chunks(prefix)? {
-            let stale_tmp = e.name.starts_with(".tmp.");
+            // Unfinished uploads, and damaged chunks bmr verify moved aside.
+            let stale_tmp = e.name.starts_with(".tmp.") || e.name.ends_with(DAMAGED_SUFFIX);
             // A name that is not a digest is not ours to delete.
             if !stale_tmp && e.digest.is_none_or(|d| used.contains(&d)) {
                 kept += 1;
@@ -191,12 +194,54 @@ pub fn prune(o: &PruneOptions) -> Result<()> {
             }
         }
     }
+    let verb = if o.dry_run { "would delete" } else { "deleted" };
     println!(
-        "{} {n} unreferenced chunk(s), {}; {kept} chunk(s) in use",
-        if o.dry_run { "would delete" } else { "deleted" },
+        "{verb} {staged} staged file(s) left by interrupted backups, {}",
+        human_bytes(staged_bytes)
+    );
+    println!(
+        "{verb} {n} unreferenced chunk(s), {}; {kept} chunk(s) in use",
         human_bytes(bytes)
     );
     Ok(())
+}
+
+/// Staged files (`.tmp.*`) in the metadata directories: what a killed backup, forget or
+/// write left behind. The caller holds the repository lock exclusive, so no backup is
+/// running; each host's lock is taken too, for a forget of that host. (files, bytes).
+fn remove_staged(repo: &dyn crate::repo::RepoWrite, dry_run: bool) -> Result<(u64, u64)> {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut sweep = |dir: &str| -> Result<()> {
+        for name in repo.list_files(dir)? {
+            if !name.starts_with(".tmp.") {
+                continue;
+            }
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            n += 1;
+            bytes += repo.file_len(&rel).unwrap_or(0);
+            if !dry_run {
+                repo.remove_file(&rel)?;
+            }
+        }
+        Ok(())
+    };
+    sweep("")?;
+    sweep(paths::HOSTS_DIR)?;
+    // From the directory, not hosts.json: a host's first backup may have died before it was
+    // listed there.
+    for host in repo.list_files(paths::HOSTS_DIR)? {
+        if crate::repo::check_host_name(&host).is_err() {
+            continue;
+        }
+        let _host = repo.lock(&format!("host-{host}"), true)?;
+        sweep(&format!("{}/{host}", paths::HOSTS_DIR))?;
+        sweep(&paths::snapshot_dir(&host))?;
+    }
+    Ok((n, bytes))
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use anyhow::Result;
 
 use crate::repo::chunkindex::ChunkRef;
-use crate::repo::reader::{ChunkReader, Stored};
+use crate::repo::chunk::{DAMAGED_SUFFIX, check_stored};
+use crate::repo::reader::{ChunkError, ChunkReader, Stored};
 use crate::repo::{CHUNK_SIZE, Digest};
 use crate::util::progress::{Progress, human_bytes};
 
@@ -136,7 +137,8 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
         .max(1);
     let guard = Progress::start("verify", total, opts.quiet);
     let progress = guard.handle();
-    let damaged: Mutex<Vec<(Digest, String)>> = Mutex::new(Vec::new());
+    // (chunk, why, damaged in itself rather than missing or unreadable)
+    let damaged: Mutex<Vec<(Digest, String, bool)>> = Mutex::new(Vec::new());
     // Every damaged chunk is reported, so no worker ever fails the pipeline.
     crate::util::pool::for_each(
         threads,
@@ -144,10 +146,21 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
         |(reader, buf), (d, n): (&Digest, &Needed)| {
             progress.add(u64::from(n.stored.map_or(n.plain_len, |s| s.len)));
             if let Err(e) = reader.read(src, d, n.stored, n.plain_len as usize, buf) {
+                let bad = match &e {
+                    ChunkError::Missing | ChunkError::Unreadable(_) => false,
+                    ChunkError::BadContent => true,
+                    // Against what an index recorded: is the chunk also wrong in itself?
+                    ChunkError::WrongSize { .. } | ChunkError::ChecksumMismatch => {
+                        let mut stored = Vec::new();
+                        src.read_chunk_into(d, &mut stored).is_ok()
+                            && crate::repo::chunk::parse_chunk(&stored)
+                                .is_none_or(|(sum, _)| check_stored(&stored, &sum).is_none())
+                    }
+                };
                 damaged
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((*d, e.to_string()));
+                    .push((*d, e.to_string(), bad));
             }
             Ok(())
         },
@@ -162,8 +175,9 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
     )?;
     drop(guard);
     let mut damaged = damaged.into_inner().unwrap_or_else(|p| p.into_inner());
-    damaged.sort();
-    for (d, why) in damaged {
+    damaged.sort_by_key(|(d, ..)| *d);
+    let aside = set_aside(src, &damaged);
+    for (d, why, _) in damaged {
         let users: Vec<&str> = needed
             .get(&d)
             .map(|n| {
@@ -174,11 +188,57 @@ pub fn run(opts: &VerifyOptions) -> Result<VerifyReport> {
             })
             .unwrap_or_default();
         report.problems.push(format!(
-            "chunk {d}: {why}; breaks snapshot(s) {}",
-            users.join(", ")
+            "chunk {d}: {why}; breaks snapshot(s) {}{}",
+            users.join(", "),
+            match aside.get(&d) {
+                Some(Ok(())) => format!(
+                    "; moved aside to {}{DAMAGED_SUFFIX}: the next backup holding its data stores it again",
+                    crate::repo::paths::chunk(&d)
+                ),
+                Some(Err(e)) => format!("; could not move it aside ({e:#})"),
+                None => String::new(),
+            }
         ));
     }
     Ok(report)
+}
+
+/// In a local repository, move chunks that are damaged in themselves aside, so backups stop
+/// reusing them (their dedup check reads only a chunk's header) and store them afresh. Under
+/// the repository lock, like prune: no backup is between checking a chunk and referencing it.
+fn set_aside(
+    src: &dyn crate::repo::RepoRead,
+    damaged: &[(Digest, String, bool)],
+) -> HashMap<Digest, Result<()>> {
+    let mut out = HashMap::new();
+    let Some(path) = src.local_path() else {
+        return out;
+    };
+    let bad: Vec<Digest> = damaged.iter().filter(|x| x.2).map(|x| x.0).collect();
+    if bad.is_empty() {
+        return out;
+    }
+    let repo = match crate::repo::open_write(path, false) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            for d in bad {
+                out.insert(d, Err(anyhow::anyhow!("{msg}")));
+            }
+            return out;
+        }
+    };
+    let lock = repo.lock("repo", true);
+    for d in bad {
+        out.insert(
+            d,
+            match &lock {
+                Ok(_) => repo.set_aside_chunk(&d),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            },
+        );
+    }
+    out
 }
 
 pub fn print_report(r: &VerifyReport) {

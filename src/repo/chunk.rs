@@ -13,6 +13,8 @@ pub const CHUNK_HEADER_LEN: usize = 48;
 /// Anything bigger is damaged or hostile and is refused before memory is taken for it.
 pub const MAX_STORED_CHUNK: u64 = CHUNK_HEADER_LEN as u64 + (CHUNK_SIZE + (CHUNK_SIZE >> 7) + 4096);
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A5B;
+/// A damaged chunk moved aside by `bmr verify` is named DIGEST + this.
+pub const DAMAGED_SUFFIX: &str = ".damaged";
 const CHUNK_MAGIC: &[u8; 4] = b"BMRC";
 
 /// sha256 of a chunk's plain data: its name in the store.
@@ -76,4 +78,13 @@ pub fn parse_chunk(stored: &[u8]) -> Option<([u8; 32], &[u8])> {
 pub fn check_stored<'a>(stored: &'a [u8], expect: &[u8; 32]) -> Option<&'a [u8]> {
     let (sum, payload) = parse_chunk(stored)?;
     (sum == *expect && Sha256::digest(payload).as_slice() == expect).then_some(payload)
+}
+
+/// The plain length a chunk payload's zstd frame header declares; None if the header is
+/// damaged, declares no length, or more than a chunk holds. Needs only the first 18 bytes.
+pub fn frame_len(payload: &[u8]) -> Option<u64> {
+    zstd::zstd_safe::get_frame_content_size(payload)
+        .ok()
+        .flatten()
+        .filter(|&n| n <= CHUNK_SIZE)
 }

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 
 use super::backend::{Lock, RepoRead, RepoWrite, StagedFile, StoredEntry, check_chunk_size};
-use super::chunk::{CHUNK_HEADER_LEN, Digest, MAX_STORED_CHUNK, chunk_header, parse_chunk};
+use super::chunk::{
+    CHUNK_HEADER_LEN, DAMAGED_SUFFIX, Digest, MAX_STORED_CHUNK, check_stored, chunk_header,
+    frame_len, parse_chunk,
+};
 use super::paths;
 use super::{REPO_FORMAT, REPO_VERSION, RepoConfig};
 
@@ -146,19 +149,37 @@ impl RepoRead for LocalRepo {
         self.root.display().to_string()
     }
 
-    fn read_file(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+    fn read_file(&self, rel: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let path = self.root.join(rel);
-        match fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        let ctx = || format!("cannot read {}", path.display());
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(ctx),
+        };
+        let too_big = |n: String| {
+            anyhow::anyhow!(
+                "{} is {n}, more than bmr accepts for this file ({max} bytes): the repository is damaged",
+                path.display()
+            )
+        };
+        let len = f.metadata().with_context(ctx)?.len();
+        if len > max {
+            return Err(too_big(format!("{len} bytes")));
         }
+        // Counted as well: the file may grow while it is read (or be a FIFO or a device).
+        let mut b = Vec::with_capacity(len as usize);
+        f.take(max + 1).read_to_end(&mut b).with_context(ctx)?;
+        if b.len() as u64 > max {
+            return Err(too_big(format!("more than {max} bytes")));
+        }
+        Ok(Some(b))
     }
 
     fn read_chunk_into(&self, d: &Digest, buf: &mut Vec<u8>) -> Result<()> {
         let path = self.root.join(paths::chunk(d));
         let ctx = || format!("cannot read chunk {}", path.display());
-        let mut f = File::open(&path).with_context(ctx)?;
+        let f = File::open(&path).with_context(ctx)?;
         let len = f.metadata().with_context(ctx)?.len();
         // The location is formatted only for the error: this runs for every chunk read.
         if len > MAX_STORED_CHUNK {
@@ -166,7 +187,13 @@ impl RepoRead for LocalRepo {
         }
         buf.clear();
         buf.reserve(len as usize);
-        f.read_to_end(buf).with_context(ctx)?;
+        // Counted too: the file may have grown since it was measured.
+        f.take(MAX_STORED_CHUNK + 1)
+            .read_to_end(buf)
+            .with_context(ctx)?;
+        if buf.len() as u64 > MAX_STORED_CHUNK {
+            check_chunk_size(d, buf.len() as u64, &self.location())?;
+        }
         Ok(())
     }
 
@@ -184,17 +211,39 @@ impl RepoRead for LocalRepo {
 }
 
 impl RepoWrite for LocalRepo {
-    fn chunk_info(&self, d: &Digest) -> Option<(u64, [u8; 32])> {
+    fn chunk_info(&self, d: &Digest, plain_len: u64, full: bool) -> Option<(u64, [u8; 32])> {
         let f = File::open(self.root.join(paths::chunk(d))).ok()?;
         let len = f.metadata().ok()?.len();
-        let mut head = [0u8; CHUNK_HEADER_LEN];
-        f.read_exact_at(&mut head, 0).ok()?;
-        let (sum, _) = parse_chunk(&head)?;
-        (len > CHUNK_HEADER_LEN as u64).then_some((len, sum))
+        if len <= CHUNK_HEADER_LEN as u64 || len > MAX_STORED_CHUNK {
+            return None;
+        }
+        if full {
+            let mut stored = Vec::with_capacity(len as usize);
+            (&f).take(MAX_STORED_CHUNK).read_to_end(&mut stored).ok()?;
+            let (sum, payload) = parse_chunk(&stored)?;
+            return (check_stored(&stored, &sum).is_some() && frame_len(payload) == Some(plain_len))
+                .then_some((len, sum));
+        }
+        // The header and the zstd frame header (at most 18 bytes) in one small read.
+        let mut head = [0u8; CHUNK_HEADER_LEN + 18];
+        let n = (len as usize).min(head.len());
+        f.read_exact_at(&mut head[..n], 0).ok()?;
+        let (sum, payload) = parse_chunk(&head[..n])?;
+        (frame_len(payload) == Some(plain_len)).then_some((len, sum))
     }
 
-    fn put_chunk(&self, d: &Digest, payload: &[u8]) -> Result<(u64, [u8; 32], bool)> {
-        if let Some((len, sum)) = self.chunk_info(d) {
+    fn put_chunk(
+        &self,
+        d: &Digest,
+        payload: &[u8],
+        replace: bool,
+    ) -> Result<(u64, [u8; 32], bool)> {
+        // Another backup (of another host) may have stored it meanwhile: keep that one, its
+        // stored size and hash are what the other snapshot recorded.
+        if !replace
+            && let Some(plain) = frame_len(payload)
+            && let Some((len, sum)) = self.chunk_info(d, plain, false)
+        {
             return Ok((len, sum, false));
         }
         let path = self.root.join(paths::chunk(d));
@@ -295,6 +344,17 @@ impl RepoWrite for LocalRepo {
             .collect())
     }
 
+    fn set_aside_chunk(&self, d: &Digest) -> Result<()> {
+        let path = self.root.join(paths::chunk(d));
+        let aside = path.with_file_name(format!("{}{DAMAGED_SUFFIX}", d.hex()));
+        fs::rename(&path, &aside)
+            .with_context(|| format!("cannot move {} aside", path.display()))
+    }
+
+    fn file_len(&self, rel: &str) -> Option<u64> {
+        fs::symlink_metadata(self.root.join(rel)).ok().map(|m| m.len())
+    }
+
     fn remove_chunk(&self, prefix: u8, name: &str) -> Result<()> {
         let path = self.root.join(paths::chunk_dir(prefix)).join(name);
         fs::remove_file(&path).with_context(|| format!("cannot delete {}", path.display()))
@@ -314,23 +374,31 @@ mod tests {
         let mut f = repo.create_file(rel).unwrap();
         f.write_all(b"partial").unwrap();
         drop(f);
-        assert_eq!(repo.read_file(rel).unwrap(), None);
+        assert_eq!(repo.read_file(rel, 100).unwrap(), None);
         assert!(repo.list_files("hosts/h/snapshots").unwrap().is_empty());
         let mut f = repo.create_file(rel).unwrap();
         f.write_all(b"whole").unwrap();
         f.commit().unwrap();
-        assert_eq!(repo.read_file(rel).unwrap().as_deref(), Some(&b"whole"[..]));
+        assert_eq!(
+            repo.read_file(rel, 100).unwrap().as_deref(),
+            Some(&b"whole"[..])
+        );
+        let e = repo.read_file(rel, 4).unwrap_err().to_string();
+        assert!(e.contains("x.idx is 5 bytes, more than bmr accepts"), "{e}");
         assert_eq!(repo.list_files("hosts/h/snapshots").unwrap(), ["x.idx"]);
 
         // A chunk is stored once, reads back whole, and a file too big for a chunk is refused
         // before it is read.
         let d = Digest::of(b"data");
-        let (len, _, new) = repo.put_chunk(&d, b"payload").unwrap();
-        assert!(new && len == (CHUNK_HEADER_LEN + 7) as u64);
-        assert!(!repo.put_chunk(&d, b"payload").unwrap().2);
+        let z = zstd::bulk::compress(b"data", 1).unwrap();
+        let (len, _, new) = repo.put_chunk(&d, &z, false).unwrap();
+        assert!(new && len == (CHUNK_HEADER_LEN + z.len()) as u64);
+        assert!(!repo.put_chunk(&d, &z, false).unwrap().2);
+        assert!(repo.chunk_info(&d, 4, true).is_some());
+        assert!(repo.chunk_info(&d, 5, false).is_none(), "wrong plain length");
         let mut buf = Vec::new();
         repo.read_chunk_into(&d, &mut buf).unwrap();
-        assert_eq!(&buf[CHUNK_HEADER_LEN..], b"payload");
+        assert_eq!(&buf[CHUNK_HEADER_LEN..], &z[..]);
         let big = Digest::of(b"big");
         let f = File::create(dir.join(paths::chunk(&big))).unwrap();
         f.set_len(crate::repo::chunk::MAX_STORED_CHUNK + 1).unwrap();

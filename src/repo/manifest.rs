@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use super::backend::limits;
 use super::paths;
 use super::{Digest, RepoRead, check_host_name};
 use crate::device::layout::Table;
@@ -284,7 +285,7 @@ pub struct HostList {
 }
 
 pub fn read_hosts(src: &dyn RepoRead) -> Result<Vec<String>> {
-    let Some(bytes) = src.read_file(paths::HOSTS_FILE)? else {
+    let Some(bytes) = src.read_file(paths::HOSTS_FILE, limits::JSON)? else {
         return Ok(Vec::new());
     };
     let list: HostList = serde_json::from_slice(&bytes)
@@ -294,7 +295,7 @@ pub fn read_hosts(src: &dyn RepoRead) -> Result<Vec<String>> {
 
 pub fn read_host_index(src: &dyn RepoRead, host: &str) -> Result<HostIndex> {
     check_host_name(host)?;
-    let Some(bytes) = src.read_file(&paths::host_index(host))? else {
+    let Some(bytes) = src.read_file(&paths::host_index(host), limits::JSON)? else {
         let known = read_hosts(src).unwrap_or_default();
         bail!(
             "no backups of host {host:?} in {}{}",
@@ -333,7 +334,7 @@ pub fn read_host_index(src: &dyn RepoRead, host: &str) -> Result<HostIndex> {
 fn read_manifest_json(src: &dyn RepoRead, host: &str, id: &str) -> Result<serde_json::Value> {
     check_snapshot_id(id)?;
     let path = paths::manifest(host, id);
-    let Some(bytes) = src.read_file(&path)? else {
+    let Some(bytes) = src.read_file(&path, limits::JSON)? else {
         bail!(
             "manifest of snapshot {id} (host {host}) is missing from {}: choose another snapshot with --at",
             src.location()
@@ -404,7 +405,8 @@ pub fn read_toc(
         bail!("snapshot {id}: unexpected file list name {:?}", t.file);
     }
     let path = paths::toc(host, id, t.area);
-    let Some(bytes) = src.read_file(&path)? else {
+    // The manifest declares the length: anything else is refused before it is read.
+    let Some(bytes) = src.read_file(&path, t.len.min(limits::BINARY))? else {
         bail!("file list {path} of snapshot {id} is missing: choose another snapshot with --at");
     };
     if Digest::of(&bytes).hex() != t.sha256 {
@@ -412,13 +414,20 @@ pub fn read_toc(
             "file list {path} of snapshot {id} is damaged (checksum mismatch): choose another snapshot with --at"
         );
     }
-    crate::repo::toc::read_all(&bytes, &format!("file list of snapshot {id}"))
+    crate::repo::toc::read_all(
+        &bytes,
+        &format!(
+            "file list {path} (snapshot {id}, {} filesystem of area {})",
+            t.fstype.chars().take(32).collect::<String>(),
+            t.area
+        ),
+    )
 }
 
 /// Load a snapshot's chunk index and check it against the manifest's hash.
 pub fn read_chunk_index(src: &dyn RepoRead, m: &Manifest) -> Result<Vec<u8>> {
     let path = paths::index(&m.host, &m.id);
-    let Some(bytes) = src.read_file(&path)? else {
+    let Some(bytes) = src.read_file(&path, m.index.len.min(limits::BINARY))? else {
         bail!(
             "chunk index of snapshot {} is missing ({path}): choose another snapshot with --at",
             m.id

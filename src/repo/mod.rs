@@ -58,7 +58,7 @@ pub fn open_write(path: &Path, create: bool) -> Result<Box<dyn RepoWrite>> {
 
 /// Check the repository marker file; every backend calls this when it opens.
 pub fn check_config(src: &dyn RepoRead) -> Result<()> {
-    let Some(bytes) = src.read_file(REPO_FILE)? else {
+    let Some(bytes) = src.read_file(REPO_FILE, backend::limits::MARKER)? else {
         bail!(
             "{} is not a bmr repository (no {REPO_FILE}): check the --repo path",
             src.location()

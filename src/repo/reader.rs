@@ -7,6 +7,9 @@ use std::fmt;
 use super::backend::RepoRead;
 use super::chunk::{CHUNK_SIZE, Digest, parse_chunk};
 
+/// log2 of [`CHUNK_SIZE`]: the largest zstd window a chunk's frame can need.
+const CHUNK_WINDOW_LOG: u32 = CHUNK_SIZE.trailing_zeros();
+
 /// What an image's chunk index knows of a stored chunk beyond its name; file lists of
 /// incrementals know only the name and the plain length.
 #[derive(Clone, Copy, Debug)]
@@ -59,11 +62,12 @@ pub struct ChunkReader {
 
 impl ChunkReader {
     pub fn new() -> anyhow::Result<ChunkReader> {
-        Ok(ChunkReader {
-            dec: zstd::bulk::Decompressor::new()
-                .map_err(|e| anyhow::anyhow!("cannot start zstd: {e}"))?,
-            fetched: 0,
-        })
+        let mut dec = zstd::bulk::Decompressor::new()
+            .map_err(|e| anyhow::anyhow!("cannot start zstd: {e}"))?;
+        // No chunk needs a window beyond its own size: refuse frames that ask for more.
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(CHUNK_WINDOW_LOG))
+            .map_err(|e| anyhow::anyhow!("cannot set up zstd: {e}"))?;
+        Ok(ChunkReader { dec, fetched: 0 })
     }
 
     /// Read chunk `digest` holding `plain_len` bytes into `out[..plain_len]`. With `stored`,
@@ -103,6 +107,12 @@ impl ChunkReader {
             (Some((_, p)), _) => p,
             (None, _) => return Err(ChunkError::ChecksumMismatch),
         };
+        // The frame must declare the recorded length before anything is decoded; the output
+        // is the caller's slice of that length, so even a frame that lies about its size (or
+        // declares none) cannot decode to more.
+        if super::chunk::frame_len(payload) != Some(plain_len as u64) {
+            return Err(ChunkError::BadContent);
+        }
         let n = self
             .dec
             .decompress_to_buffer(payload, &mut out[..plain_len])

@@ -7,7 +7,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
-use super::backend::{Lock, RepoRead, RepoWrite, StagedFile};
+use super::backend::{Lock, RepoRead, RepoWrite, StagedFile, limits};
 use super::chunkindex::IndexReader;
 use super::manifest::{
     self, HOST_INDEX_FORMAT, HostIndex, HostList, IncManifest, Kind, MANIFEST_VERSION, Manifest,
@@ -202,7 +202,7 @@ impl<'r> SnapshotWriter<'r> {
 /// holds the host lock.
 fn add_to_host_index(repo: &dyn RepoWrite, host: &str, summary: SnapshotSummary) -> Result<()> {
     let path = paths::host_index(host);
-    let mut idx = match repo.read_file(&path)? {
+    let mut idx = match repo.read_file(&path, limits::JSON)? {
         Some(_) => manifest::read_host_index(repo, host)?,
         None => HostIndex {
             format: HOST_INDEX_FORMAT.into(),
@@ -215,7 +215,7 @@ fn add_to_host_index(repo: &dyn RepoWrite, host: &str, summary: SnapshotSummary)
     write_host_index(repo, &idx)?;
 
     let _l = repo.lock("hosts", true)?;
-    let mut hosts: HostList = match repo.read_file(paths::HOSTS_FILE)? {
+    let mut hosts: HostList = match repo.read_file(paths::HOSTS_FILE, limits::JSON)? {
         Some(b) => serde_json::from_slice(&b).context("hosts.json in the repository is damaged")?,
         None => HostList::default(),
     };

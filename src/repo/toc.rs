@@ -230,22 +230,136 @@ impl<W: Write> TocWriter<W> {
     }
 }
 
-/// Decode a whole file list, checking every path (no absolute paths, `..`, NUL, duplicates).
+/// Largest string or byte string in an entry: an xattr value (XATTR_SIZE_MAX); paths
+/// (PATH_MAX 4096), names (255) and symlink targets are far shorter.
+pub const MAX_STRING: usize = 64 << 10;
+/// What decoding a file list may cost in memory: this many times its stored (compressed)
+/// size, at least [`DECODE_FLOOR`], at most [`DECODE_MAX`]. A real file list compresses a few
+/// ten times (chunk digests and disk offsets do not compress at all); a zstd bomb compresses
+/// thousands of times and is refused here instead of filling a rescue system's RAM.
+pub const DECODE_RATIO: u64 = 128;
+pub const DECODE_FLOOR: u64 = 128 << 20;
+pub const DECODE_MAX: u64 = 8 << 30;
+/// Memory an array or map element costs once decoded, for the budget.
+const SLOT: u64 = 16;
+
+/// Copies what a CBOR decoder reads, so one entry's exact bytes can be measured first and
+/// decoded after.
+struct Tee<'a, R: Read> {
+    inner: R,
+    raw: &'a mut Vec<u8>,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.raw.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Read one CBOR item (an entry) into `raw`, walking its headers without building anything:
+/// every length is checked against [`MAX_STRING`] and the budget before the bytes behind it
+/// are read. Ok(false) at a clean end of the stream.
+fn next_entry<R: Read>(
+    dec: &mut R,
+    raw: &mut Vec<u8>,
+    budget: &mut u64,
+    what: &str,
+) -> Result<bool> {
+    use ciborium_ll::Header;
+    raw.clear();
+    let mut d = ciborium_ll::Decoder::from(Tee {
+        inner: &mut *dec,
+        raw,
+    });
+    let mut pending: u64 = 1;
+    let mut first = true;
+    let mut scratch = [0u8; 4096];
+    while pending > 0 {
+        let h = match d.pull() {
+            Ok(h) => h,
+            // ciborium cannot tell a clean end from a truncated record at the first byte.
+            Err(ciborium_ll::Error::Io(e))
+                if first && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                drop(d);
+                if raw.is_empty() {
+                    return Ok(false);
+                }
+                bail!("{what} is truncated or corrupt ({e})");
+            }
+            Err(ciborium_ll::Error::Io(e)) => bail!("{what} is truncated or corrupt ({e})"),
+            Err(ciborium_ll::Error::Syntax(at)) => {
+                bail!("{what} is corrupt (bad CBOR at byte {at} of an entry)")
+            }
+        };
+        first = false;
+        pending -= 1;
+        let cost = match h {
+            Header::Positive(_) | Header::Negative(_) | Header::Float(_) | Header::Simple(_) => 8,
+            Header::Bytes(Some(n)) | Header::Text(Some(n)) => {
+                if n > MAX_STRING {
+                    bail!(
+                        "{what} is corrupt: an entry holds a string of {n} bytes, more than any field can be ({MAX_STRING}): the backup is damaged or forged"
+                    );
+                }
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(scratch.len());
+                    ciborium_io::Read::read_exact(&mut d, &mut scratch[..k])
+                        .map_err(|e| anyhow::anyhow!("{what} is truncated or corrupt ({e})"))?;
+                    left -= k;
+                }
+                n as u64
+            }
+            Header::Array(Some(n)) => {
+                pending = pending.saturating_add(n as u64);
+                (n as u64).saturating_mul(SLOT)
+            }
+            Header::Map(Some(n)) => {
+                pending = pending.saturating_add((n as u64).saturating_mul(2));
+                (n as u64).saturating_mul(2 * SLOT)
+            }
+            // bmr writes definite lengths and no tags.
+            _ => bail!("{what} is corrupt (unexpected CBOR item): the backup is damaged or forged"),
+        };
+        *budget = budget.checked_sub(cost).with_context(|| {
+            format!(
+                "{what} decodes to more than bmr accepts for its stored size: the backup is damaged or forged (a zstd bomb?)"
+            )
+        })?;
+    }
+    Ok(true)
+}
+
+/// Decode a whole file list, checking every path (no absolute paths, `..`, NUL, duplicates)
+/// and every chunk digest. Memory stays within a multiple of the stored size
+/// ([`DECODE_RATIO`]): each entry is measured before it is decoded.
 pub fn read_all(bytes: &[u8], what: &str) -> Result<Vec<FileMeta>> {
     let mut dec = zstd::Decoder::new(bytes).with_context(|| format!("{what} is not readable"))?;
+    // bmr writes file lists at level 3 (a 2 MiB window): refuse frames that want a huge one.
+    dec.window_log_max(24)
+        .with_context(|| format!("{what} is not readable"))?;
+    let mut budget = (bytes.len() as u64)
+        .saturating_mul(DECODE_RATIO)
+        .clamp(DECODE_FLOOR, DECODE_MAX);
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    loop {
-        let mut probe = [0u8; 1];
-        // ciborium cannot tell a clean end from a truncated record; peek one byte.
-        match dec.read(&mut probe) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => bail!("{what} is corrupt ({e})"),
-        }
-        let m: FileMeta = ciborium::from_reader(probe.chain(&mut dec))
+    let mut raw = Vec::new();
+    while next_entry(&mut dec, &mut raw, &mut budget, what)? {
+        let m: FileMeta = ciborium::from_reader(&raw[..])
             .map_err(|e| anyhow::anyhow!("{what} is truncated or corrupt ({e})"))?;
         check_path(&m.path)?;
+        if let Data::Chunks(c) = &m.data
+            && let Some((d, _)) = c.iter().find(|(d, _)| !d.is_empty() && d.len() != 32)
+        {
+            bail!(
+                "{what}: entry {:?} names a chunk digest of {} bytes (a digest has 32): the backup is damaged or forged; restore other files or another snapshot",
+                String::from_utf8_lossy(&m.path),
+                d.len()
+            );
+        }
         if !seen.insert(m.path.clone()) {
             bail!(
                 "{what} lists {:?} twice: the backup is damaged or forged",
