@@ -107,7 +107,9 @@ fn chunk_bombs_are_refused_in_bounded_memory() {
         let t = target(&tmp, &disk, "t.img");
         let e = fails_bounded(
             &[],
-            &["restore", "--repo", &repo, "--host", "h", "--target", &t, "-q"],
+            &[
+                "restore", "--repo", &repo, "--host", "h", "--target", &t, "-q",
+            ],
         );
         assert!(e.contains("content does not match its name"), "{e}");
         let to = tmp.s("files");
@@ -185,7 +187,9 @@ fn oversized_metadata_is_refused_before_it_is_read() {
     let t = target(&tmp, &disk, "t.img");
     let e = fails_bounded(
         &[],
-        &["restore", "--repo", &repo, "--host", "h", "--target", &t, "-q"],
+        &[
+            "restore", "--repo", &repo, "--host", "h", "--target", &t, "-q",
+        ],
     );
     assert!(
         e.contains(manifest) && e.contains("more than bmr accepts for this file (67108864 bytes)"),
@@ -196,7 +200,9 @@ fn oversized_metadata_is_refused_before_it_is_read() {
     let web = Nginx::start(&tmp, &repo);
     for args in [
         vec!["ls", "--repo", &web.url, "--host", "h", "/"],
-        vec!["restore", "--repo", &web.url, "--host", "h", "--target", &t, "-q"],
+        vec![
+            "restore", "--repo", &web.url, "--host", "h", "--target", &t, "-q",
+        ],
         vec![
             "restore-files",
             "--repo",
@@ -312,7 +318,10 @@ fn backups_repair_damaged_chunks_instead_of_reusing_them() {
     let intact = || {
         let out = bmr(&["verify", "--repo", &repo, "-q"]);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success() && stdout.contains("all intact"), "{stdout}");
+        assert!(
+            out.status.success() && stdout.contains("all intact"),
+            "{stdout}"
+        );
     };
     let (chunk, name) = biggest_chunk(&repo);
 
@@ -386,11 +395,7 @@ fn prune_removes_what_a_killed_backup_staged() {
         ])
         .spawn()
         .unwrap();
-    let staged = || {
-        sh(&format!(
-            "find {repo}/hosts -name '.tmp.*' -printf '%f\\n'"
-        ))
-    };
+    let staged = || sh(&format!("find {repo}/hosts -name '.tmp.*' -printf '%f\\n'"));
     let mut seen = false;
     for _ in 0..600 {
         if !staged().trim().is_empty() {
@@ -402,7 +407,10 @@ fn prune_removes_what_a_killed_backup_staged() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(seen && !status.success(), "the backup was not killed mid-run");
+    assert!(
+        seen && !status.success(),
+        "the backup was not killed mid-run"
+    );
     let left = staged();
     assert!(!left.trim().is_empty(), "nothing staged was left");
 
@@ -445,5 +453,8 @@ fn a_bad_digest_names_the_file_list_and_entry_before_writing() {
             && e.contains("chunk digest of 31 bytes"),
         "{e}"
     );
-    assert!(!Path::new(&to).exists(), "restore-files wrote before refusing");
+    assert!(
+        !Path::new(&to).exists(),
+        "restore-files wrote before refusing"
+    );
 }

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 
 use crate::repo::RepoRead;
+use crate::repo::chunk::DAMAGED_SUFFIX;
 use crate::repo::chunkindex::ChunkRef;
 use crate::repo::manifest::{Kind, SnapshotSummary};
 use crate::repo::snapshot::write_host_index;
-use crate::repo::chunk::DAMAGED_SUFFIX;
 use crate::repo::{Digest, paths};
 use crate::util::progress::human_bytes;
 

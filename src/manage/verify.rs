@@ -5,8 +5,8 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 
-use crate::repo::chunkindex::ChunkRef;
 use crate::repo::chunk::{DAMAGED_SUFFIX, check_stored};
+use crate::repo::chunkindex::ChunkRef;
 use crate::repo::reader::{ChunkError, ChunkReader, Stored};
 use crate::repo::{CHUNK_SIZE, Digest};
 use crate::util::progress::{Progress, human_bytes};

@@ -255,7 +255,10 @@ impl HttpRepo {
         let too_big = |n: Option<u64>| {
             anyhow::anyhow!(
                 "{url} is {}, more than bmr accepts for this file ({max} bytes): the repository is damaged or the URL is wrong",
-                n.map_or_else(|| format!("more than {max} bytes"), |n| format!("{n} bytes"))
+                n.map_or_else(
+                    || format!("more than {max} bytes"),
+                    |n| format!("{n} bytes")
+                )
             )
         };
         // The body can fail mid-transfer too: retry the whole request then.

@@ -221,8 +221,9 @@ impl RepoWrite for LocalRepo {
             let mut stored = Vec::with_capacity(len as usize);
             (&f).take(MAX_STORED_CHUNK).read_to_end(&mut stored).ok()?;
             let (sum, payload) = parse_chunk(&stored)?;
-            return (check_stored(&stored, &sum).is_some() && frame_len(payload) == Some(plain_len))
-                .then_some((len, sum));
+            return (check_stored(&stored, &sum).is_some()
+                && frame_len(payload) == Some(plain_len))
+            .then_some((len, sum));
         }
         // The header and the zstd frame header (at most 18 bytes) in one small read.
         let mut head = [0u8; CHUNK_HEADER_LEN + 18];
@@ -347,12 +348,13 @@ impl RepoWrite for LocalRepo {
     fn set_aside_chunk(&self, d: &Digest) -> Result<()> {
         let path = self.root.join(paths::chunk(d));
         let aside = path.with_file_name(format!("{}{DAMAGED_SUFFIX}", d.hex()));
-        fs::rename(&path, &aside)
-            .with_context(|| format!("cannot move {} aside", path.display()))
+        fs::rename(&path, &aside).with_context(|| format!("cannot move {} aside", path.display()))
     }
 
     fn file_len(&self, rel: &str) -> Option<u64> {
-        fs::symlink_metadata(self.root.join(rel)).ok().map(|m| m.len())
+        fs::symlink_metadata(self.root.join(rel))
+            .ok()
+            .map(|m| m.len())
     }
 
     fn remove_chunk(&self, prefix: u8, name: &str) -> Result<()> {
@@ -395,7 +397,10 @@ mod tests {
         assert!(new && len == (CHUNK_HEADER_LEN + z.len()) as u64);
         assert!(!repo.put_chunk(&d, &z, false).unwrap().2);
         assert!(repo.chunk_info(&d, 4, true).is_some());
-        assert!(repo.chunk_info(&d, 5, false).is_none(), "wrong plain length");
+        assert!(
+            repo.chunk_info(&d, 5, false).is_none(),
+            "wrong plain length"
+        );
         let mut buf = Vec::new();
         repo.read_chunk_into(&d, &mut buf).unwrap();
         assert_eq!(&buf[CHUNK_HEADER_LEN..], &z[..]);

@@ -283,7 +283,6 @@ fn next_entry<R: Read>(
             Err(ciborium_ll::Error::Io(e))
                 if first && e.kind() == std::io::ErrorKind::UnexpectedEof =>
             {
-                drop(d);
                 if raw.is_empty() {
                     return Ok(false);
                 }
