@@ -1,12 +1,15 @@
 """A static file server for the tests that can misbehave like a bad network: with --drop N,
 every Nth chunk download is cut off halfway through its body. --tls CERT KEY serves HTTPS;
---posts DIR stores each POST body there (rescue reports)."""
+--posts DIR stores each POST body there (rescue reports). --chunk-delay S waits S seconds
+before each chunk download and --served FILE gets a line for each one served (a slow link
+that a test can interrupt at a known point)."""
 import argparse
 import functools
 import http.server
 import os
 import ssl
 import threading
+import time
 
 counter = 0
 lock = threading.Lock()
@@ -14,6 +17,8 @@ lock = threading.Lock()
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     drop_every = 0
+    chunk_delay = 0.0
+    served = None
 
     def log_message(self, *args):
         pass
@@ -32,6 +37,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile):
         global counter
+        if "/chunks/" in self.path and self.command == "GET":
+            time.sleep(self.chunk_delay)
+            if self.served:
+                with lock, open(self.served, "a") as f:
+                    f.write(self.path + "\n")
         if self.drop_every and "/chunks/" in self.path and self.command == "GET":
             with lock:
                 counter += 1
@@ -51,7 +61,11 @@ p.add_argument("--drop", type=int, default=0)
 p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
 p.add_argument("--posts")
 p.add_argument("--port", type=int, default=0)
+p.add_argument("--chunk-delay", type=float, default=0.0)
+p.add_argument("--served")
 a = p.parse_args()
+Handler.chunk_delay = a.chunk_delay
+Handler.served = a.served
 Handler.drop_every = a.drop
 Handler.posts = a.posts
 srv = http.server.ThreadingHTTPServer(("127.0.0.1", a.port), functools.partial(Handler, directory=a.dir))
