@@ -175,7 +175,7 @@ with_libs() {
         die "$f needs $lib, which none of TOOL_DEBS (iso-build/debs.sh) has: add its package"
     done
 }
-for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm \
+for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm /usr/sbin/dmsetup \
     /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/bin/btrfs; do
     found=
     for d in /sbin /usr/sbin /bin /usr/bin; do

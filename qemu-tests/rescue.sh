@@ -4,7 +4,8 @@
 # a blank disk that is then checked on the host; the bad paths, each of which must end in one
 # clear `BMR-RESULT: failed` line; the TUI driven over the serial console; an incremental
 # of a FAT filesystem made and restored in the rescue shell (the host has no vfat); and the XFS
-# and btrfs tools (xfs_growfs, xfs_repair, xfs_db, btrfs) run in the rescue shell.
+# and btrfs tools (xfs_growfs, xfs_repair, xfs_db, btrfs) run in the rescue shell; restores onto
+# failing disks (device-mapper faults in the guest) and a guest killed in mid-restore.
 #
 #   qemu-tests/rescue.sh            all cases (two at a time)
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
@@ -14,8 +15,8 @@
 source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
-       tui-serial fat-incremental xfs-btrfs-tools no-network wrong-host unreachable two-disks
-       not-blank)
+       tui-serial fat-incremental xfs-btrfs-tools dm-faults killed-restore no-network wrong-host
+       unreachable two-disks not-blank)
 
 # A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
 happy() {
@@ -145,6 +146,57 @@ case_xfs-btrfs-tools() {
     local driver=$!
     SERIAL=unix NET=none boot xfs-btrfs-tools bios cd "bmr.break" "virtio:$x" "virtio:$b"
     wait "$driver"  # its last line on stderr says which step failed
+}
+
+# Restores onto a target behind device-mapper faults, in the rescue shell
+# (qemu-tests/dm-faults.guest): dm-error on a range, dm-flakey dropping and failing writes, a
+# disk whose table vanishes mid-restore.
+case_dm-faults() {
+    local src=$WORK/dm-faults-source.img t=$WORK/dm-faults-target.img
+    rm -f "$t" "$WORK/dm-faults.sock" && truncate -s 128M "$t"
+    cp "$WORK/sample/disk.img" "$src"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/dm-faults.sock" \
+        "$WORK/dm-faults.log" "$ROOT/qemu-tests/dm-faults.guest" &
+    local driver=$!
+    SERIAL=unix NET=none boot dm-faults bios cd "bmr.break" "virtio:$src" "virtio:$t"
+    wait "$driver"  # its last line on stderr says which step failed
+}
+
+# The machine dies in mid-restore (QEMU killed while chunks arrive over a slow link); booted
+# again with the same parameters, the rescue system resumes and completes a verified restore.
+case_killed-restore() {
+    local t=$WORK/killed-restore-target.img pf=$WORK/killed-restore.port
+    local served=$WORK/killed-restore.served srv port boot_pid
+    rm -f "$t" "$pf" "$served" && truncate -s 128M "$t"
+    python3 "$ROOT/tests/flaky_http.py" --dir "$WORK/repo" --port-file "$pf" --chunk-delay 1 \
+        --served "$served" &
+    srv=$!
+    for _ in $(seq 100); do [ -s "$pf" ] && break; sleep 0.1; done
+    port=$(cat "$pf" 2>/dev/null) || { kill "$srv"; log "killed-restore: no HTTP server"; return 1; }
+    local kargs="bmr.repo=http://10.0.2.2:$port bmr.host=sample bmr.target=/dev/vda bmr.verify"
+    boot killed-restore-1 bios cd "$kargs" "virtio:$t" &
+    boot_pid=$!
+    local n=0
+    while [ "$n" -lt 2 ] && kill -0 "$boot_pid" 2>/dev/null; do
+        sleep 1
+        n=$(wc -l <"$served" 2>/dev/null || echo 0)
+    done
+    pkill -KILL -f "file=$WORK/killed-restore-1/rescue.iso" || true
+    wait "$boot_pid"
+    local r
+    r=$(result_of killed-restore-1)
+    if [ -n "$r" ] || blank "$t"; then
+        kill "$srv"
+        log "killed-restore: the first boot was not killed in mid-restore (result: ${r:-none})"
+        return 1
+    fi
+    boot killed-restore-2 bios cd "$kargs" "virtio:$t"
+    kill "$srv"
+    r=$(result_of killed-restore-2)
+    [[ $r == "BMR-RESULT: ok restored host sample"* ]] || { log "killed-restore: result: ${r:-none}"; return 1; }
+    grep -aq "resuming an interrupted restore" "$WORK/killed-restore-2.log" \
+        || { log "killed-restore: the second boot did not resume"; return 1; }
+    check_target "$t"
 }
 
 # How many of the given processes are still running.

@@ -1,8 +1,10 @@
 """A static file server for the tests that can misbehave like a bad network: with --drop N,
 every Nth chunk download is cut off halfway through its body. --slow BYTES SECS sends chunk
 bodies BYTES at a time, one piece every SECS (a thin but working link); --stall sends half of
-each chunk body and then nothing (a server that hangs). --tls CERT KEY serves HTTPS;
---posts DIR stores each POST body there (rescue reports)."""
+each chunk body and then nothing (a server that hangs). --chunk-delay S waits S seconds before
+each chunk download and --served FILE gets a line for each one served (a slow link that a test
+can interrupt at a known point). --tls CERT KEY serves HTTPS; --posts DIR stores each POST body
+there (rescue reports)."""
 import argparse
 import functools
 import http.server
@@ -19,6 +21,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     drop_every = 0
     slow = None
     stall = False
+    chunk_delay = 0.0
+    served = None
 
     def log_message(self, *args):
         pass
@@ -38,6 +42,11 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def copyfile(self, source, outputfile):
         global counter
         chunk_get = "/chunks/" in self.path and self.command == "GET"
+        if chunk_get:
+            time.sleep(self.chunk_delay)
+            if self.served:
+                with lock, open(self.served, "a") as f:
+                    f.write(self.path + "\n")
         if chunk_get and self.slow:
             piece, secs = self.slow
             while data := source.read(piece):
@@ -72,7 +81,11 @@ p.add_argument("--posts")
 p.add_argument("--port", type=int, default=0)
 p.add_argument("--slow", nargs=2, type=float, metavar=("BYTES", "SECS"))
 p.add_argument("--stall", action="store_true")
+p.add_argument("--chunk-delay", type=float, default=0.0)
+p.add_argument("--served")
 a = p.parse_args()
+Handler.chunk_delay = a.chunk_delay
+Handler.served = a.served
 Handler.drop_every = a.drop
 Handler.slow = (int(a.slow[0]), a.slow[1]) if a.slow else None
 Handler.stall = a.stall

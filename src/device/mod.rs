@@ -150,8 +150,40 @@ impl Disk {
                 return Ok(());
             }
         }
-        write_zeros(&self.file, offset, len)
-            .with_context(|| format!("cannot zero {} at offset {offset}", self.path.display()))
+        write_zeros(&self.file, offset, len).map_err(|e| self.io_error("zero", offset, len, e))
+    }
+
+    /// The one line for a failed read or write on this disk: the sectors, what the kernel
+    /// said, and what to do. A failing disk and a vanished one (unplugged, its device-mapper
+    /// table removed) read differently to the person at the console.
+    pub fn io_error(&self, op: &str, offset: u64, len: u64, e: std::io::Error) -> anyhow::Error {
+        let ss = self.sector_size.max(1);
+        let first = offset / ss;
+        let last = (offset + len.max(1)).div_ceil(ss) - 1;
+        let hint = match e.raw_os_error() {
+            Some(libc::ENODEV | libc::ENXIO) => {
+                "the disk has disappeared: check its cable or controller, then run the restore again (it resumes)"
+            }
+            Some(libc::ENOSPC) => "the target is smaller than it said: use another disk",
+            _ => {
+                "the disk refuses it and may be failing: see the kernel log (dmesg), then run the restore again (it resumes) or use another disk"
+            }
+        };
+        anyhow::anyhow!(
+            "cannot {op} sectors {first}-{last} of {} ({len} bytes at offset {offset}): {e}: {hint}",
+            self.path.display()
+        )
+    }
+
+    /// Flush what was written; a failure means some writes never reached the disk, and the
+    /// kernel alone knows which sectors.
+    pub fn flush(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| {
+            anyhow::anyhow!(
+                "cannot flush {}: {e}: some writes did not reach the disk; see the kernel log (dmesg) for the sectors, then run the restore again (it resumes) or use another disk",
+                self.path.display()
+            )
+        })
     }
 }
 

@@ -250,14 +250,23 @@ impl Writer<'_> {
 
     /// Page-aligned middle parts go through O_DIRECT (no page-cache churn), edges buffered.
     fn write_at(&self, data: &[u8], off: u64) -> Result<()> {
-        const A: u64 = 4096;
-        let ctx = || format!("cannot write {} at offset {off}", self.disk.path.display());
+        // A block device takes direct writes at its logical sector size, so only a range's
+        // odd edges go through the page cache, where a failing sector would surface only at
+        // the flush, unnamed. Image files stay at the page size their filesystems want.
+        let a = if self.disk.is_block {
+            self.disk.sector_size
+        } else {
+            4096
+        };
+        let fail = |at: u64, len: usize| {
+            move |e: std::io::Error| self.disk.io_error("write", at, len as u64, e)
+        };
         let buf_addr = data.as_ptr() as u64;
         let (head, mid_len) = match &self.disk.direct {
             // Buffer and disk offsets must share alignment for the direct part.
-            Some(_) if buf_addr % A == off % A => {
-                let head = ((A - off % A) % A).min(data.len() as u64);
-                let mid = (data.len() as u64 - head) / A * A;
+            Some(_) if buf_addr % a == off % a => {
+                let head = ((a - off % a) % a).min(data.len() as u64);
+                let mid = (data.len() as u64 - head) / a * a;
                 (head as usize, mid as usize)
             }
             _ => (data.len(), 0),
@@ -266,21 +275,21 @@ impl Writer<'_> {
             self.disk
                 .file
                 .write_all_at(&data[..head], off)
-                .with_context(ctx)?;
+                .map_err(fail(off, head))?;
         }
         if mid_len > 0
             && let Some(direct) = &self.disk.direct
         {
             direct
                 .write_all_at(&data[head..head + mid_len], off + head as u64)
-                .with_context(ctx)?;
+                .map_err(fail(off + head as u64, mid_len))?;
         }
         let rest = head + mid_len;
         if rest < data.len() {
             self.disk
                 .file
                 .write_all_at(&data[rest..], off + rest as u64)
-                .with_context(ctx)?;
+                .map_err(fail(off + rest as u64, data.len() - rest))?;
         }
         Ok(())
     }
@@ -457,26 +466,24 @@ pub fn read_back(
         |buf, (base, r): (u64, Record)| {
             let len = r.len as usize;
             buf[..len].fill(0);
-            let mut ok = true;
             for &(o, l) in &r.ranges {
                 let (o, l) = (o as usize, l as usize);
-                if disk
-                    .file
-                    .read_exact_at(&mut buf[o..o + l], base + o as u64)
-                    .is_err()
-                {
-                    ok = false;
-                }
+                let at = base + o as u64;
+                disk.file
+                    .read_exact_at(&mut buf[o..o + l], at)
+                    .map_err(|e| disk.io_error("read back", at, l as u64, e))?;
             }
-            ok = ok
-                && match &r.chunk {
-                    ChunkRef::Data { digest, .. } => Digest::of(&buf[..len]) == *digest,
-                    ChunkRef::Zero => buf[..len].iter().all(|&b| b == 0),
-                };
+            let ok = match &r.chunk {
+                ChunkRef::Data { digest, .. } => Digest::of(&buf[..len]) == *digest,
+                ChunkRef::Zero => buf[..len].iter().all(|&b| b == 0),
+            };
             progress.add(r.used_bytes());
             if !ok {
+                let ss = disk.sector_size.max(1);
                 bail!(
-                    "verify: {len} bytes at offset {base} on {} differ from the backup: the disk may be failing; restore again or use another disk",
+                    "verify: sectors {}-{} of {} ({len} bytes at offset {base}) differ from the backup: the disk dropped writes or is failing; restore again or use another disk",
+                    base / ss,
+                    (base + len as u64).div_ceil(ss) - 1,
                     disk.path.display()
                 );
             }

@@ -487,9 +487,7 @@ impl<'r> RestorePlan<'r> {
             skipped: AtomicU64::new(0),
         };
         w.pass(l, AreaKind::Partition, how.zero_free, threads)?;
-        disk.file
-            .sync_data()
-            .with_context(|| format!("cannot flush {}", disk.path.display()))?;
+        disk.flush()?;
         w.pass(l, AreaKind::Boot, how.zero_free, threads)?;
         drop(guard);
         let layout = layout_of(m);
@@ -501,9 +499,7 @@ impl<'r> RestorePlan<'r> {
                 )
             })?;
         }
-        disk.file
-            .sync_all()
-            .with_context(|| format!("cannot flush {}", disk.path.display()))?;
+        disk.flush()?;
         disk.reread_partitions();
         if how.verify {
             blocks::read_back(l, &disk, &layout, threads, how.quiet)?;
