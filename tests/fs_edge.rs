@@ -225,7 +225,10 @@ fn group_descriptor_contradictions_lose_no_data() {
     let repo = tmp.s("repo");
     let crafts = [
         // BLOCK_UNINIT on a group holding file data.
-        ("uninit", "printf 'set_bg 2 flags 3\\nset_bg 2 checksum calc\\n' | debugfs -w -n -f - IMG >/dev/null"),
+        (
+            "uninit",
+            "printf 'set_bg 2 flags 3\\nset_bg 2 checksum calc\\n' | debugfs -w -n -f - IMG >/dev/null",
+        ),
         // The bitmap frees 1152 of the file's blocks; the free count is left as it was.
         (
             "bitmap",
@@ -236,7 +239,10 @@ fn group_descriptor_contradictions_lose_no_data() {
     for (name, craft) in crafts {
         let disk = tmp.path(&format!("{name}.img"));
         make_ext(&disk, 128, "ext4", "-b 4096 -g 8192", &tree);
-        let blocks = sh(&format!("debugfs -R 'blocks /big' {} 2>/dev/null", disk.display()));
+        let blocks = sh(&format!(
+            "debugfs -R 'blocks /big' {} 2>/dev/null",
+            disk.display()
+        ));
         assert!(
             blocks
                 .split_whitespace()

@@ -1358,6 +1358,9 @@ mod tests {
             None,
         );
         let l = layout(&img, 512).unwrap();
-        assert!(matches!(&l.table, Table::Mbr(m) if m.partitions.len() == 1), "{l:?}");
+        assert!(
+            matches!(&l.table, Table::Mbr(m) if m.partitions.len() == 1),
+            "{l:?}"
+        );
     }
 }

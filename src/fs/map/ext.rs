@@ -285,7 +285,13 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
         if uninit {
             // No bitmap on disk: the group holds only its own metadata, as the kernel
             // computes it when it first allocates there.
-            uninit_bitmap(&s, g, [block_bitmap, inode_bitmap], inode_table, &mut bitmap);
+            uninit_bitmap(
+                &s,
+                g,
+                [block_bitmap, inode_bitmap],
+                inode_table,
+                &mut bitmap,
+            );
         } else {
             read(&mut bitmap, block_bitmap, "block bitmap")?;
         }
@@ -372,7 +378,9 @@ fn group_doubt(s: &Sb, d: &[u8], uninit: bool, nbits: u64, bitmap: &[u8]) -> Opt
     let hi16 = |o: usize| if wide { u32::from(le16(d, o)) << 16 } else { 0 };
     let free_desc = u64::from(u32::from(le16(d, 0x0C)) | hi16(0x2C));
     let whole = (nbits / 8) as usize;
-    let tail = bitmap.get(whole).map_or(0, |b| b & ((1u16 << (nbits % 8)) - 1) as u8);
+    let tail = bitmap
+        .get(whole)
+        .map_or(0, |b| b & ((1u16 << (nbits % 8)) - 1) as u8);
     let used_bits: u64 = bitmap[..whole]
         .iter()
         .map(|b| u64::from(b.count_ones()))
@@ -380,7 +388,11 @@ fn group_doubt(s: &Sb, d: &[u8], uninit: bool, nbits: u64, bitmap: &[u8]) -> Opt
         + u64::from(tail.count_ones());
     let free_bits = nbits - used_bits;
     if free_desc != free_bits {
-        let unit = if s.cluster_ratio > 1 { "clusters" } else { "blocks" };
+        let unit = if s.cluster_ratio > 1 {
+            "clusters"
+        } else {
+            "blocks"
+        };
         let bitmap = if uninit {
             "marked BLOCK_UNINIT, whose metadata leaves"
         } else {

@@ -467,14 +467,25 @@ fn ext_group_descriptor_contradicts_bitmap() {
             .all(|&b| info.used.is_used(b * 4096))
     };
     let clean_e2fsck = |ok: bool| {
-        let out = Command::new("e2fsck").args(["-fn", s(&img)]).output().unwrap();
-        assert_eq!(out.status.success(), ok, "{}", String::from_utf8_lossy(&out.stdout));
+        let out = Command::new("e2fsck")
+            .args(["-fn", s(&img)])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     };
 
     for extra in ["", "-O ^metadata_csum,uninit_bg"] {
         mk(extra);
         let blocks = file_blocks(&img, "/big");
-        assert!(blocks.iter().any(|b| (16384..24576).contains(b)), "{blocks:?}");
+        assert!(
+            blocks.iter().any(|b| (16384..24576).contains(b)),
+            "{blocks:?}"
+        );
         let info = probe_whole(&img);
         assert!(info.warnings.is_empty(), "{:?}", info.warnings);
         let clean_used = info.used.used_bytes();
@@ -483,7 +494,10 @@ fn ext_group_descriptor_contradicts_bitmap() {
         debugfs("set_bg 2 flags 3\nset_bg 2 checksum calc\n");
         clean_e2fsck(false);
         let info = probe_whole(&img);
-        assert!(in_group_2(&info, &blocks), "{extra}: BLOCK_UNINIT lost file blocks");
+        assert!(
+            in_group_2(&info, &blocks),
+            "{extra}: BLOCK_UNINIT lost file blocks"
+        );
         assert!(
             matches!(info.warnings.as_slice(), [w] if w.contains("block group 2:") && w.contains("BLOCK_UNINIT")),
             "{extra}: {:?}",
@@ -500,7 +514,10 @@ fn ext_group_descriptor_contradicts_bitmap() {
         drop(f);
         clean_e2fsck(false);
         let info = probe_whole(&img);
-        assert!(in_group_2(&info, &blocks), "{extra}: freed bitmap bits lost file blocks");
+        assert!(
+            in_group_2(&info, &blocks),
+            "{extra}: freed bitmap bits lost file blocks"
+        );
         assert!(
             matches!(info.warnings.as_slice(), [w] if w.contains("block group 2:") && w.contains("free blocks")),
             "{extra}: {:?}",

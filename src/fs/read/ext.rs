@@ -341,7 +341,9 @@ impl Fs<'_> {
     /// values that do not fit the inode or block): that inode's data, checked as Linux does.
     fn ea_inode_value(&self, inum: u64, size: u64) -> Result<Vec<u8>> {
         if size > MAX_XATTR_VALUE {
-            bail!("its value claims {size} bytes, more than Linux allows ({MAX_XATTR_VALUE}) (damaged)");
+            bail!(
+                "its value claims {size} bytes, more than Linux allows ({MAX_XATTR_VALUE}) (damaged)"
+            );
         }
         let ino = self.inode(inum)?;
         if ino.flags & EA_INODE_FL == 0 {
@@ -608,10 +610,7 @@ fn walk(fs: &Fs, warn: &mut Warnings) -> Result<Vec<Entry>> {
         let children = match fs.dir_entries(&ino) {
             Ok(c) => c,
             Err(e) => {
-                warn.push(format!(
-                    "{}: its entries are left out: {e:#}",
-                    shown(&path)
-                ));
+                warn.push(format!("{}: its entries are left out: {e:#}", shown(&path)));
                 continue;
             }
         };

@@ -1174,7 +1174,10 @@ fn read_img_warn(img: &Path, fstype: &str) -> (Vec<Entry>, Vec<String>) {
 fn ea_inode_of(img: &Path) -> u64 {
     (12..64)
         .find(|i| {
-            let out = sh(&format!("debugfs -R 'stat <{i}>' '{}' 2>/dev/null", img.display()));
+            let out = sh(&format!(
+                "debugfs -R 'stat <{i}>' '{}' 2>/dev/null",
+                img.display()
+            ));
             out.split("Flags: 0x")
                 .nth(1)
                 .and_then(|f| u32::from_str_radix(f.split_whitespace().next()?, 16).ok())
@@ -1255,13 +1258,20 @@ fn ext4_encrypted_dir_and_impossible_names() {
         d = d.display()
     ));
     // Edit the names directory's block, as damage (or a forger) would.
-    let blk: u64 = sh(&format!("debugfs -R 'blocks /names' '{}' 2>/dev/null", img.display()))
-        .trim()
-        .parse()
-        .unwrap();
+    let blk: u64 = sh(&format!(
+        "debugfs -R 'blocks /names' '{}' 2>/dev/null",
+        img.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
     let mut raw = std::fs::read(&img).unwrap();
     let block = &mut raw[(blk * 4096) as usize..][..4096];
-    for (from, to) in [(&b"aXb"[..], &b"a/b"[..]), (b"nYl", b"n\0l"), (b"dupB", b"dupA")] {
+    for (from, to) in [
+        (&b"aXb"[..], &b"a/b"[..]),
+        (b"nYl", b"n\0l"),
+        (b"dupB", b"dupA"),
+    ] {
         let at = block.windows(from.len()).position(|w| w == from).unwrap();
         block[at..at + to.len()].copy_from_slice(to);
     }
@@ -1282,7 +1292,10 @@ fn ext4_encrypted_dir_and_impossible_names() {
         assert!(m.contains_key(p), "{} missing", String::from_utf8_lossy(p));
     }
     assert!(!m.contains_key(&b"names/a/b"[..]) && !m.contains_key(&b"names/a"[..]));
-    assert_eq!(entries.iter().filter(|e| e.path == b"names/dupA").count(), 1);
+    assert_eq!(
+        entries.iter().filter(|e| e.path == b"names/dupA").count(),
+        1
+    );
     let has = |s: &str| w.iter().filter(|m| m.contains(s)).count();
     assert_eq!(
         has("encrypted directory /secret: its files are in the image but not in the file list"),
