@@ -674,7 +674,12 @@ fn pv_offset(disk: &File, dev: &Path) -> Option<u64> {
 /// The filesystem in an LV; a damaged one is stored whole rather than failing the backup.
 fn probe_lv(dev: &File, off: u64, len: u64, what: &str) -> Result<Option<FsInfo>> {
     match crate::fs::map::probe(dev, off, len) {
-        Ok(fs) => Ok(fs),
+        Ok(fs) => {
+            for w in fs.iter().flat_map(|f| &f.warnings) {
+                eprintln!("warning: {what}: {w}");
+            }
+            Ok(fs)
+        }
         Err(e) => {
             eprintln!("warning: {what}: {e:#}; stored whole instead");
             Ok(None)

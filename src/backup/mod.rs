@@ -188,6 +188,11 @@ fn plan_areas(
         }
         match crate::fs::map::probe(&disk.file, start, len) {
             Ok(Some(fs)) => {
+                for w in &fs.warnings {
+                    let msg = format!("{what}: {w}");
+                    eprintln!("warning: {msg}");
+                    warnings.push(msg);
+                }
                 let used_bytes = fs.used.used_bytes();
                 plans.push(AreaPlan {
                     area: Area {

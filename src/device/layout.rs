@@ -639,6 +639,14 @@ fn has_protective_mbr(dev: &File) -> bool {
         && (0..4).any(|i| mbr[446 + 16 * i + 4] == 0xEE)
 }
 
+/// A FAT filesystem on the whole disk (`mkfs.fat -I`, a "superfloppy"): its boot sector ends
+/// in 0x55AA like an MBR, but its bytes where partition entries would be are boot code, zeros
+/// or (mkfs.fat --mbr) a fake entry starting at sector 0.
+fn is_superfloppy(dev: &File) -> bool {
+    let mut s0 = [0u8; 512];
+    dev.read_exact_at(&mut s0, 0).is_ok() && crate::fs::map::fat::is_boot_sector(&s0)
+}
+
 fn read_mbr(
     dev: &File,
     disk_size: u64,
@@ -659,12 +667,15 @@ fn read_mbr(
             "disk has a protective MBR (type 0xEE) but no GPT header at LBA 1 or at the last LBA for sector size {ss}; repair the GPT with gdisk or check the sector size"
         );
     }
-    let insane = header.iter().any(|(_, p)| {
-        p.is_used()
-            && (p.starting_lba == 0
-                || p.sectors == 0
-                || u64::from(p.starting_lba) + u64::from(p.sectors) > sectors)
-    });
+    let sane = |p: &mbrman::MBRPartitionEntry| {
+        p.starting_lba != 0
+            && p.sectors != 0
+            && u64::from(p.starting_lba) + u64::from(p.sectors) <= sectors
+    };
+    if is_superfloppy(dev) && !header.iter().any(|(_, p)| p.is_used() && sane(p)) {
+        return Ok(None);
+    }
+    let insane = header.iter().any(|(_, p)| p.is_used() && !sane(p));
     if insane {
         warnings.push(
             "sector 0 ends in 0x55AA but its partition entries are not sane; treating the disk as unpartitioned".into(),
@@ -1305,5 +1316,51 @@ mod tests {
         let back = layout(&dst, 4096).unwrap();
         assert!(back.warnings.is_empty() && l.matches(&back), "{back:?}");
         assert_eq!(with_loop(&dst, &["-i", "3"]), with_loop(&img, &["-i", "3"]));
+    }
+
+    /// mkfs.fat on a whole disk (-I, a "superfloppy"; with --mbr its fake entry from sector 0)
+    /// is a filesystem on an unpartitioned disk, not an empty MBR; a real MBR whose partition
+    /// holds FAT stays an MBR.
+    #[test]
+    fn fat_superfloppy_is_unpartitioned() {
+        let t = Tmp::new("superfloppy");
+        for (bits, mib, extra) in [
+            ("12", 4, "--mbr=n"),
+            ("16", 64, "--mbr=n"),
+            ("32", 128, "--mbr=n"),
+            ("16", 64, "--mbr=y"),
+            ("32", 128, "--mbr=y"),
+        ] {
+            let img = t.img(&format!("fat{bits}{extra}.img"), mib * MIB);
+            run("mkfs.fat", &["-I", "-F", bits, extra, s(&img)], None);
+            let l = layout(&img, 512).unwrap();
+            assert_eq!(l.table, Table::None, "FAT{bits} {extra}");
+            assert!(l.warnings.is_empty(), "FAT{bits} {extra}: {:?}", l.warnings);
+        }
+        let img = t.img("mbr.img", 64 * MIB);
+        run(
+            "sfdisk",
+            &["-q", s(&img)],
+            Some("label: dos\nstart=2048, size=60000, type=c\n"),
+        );
+        let part = t.img("part.img", 60000 * 512);
+        run("mkfs.fat", &["-F", "16", s(&part)], None);
+        run(
+            "dd",
+            &[
+                &format!("if={}", s(&part)),
+                &format!("of={}", s(&img)),
+                "bs=512",
+                "seek=2048",
+                "conv=notrunc",
+                "status=none",
+            ],
+            None,
+        );
+        let l = layout(&img, 512).unwrap();
+        assert!(
+            matches!(&l.table, Table::Mbr(m) if m.partitions.len() == 1),
+            "{l:?}"
+        );
     }
 }

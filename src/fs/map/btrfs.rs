@@ -810,6 +810,7 @@ fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
         label: (!s.label.is_empty()).then(|| s.label.clone()),
         block_size: s.sectorsize,
         used,
+        warnings: Vec::new(),
     })
 }
 

@@ -15,6 +15,7 @@ const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_FLEX_BG: u32 = 0x200;
+const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 const RO_SPARSE_SUPER: u32 = 0x1;
 const RO_HUGE_FILE: u32 = 0x8;
 const RO_GDT_CSUM: u32 = 0x10;
@@ -41,6 +42,8 @@ pub(crate) struct Sb {
     pub(crate) compat: u32,
     pub(crate) incompat: u32,
     pub(crate) ro: u32,
+    pub(crate) uuid: [u8; 16],
+    pub(crate) csum_seed: u32,
 }
 
 impl Sb {
@@ -195,6 +198,11 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
         compat,
         incompat,
         ro,
+        uuid: sb
+            .get(104..120)
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; 16]),
+        csum_seed: le32(sb, 0x270),
     })
 }
 
@@ -235,6 +243,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
     let mut desc_buf = vec![0u8; bs as usize];
     let mut desc_block_loaded = u64::MAX;
     let mut bitmap = vec![0u8; bs as usize];
+    let mut warnings = Vec::new();
     let read = |buf: &mut [u8], block: u64, what: &str| -> Result<()> {
         if block >= s.blocks_count {
             bail!(
@@ -271,30 +280,30 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
             used.mark_range(blk * bs, n * bs);
         }
         let gstart = s.group_first_block(g) * bs;
-        if csum && flags & BG_BLOCK_UNINIT != 0 {
-            // No bitmap on disk: the group holds only its own metadata (descriptor and
-            // superblock backups; bitmaps and inode tables were marked above for every group).
-            if s.has_super(g) {
-                let meta = if s.incompat & INCOMPAT_META_BG != 0 {
-                    1
-                } else {
-                    1 + s.gdt_blocks() + s.reserved_gdt
-                };
-                used.mark_range(gstart, meta * bs);
-            }
-            if s.incompat & INCOMPAT_META_BG != 0 {
-                let first = g - g % dpb;
-                if g == first || g == first + 1 || g == first + dpb - 1 {
-                    used.mark_range(
-                        (s.group_first_block(g) + u64::from(s.has_super(g))) * bs,
-                        bs,
-                    );
-                }
-            }
+        let nbits = bits_per_group.min((fs_end - gstart.min(fs_end)).div_ceil(cluster));
+        let uninit = csum && flags & BG_BLOCK_UNINIT != 0;
+        if uninit {
+            // No bitmap on disk: the group holds only its own metadata, as the kernel
+            // computes it when it first allocates there.
+            uninit_bitmap(
+                &s,
+                g,
+                [block_bitmap, inode_bitmap],
+                inode_table,
+                &mut bitmap,
+            );
+        } else {
+            read(&mut bitmap, block_bitmap, "block bitmap")?;
+        }
+        if let Some(why) = group_doubt(&s, d, uninit, nbits, &bitmap) {
+            // The descriptor and the bitmap disagree although the filesystem is marked clean:
+            // keeping the whole group costs some space, trusting the wrong one loses data.
+            warnings.push(format!(
+                "{name} at offset {offset}: block group {g}: {why}; all its blocks are stored (run e2fsck -f to repair it)"
+            ));
+            used.mark_range(gstart, nbits * cluster);
             continue;
         }
-        read(&mut bitmap, block_bitmap, "block bitmap")?;
-        let nbits = bits_per_group.min((fs_end - gstart.min(fs_end)).div_ceil(cluster));
         let mut i = 0;
         while i < nbits {
             let byte = bitmap[(i / 8) as usize];
@@ -324,5 +333,92 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
         label: (!label.is_empty()).then_some(label),
         block_size: cluster,
         used,
+        warnings,
     }))
+}
+
+/// The bitmap of a BLOCK_UNINIT group, as ext4_init_block_bitmap makes it: the superblock
+/// and descriptor backups, and the group's own bitmaps and inode table where they lie in it.
+fn uninit_bitmap(s: &Sb, g: u64, bitmaps: [u64; 2], inode_table: u64, bitmap: &mut [u8]) {
+    bitmap.fill(0);
+    let first = s.group_first_block(g);
+    let end = first + s.blocks_per_group;
+    let mut set = |blk: u64, n: u64| {
+        for b in blk.max(first)..blk.saturating_add(n).min(end) {
+            let bit = (b - first) / s.cluster_ratio;
+            bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+        }
+    };
+    let sup = u64::from(s.has_super(g));
+    let dpb = s.descs_per_block();
+    if s.incompat & INCOMPAT_META_BG == 0 || g < s.first_meta_bg * dpb {
+        if sup == 1 {
+            set(first, 1 + s.gdt_blocks() + s.reserved_gdt);
+        }
+    } else {
+        set(first, sup);
+        let mg_first = g - g % dpb;
+        if g == mg_first || g == mg_first + 1 || g == mg_first + dpb - 1 {
+            set(first + sup, 1);
+        }
+    }
+    for b in bitmaps {
+        set(b, 1);
+    }
+    set(
+        inode_table,
+        (s.inodes_per_group * s.inode_size).div_ceil(s.block_size),
+    );
+}
+
+/// Why a group's bitmap cannot be trusted, if it cannot: the descriptor's free count differs
+/// from the bitmap's, or (metadata_csum) the bitmap's checksum is wrong.
+fn group_doubt(s: &Sb, d: &[u8], uninit: bool, nbits: u64, bitmap: &[u8]) -> Option<String> {
+    let wide = s.desc_size >= 64;
+    let hi16 = |o: usize| if wide { u32::from(le16(d, o)) << 16 } else { 0 };
+    let free_desc = u64::from(u32::from(le16(d, 0x0C)) | hi16(0x2C));
+    let whole = (nbits / 8) as usize;
+    let tail = bitmap
+        .get(whole)
+        .map_or(0, |b| b & ((1u16 << (nbits % 8)) - 1) as u8);
+    let used_bits: u64 = bitmap[..whole]
+        .iter()
+        .map(|b| u64::from(b.count_ones()))
+        .sum::<u64>()
+        + u64::from(tail.count_ones());
+    let free_bits = nbits - used_bits;
+    if free_desc != free_bits {
+        let unit = if s.cluster_ratio > 1 {
+            "clusters"
+        } else {
+            "blocks"
+        };
+        let bitmap = if uninit {
+            "marked BLOCK_UNINIT, whose metadata leaves"
+        } else {
+            "its block bitmap has"
+        };
+        return Some(format!(
+            "its descriptor counts {free_desc} free {unit}, {bitmap} {free_bits}"
+        ));
+    }
+    if !uninit && s.ro & RO_METADATA_CSUM != 0 {
+        let size = (s.blocks_per_group / s.cluster_ratio / 8) as usize;
+        // ext4's crc32c runs without the final inversion, from the filesystem's seed.
+        let raw = |seed: u32, data: &[u8]| !crc32c::crc32c_append(!seed, data);
+        let seed = if s.incompat & INCOMPAT_CSUM_SEED != 0 {
+            s.csum_seed
+        } else {
+            raw(!0, &s.uuid)
+        };
+        let c = raw(seed, &bitmap[..size.min(bitmap.len())]);
+        let stored = u32::from(le16(d, 0x18)) | hi16(0x38);
+        let want = if wide { c } else { c & 0xffff };
+        if stored != want {
+            return Some(format!(
+                "its block bitmap's checksum is {stored:#x}, its content gives {want:#x}"
+            ));
+        }
+    }
+    None
 }

@@ -7,6 +7,29 @@ use anyhow::{Context, Result, bail};
 
 use super::{FsInfo, UsedMap, le16, le32};
 
+/// Sector 0 is a FAT boot sector: a jump, then a BPB whose fields all hold values FAT allows
+/// (as libblkid checks before it believes one). A partition table's boot code does not pass.
+pub fn is_boot_sector(bs: &[u8]) -> bool {
+    let media = bs.get(21).copied().unwrap_or(0);
+    let fatsz = if le16(bs, 22) != 0 {
+        u32::from(le16(bs, 22))
+    } else {
+        le32(bs, 36)
+    };
+    bs.len() >= 512
+        && bs[510] == 0x55
+        && bs[511] == 0xaa
+        && matches!(bs[0], 0xeb | 0xe9)
+        && matches!(le16(bs, 11), 512 | 1024 | 2048 | 4096)
+        && bs[13].is_power_of_two()
+        && bs[13] <= 128
+        && le16(bs, 14) >= 1
+        && (1..=4).contains(&bs[16])
+        && (le16(bs, 19) != 0 || le32(bs, 32) != 0)
+        && (media == 0xf0 || media >= 0xf8)
+        && fatsz != 0
+}
+
 pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsInfo>> {
     if bs.len() < 512 || bs[510] != 0x55 || bs[511] != 0xaa || !matches!(bs[0], 0xeb | 0xe9) {
         return Ok(None);
@@ -129,5 +152,6 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
         label,
         block_size: cluster,
         used,
+        warnings: Vec::new(),
     }))
 }

@@ -33,6 +33,9 @@ pub struct FsInfo {
     /// sector).
     pub block_size: u64,
     pub used: UsedMap,
+    /// What the map could not trust and stored whole instead (ext: a block group whose
+    /// descriptor contradicts its bitmap), for the backup's warnings.
+    pub warnings: Vec<String>,
 }
 
 /// Little-endian readers over on-disk structures; out-of-range reads give 0 (the callers

@@ -230,6 +230,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<Fs
         label: (!s.label.is_empty()).then(|| s.label.clone()),
         block_size: s.block_size,
         used,
+        warnings: Vec::new(),
     }))
 }
 

@@ -2,11 +2,12 @@
 //! block maps, fast and slow symlinks, device numbers, in-inode and block extended attributes
 //! (POSIX ACLs converted to the setxattr format).
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Entry, Extent, Kind, ReadAt};
+use super::{Entry, Extent, Kind, ReadAt, Warnings};
 use crate::fs::map::ext::{Sb, parse_sb};
 use crate::fs::map::{le16, le32};
 
@@ -14,6 +15,16 @@ const EXTENTS_FL: u32 = 0x80000;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 const XATTR_MAGIC: u32 = 0xEA02_0000;
+/// The inode holds one extended attribute's value (ea_inode feature).
+const EA_INODE_FL: u32 = 0x20_0000;
+/// fscrypt: a directory whose names (and files' data) are ciphertext.
+const ENCRYPT_FL: u32 = 0x800;
+/// The xattr name index of an fscrypt context, which Linux never lists.
+const ENCRYPTION_INDEX: u8 = 9;
+/// Linux's limit on one extended attribute value (XATTR_SIZE_MAX).
+const MAX_XATTR_VALUE: u64 = 65536;
+/// Warnings kept per filesystem; the rest are counted.
+const MAX_WARNINGS: usize = 100;
 /// Sanity caps against hostile images.
 const MAX_DEPTH: usize = 4096;
 const MAX_EXTENT_DEPTH: u16 = 5;
@@ -22,6 +33,9 @@ struct Fs<'a> {
     dev: &'a dyn ReadAt,
     sb: Sb,
     itables: Vec<u64>,
+    /// What the inode being read lost (extended attributes bmr cannot represent); the tree
+    /// walk names the file and moves these into its warnings.
+    problems: RefCell<Vec<String>>,
 }
 
 struct Inode {
@@ -236,18 +250,113 @@ impl Fs<'_> {
             && le32(&ino.raw, start) == XATTR_MAGIC
         {
             let region = &ino.raw[start + 4..];
-            parse_xattrs(region, region, &mut out);
+            self.parse_xattrs(region, region, &mut out);
         }
         let acl = u64::from(le32(&ino.raw, 104)) | (u64::from(le16(&ino.raw, 118)) << 32);
         if acl != 0 {
-            let b = self
-                .block(acl)
-                .with_context(|| format!("inode {}: extended attribute block", ino.ino))?;
-            if le32(&b, 0) == XATTR_MAGIC {
-                parse_xattrs(b.get(32..).unwrap_or(&[]), &b, &mut out);
+            match self.block(acl) {
+                Ok(b) if le32(&b, 0) == XATTR_MAGIC => {
+                    self.parse_xattrs(b.get(32..).unwrap_or(&[]), &b, &mut out)
+                }
+                Ok(_) => self.problem(format!(
+                    "its extended attribute block {acl} is not one (damaged): the attributes kept there are left out"
+                )),
+                Err(e) => self.problem(format!(
+                    "its extended attributes in block {acl} are left out: {e:#}"
+                )),
             }
         }
         Ok(out)
+    }
+
+    fn problem(&self, m: String) {
+        self.problems.borrow_mut().push(m);
+    }
+
+    /// Parse xattr entries; `values` is the buffer value offsets are relative to. An entry bmr
+    /// cannot represent is left out with a problem naming it, never silently.
+    fn parse_xattrs(&self, entries: &[u8], values: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
+        let mut pos = 0;
+        while pos + 16 <= entries.len() && le32(entries, pos) != 0 {
+            let nlen = entries[pos] as usize;
+            let index = entries[pos + 1];
+            let voff = le16(entries, pos + 2) as usize;
+            let vinum = le32(entries, pos + 4);
+            let vsize = le32(entries, pos + 8) as usize;
+            let Some(name) = entries.get(pos + 16..pos + 16 + nlen) else {
+                self.problem("an extended attribute entry runs past its block (damaged): it and those after it are left out".into());
+                break;
+            };
+            pos += (16 + nlen).div_ceil(4) * 4;
+            let prefix: &[u8] = match index {
+                1 => b"user.",
+                2 => b"system.posix_acl_access",
+                3 => b"system.posix_acl_default",
+                4 => b"trusted.",
+                6 => b"security.",
+                7 => b"system.",
+                8 => b"system.richacl",
+                _ => b"",
+            };
+            let mut full = prefix.to_vec();
+            full.extend_from_slice(name);
+            if index == ENCRYPTION_INDEX {
+                // The fscrypt context: the tree walk says what an encrypted directory means.
+                continue;
+            }
+            if prefix.is_empty() {
+                self.problem(format!(
+                    "extended attribute {:?} has name index {index}, which Linux does not list: left out",
+                    String::from_utf8_lossy(name)
+                ));
+                continue;
+            }
+            let shown = String::from_utf8_lossy(&full).into_owned();
+            let v = if vinum != 0 {
+                match self.ea_inode_value(u64::from(vinum), vsize as u64) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.problem(format!("extended attribute {shown:?} left out: {e:#}"));
+                        continue;
+                    }
+                }
+            } else if let Some(v) = values.get(voff..voff + vsize) {
+                v.to_vec()
+            } else {
+                self.problem(format!(
+                    "extended attribute {shown:?} left out: its {vsize}-byte value at offset {voff} lies outside its block (damaged)"
+                ));
+                continue;
+            };
+            let v = if index == 2 || index == 3 {
+                acl_to_xattr(&v)
+            } else {
+                v
+            };
+            out.push((full, v));
+        }
+    }
+
+    /// The value of an extended attribute kept in its own inode (mke2fs -O ea_inode, for
+    /// values that do not fit the inode or block): that inode's data, checked as Linux does.
+    fn ea_inode_value(&self, inum: u64, size: u64) -> Result<Vec<u8>> {
+        if size > MAX_XATTR_VALUE {
+            bail!(
+                "its value claims {size} bytes, more than Linux allows ({MAX_XATTR_VALUE}) (damaged)"
+            );
+        }
+        let ino = self.inode(inum)?;
+        if ino.flags & EA_INODE_FL == 0 {
+            bail!("its value inode {inum} is not marked as one (damaged)");
+        }
+        if ino.size != size {
+            bail!(
+                "its value inode {inum} holds {} bytes, the entry says {size} (damaged)",
+                ino.size
+            );
+        }
+        self.content(&ino, MAX_XATTR_VALUE)
+            .with_context(|| format!("value inode {inum}"))
     }
 
     fn entry(&self, path: Vec<u8>, ino: &Inode) -> Result<Entry> {
@@ -382,45 +491,6 @@ impl Fs<'_> {
     }
 }
 
-/// Parse xattr entries; `values` is the buffer value offsets are relative to.
-fn parse_xattrs(entries: &[u8], values: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) {
-    let mut pos = 0;
-    while pos + 16 <= entries.len() && le32(entries, pos) != 0 {
-        let nlen = entries[pos] as usize;
-        let index = entries[pos + 1];
-        let voff = le16(entries, pos + 2) as usize;
-        let vinum = le32(entries, pos + 4);
-        let vsize = le32(entries, pos + 8) as usize;
-        let Some(name) = entries.get(pos + 16..pos + 16 + nlen) else {
-            break;
-        };
-        let prefix: &[u8] = match index {
-            1 => b"user.",
-            2 => b"system.posix_acl_access",
-            3 => b"system.posix_acl_default",
-            4 => b"trusted.",
-            6 => b"security.",
-            7 => b"system.",
-            8 => b"system.richacl",
-            _ => b"",
-        };
-        if vinum == 0
-            && !prefix.is_empty()
-            && let Some(v) = values.get(voff..voff + vsize)
-        {
-            let mut full = prefix.to_vec();
-            full.extend_from_slice(name);
-            let v = if index == 2 || index == 3 {
-                acl_to_xattr(v)
-            } else {
-                v.to_vec()
-            };
-            out.push((full, v));
-        }
-        pos += (16 + nlen).div_ceil(4) * 4;
-    }
-}
-
 /// ext4 stores POSIX ACLs compactly (version 1, ids only for named users and groups);
 /// setxattr wants version 2 with an id in every entry.
 fn acl_to_xattr(v: &[u8]) -> Vec<u8> {
@@ -442,7 +512,10 @@ fn acl_to_xattr(v: &[u8]) -> Vec<u8> {
     out
 }
 
-pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
+/// The whole tree, parents before children. What cannot be listed (an encrypted directory's
+/// subtree, a name that cannot be a Linux path component, a duplicate name, a damaged inode or
+/// directory below the root) is left out with a warning; the rest is still listed.
+pub fn read_tree_warn(dev: &dyn ReadAt, warnings: &mut Vec<String>) -> Result<Vec<Entry>> {
     let mut sbuf = vec![0u8; 1024];
     dev.read_at(&mut sbuf, 1024)
         .context("cannot read the ext superblock")?;
@@ -454,6 +527,7 @@ pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
         dev,
         sb,
         itables: Vec::new(),
+        problems: RefCell::new(Vec::new()),
     };
     let mut itables = Vec::with_capacity(fs0.sb.groups as usize);
     let dpb = fs0.sb.descs_per_block();
@@ -473,26 +547,74 @@ pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
         itables.push(u64::from(le32(d, 8)) | hi);
     }
     let fs = Fs { itables, ..fs0 };
+    let mut warn = Warnings::new(MAX_WARNINGS);
+    let r = walk(&fs, &mut warn);
+    warnings.extend(warn.finish("entries left out of the file list"));
+    r
+}
+
+/// How a path is shown in a warning.
+fn shown(path: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(path))
+}
+
+/// Depth-first, parents before children, names sorted for a stable order. Only the root must
+/// be readable; below it a damaged part is left out with a warning.
+fn walk(fs: &Fs, warn: &mut Warnings) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     let mut seen_dirs = HashSet::new();
-    // Depth-first, parents before children, names sorted for a stable order.
     let mut stack: Vec<(Vec<u8>, u64, usize)> = vec![(Vec::new(), 2, 0)];
     while let Some((path, ino_no, depth)) = stack.pop() {
-        let ino = fs.inode(ino_no)?;
-        let e = fs
-            .entry(path.clone(), &ino)
-            .with_context(|| format!("{:?}", String::from_utf8_lossy(&path)))?;
-        let is_dir = e.kind == Kind::Dir;
-        out.push(e);
-        if !is_dir {
+        let read = fs.inode(ino_no).and_then(|ino| {
+            let e = fs.entry(path.clone(), &ino)?;
+            Ok((ino, e))
+        });
+        let problems = fs.problems.take();
+        let (ino, e) = match read {
+            Ok(r) => r,
+            Err(e) if depth == 0 => return Err(e.context("the root directory")),
+            Err(e) => {
+                warn.push(format!("{}: left out: {e:#}", shown(&path)));
+                continue;
+            }
+        };
+        for p in problems {
+            warn.push(format!("{}: {p}", shown(&path)));
+        }
+        if e.kind != Kind::Dir {
+            out.push(e);
             continue;
         }
-        if !seen_dirs.insert(ino_no) || depth > MAX_DEPTH {
-            bail!("directory loop or absurd depth at inode {ino_no} (damaged)");
+        if !seen_dirs.insert(ino_no) {
+            warn.push(format!(
+                "{}: another link to directory inode {ino_no}, listed already (damaged): left out",
+                shown(&path)
+            ));
+            continue;
         }
-        let mut children = fs.dir_entries(&ino)?;
-        children.sort();
-        for (name, child) in children.into_iter().rev() {
+        if depth > MAX_DEPTH {
+            warn.push(format!(
+                "{}: directories nested deeper than {MAX_DEPTH} (damaged): left out",
+                shown(&path)
+            ));
+            continue;
+        }
+        out.push(e);
+        if ino.flags & ENCRYPT_FL != 0 {
+            warn.push(format!(
+                "encrypted directory {}: its files are in the image but not in the file list",
+                shown(&path)
+            ));
+            continue;
+        }
+        let children = match fs.dir_entries(&ino) {
+            Ok(c) => c,
+            Err(e) => {
+                warn.push(format!("{}: its entries are left out: {e:#}", shown(&path)));
+                continue;
+            }
+        };
+        for (name, child) in valid_names(&path, children, warn).into_iter().rev() {
             let mut p = path.clone();
             if !p.is_empty() {
                 p.push(b'/');
@@ -502,4 +624,37 @@ pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
         }
     }
     Ok(out)
+}
+
+/// A directory's entries that can be a Linux path component, the first of duplicate names
+/// only, sorted by name.
+fn valid_names(
+    dir: &[u8],
+    children: Vec<(Vec<u8>, u64)>,
+    warn: &mut Warnings,
+) -> Vec<(Vec<u8>, u64)> {
+    let mut seen = HashSet::new();
+    let mut keep = Vec::with_capacity(children.len());
+    for (name, ino) in children {
+        let mut p = dir.to_vec();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(&name);
+        if name.contains(&0) || name.contains(&b'/') {
+            warn.push(format!(
+                "{}: a name with a NUL or '/' byte (inode {ino}; damaged directory) cannot be a file name: left out",
+                shown(&p)
+            ));
+        } else if !seen.insert(name.clone()) {
+            warn.push(format!(
+                "{}: a second entry of that name (inode {ino}; damaged directory): the first is kept",
+                shown(&p)
+            ));
+        } else {
+            keep.push((name, ino));
+        }
+    }
+    keep.sort();
+    keep
 }

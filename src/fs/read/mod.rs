@@ -157,7 +157,7 @@ pub fn read_tree_warn(
     warnings: &mut Vec<String>,
 ) -> Result<Vec<Entry>> {
     match fstype {
-        "ext2" | "ext3" | "ext4" => ext::read_tree(fs),
+        "ext2" | "ext3" | "ext4" => ext::read_tree_warn(fs, warnings),
         "vfat" => fat::read_tree(fs),
         "xfs" => xfs::read_tree_warn(fs, warnings),
         "btrfs" => btrfs::read_tree_warn(fs, warnings),

@@ -527,6 +527,7 @@ impl Rng {
     }
 }
 
+/// Random bit flips in `regions`; (clean reads, reads that reported damage: an error or warnings).
 fn fuzz(base: &[u8], regions: &[(u64, u64)], fstype: &str, rounds: u32, seed: u64) -> (u32, u32) {
     let mut rng = Rng(seed);
     let (mut ok, mut err) = (0, 0);
@@ -544,9 +545,15 @@ fn fuzz(base: &[u8], regions: &[(u64, u64)], fstype: &str, rounds: u32, seed: u6
             }
         }
         let mem = Mem(img);
-        match read_tree(&mem, fstype) {
+        let mut warnings = Vec::new();
+        match read_tree_warn(&mem, fstype, &mut warnings) {
             Ok(entries) => {
-                ok += 1;
+                // Damage below the root is left out with a warning, the rest still listed.
+                if warnings.is_empty() {
+                    ok += 1;
+                } else {
+                    err += 1;
+                }
                 for e in entries
                     .iter()
                     .filter(|e| e.kind == Kind::File && e.size < 1 << 26)
@@ -1154,5 +1161,156 @@ fn xfs_hostile() {
     );
     assert_eq!(got.len(), entries.len() - 1);
     assert!(got.iter().all(|e| e.path != b"frag"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn read_img_warn(img: &Path, fstype: &str) -> (Vec<Entry>, Vec<String>) {
+    let f = File::open(img).unwrap();
+    let r = FileRange {
+        file: &f,
+        base: 0,
+        len: f.metadata().unwrap().len(),
+    };
+    let mut w = Vec::new();
+    let entries = read_tree_warn(&r, fstype, &mut w).unwrap();
+    check_order(&entries);
+    (entries, w)
+}
+
+/// The inode mke2fs/the kernel made to hold an xattr value (EXT4_EA_INODE_FL), by debugfs.
+fn ea_inode_of(img: &Path) -> u64 {
+    (12..64)
+        .find(|i| {
+            let out = sh(&format!(
+                "debugfs -R 'stat <{i}>' '{}' 2>/dev/null",
+                img.display()
+            ));
+            out.split("Flags: 0x")
+                .nth(1)
+                .and_then(|f| u32::from_str_radix(f.split_whitespace().next()?, 16).ok())
+                .is_some_and(|f| f & 0x20_0000 != 0)
+        })
+        .expect("an EA inode")
+}
+
+/// Values too big for the inode and its xattr block live in inodes of their own
+/// (mke2fs -O ea_inode, setfattr on the mounted filesystem): the reader must list them as the
+/// kernel does, and a damaged one is left out with a warning naming file and attribute.
+#[test]
+fn ext4_ea_inode_xattrs() {
+    let d = tmpdir("eainode");
+    let img = d.join("img");
+    let mnt = d.join("mnt");
+    sh(&format!(
+        r#"cd '{d}'
+        mke2fs -q -F -t ext4 -O ea_inode -b 4096 img 64M
+        mount -o loop img mnt
+        echo data > mnt/f; echo more > mnt/g
+        setfattr -n user.big -v "$(head -c 9000 /dev/zero | tr '\0' v)" mnt/f
+        setfattr -n user.small -v s mnt/f
+        setfattr -n user.huge -v "$(head -c 60000 /dev/urandom | base64 -w0 | cut -c1-65000)" mnt/g
+        umount mnt
+        "#,
+        d = d.display()
+    ));
+    let (entries, w) = read_img_warn(&img, "ext4");
+    assert!(w.is_empty(), "{w:?}");
+    let m = by_path(&entries);
+    let x = |p: &[u8], n: &[u8]| {
+        m[p].xattrs
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(x(b"f", b"user.big"), Some(vec![b'v'; 9000]));
+    assert_eq!(x(b"f", b"user.small"), Some(b"s".to_vec()));
+    assert_eq!(x(b"g", b"user.huge").map(|v| v.len()), Some(65000));
+    compare_ext_with_mount(&img, &mnt, &entries);
+
+    // The value's inode no longer marked as one: left out, said, the rest kept.
+    let ea = ea_inode_of(&img);
+    sh(&format!(
+        "debugfs -w -R 'set_inode_field <{ea}> flags 0x80000' '{}'",
+        img.display()
+    ));
+    let (entries, w) = read_img_warn(&img, "ext4");
+    assert!(
+        matches!(w.as_slice(), [m] if m.contains("extended attribute \"user.")
+            && m.contains("not marked as one")),
+        "{w:?}"
+    );
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A directory encrypted with fscrypt (e4crypt on a real mount) holds ciphertext names, and
+/// a damaged directory (its block edited: names with '/' or NUL, a duplicate name) holds
+/// names no Linux path can have: each is left out with a warning, never the whole list.
+#[test]
+fn ext4_encrypted_dir_and_impossible_names() {
+    let d = tmpdir("names");
+    let img = d.join("img");
+    sh(&format!(
+        r#"cd '{d}'
+        mke2fs -q -F -t ext4 -O encrypt -b 4096 img 64M
+        mount -o loop img mnt
+        mkdir mnt/secret mnt/names mnt/plain
+        echo -n 'bmr test passphrase' | e4crypt add_key -S 0x5eed5eed5eed5eed5eed5eed5eed5eed mnt/secret >/dev/null
+        for i in $(seq 64); do echo $i > mnt/secret/file-with-a-long-name-$i; done
+        mkdir mnt/secret/sub; echo x > mnt/secret/sub/x
+        touch mnt/names/aXb mnt/names/nYl mnt/names/dupA mnt/names/dupB mnt/names/ok
+        echo plain > mnt/plain/a
+        umount mnt
+        "#,
+        d = d.display()
+    ));
+    // Edit the names directory's block, as damage (or a forger) would.
+    let blk: u64 = sh(&format!(
+        "debugfs -R 'blocks /names' '{}' 2>/dev/null",
+        img.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    let mut raw = std::fs::read(&img).unwrap();
+    let block = &mut raw[(blk * 4096) as usize..][..4096];
+    for (from, to) in [
+        (&b"aXb"[..], &b"a/b"[..]),
+        (b"nYl", b"n\0l"),
+        (b"dupB", b"dupA"),
+    ] {
+        let at = block.windows(from.len()).position(|w| w == from).unwrap();
+        block[at..at + to.len()].copy_from_slice(to);
+    }
+    std::fs::write(&img, &raw).unwrap();
+
+    let (entries, w) = read_img_warn(&img, "ext4");
+    let m = by_path(&entries);
+    assert_eq!(m[&b"secret"[..]].kind, Kind::Dir);
+    assert!(
+        !entries.iter().any(|e| e.path.starts_with(b"secret/")),
+        "ciphertext names listed"
+    );
+    for e in &entries {
+        assert!(!e.path.contains(&0), "{:?}", e.path);
+        assert!(e.path.is_empty() || e.path.split(|&b| b == b'/').all(|c| !c.is_empty()));
+    }
+    for p in [&b"names/ok"[..], b"names/dupA", b"plain/a"] {
+        assert!(m.contains_key(p), "{} missing", String::from_utf8_lossy(p));
+    }
+    assert!(!m.contains_key(&b"names/a/b"[..]) && !m.contains_key(&b"names/a"[..]));
+    assert_eq!(
+        entries.iter().filter(|e| e.path == b"names/dupA").count(),
+        1
+    );
+    let has = |s: &str| w.iter().filter(|m| m.contains(s)).count();
+    assert_eq!(
+        has("encrypted directory /secret: its files are in the image but not in the file list"),
+        1,
+        "{w:?}"
+    );
+    assert_eq!(has("a name with a NUL or '/' byte"), 2, "{w:?}");
+    assert_eq!(has("/names/dupA: a second entry of that name"), 1, "{w:?}");
+    assert_eq!(w.len(), 4, "{w:?}");
     let _ = std::fs::remove_dir_all(&d);
 }
