@@ -161,6 +161,61 @@ pub fn precheck(
     )
 }
 
+/// The chunks an incremental's file lists name (digest, plain length), checked before the
+/// first write as the image's are: with `read_all` each is read, decompressed and checked
+/// against its name (file lists record no stored hash); otherwise each must exist.
+pub fn precheck_files(
+    src: &dyn RepoRead,
+    inc: &str,
+    chunks: &[(Digest, u32)],
+    read_all: bool,
+    threads: usize,
+    quiet: bool,
+) -> Result<()> {
+    let bad = |d: &Digest, what: String| {
+        anyhow::anyhow!(
+            "chunk {d} of a file of snapshot {inc} is {what}: nothing was written; run bmr verify --repo {} and restore another snapshot with --at",
+            src.location()
+        )
+    };
+    if !read_all {
+        for (d, _) in chunks {
+            if src.chunk_len(d)?.is_none() {
+                return Err(bad(d, "missing".into()));
+            }
+        }
+        return Ok(());
+    }
+    let guard = Progress::start("checking files", chunks.len() as u64, quiet);
+    let progress = guard.handle();
+    crate::util::pool::for_each(
+        threads,
+        || Ok((ChunkReader::new()?, vec![0u8; CHUNK_SIZE as usize])),
+        |(reader, buf), (d, len): (Digest, u32)| {
+            reader.read(src, &d, None, len as usize, buf).map_err(|e| {
+                bad(
+                    &d,
+                    if e.is_missing() {
+                        "missing".into()
+                    } else {
+                        format!("damaged ({e})")
+                    },
+                )
+            })?;
+            progress.add(1);
+            Ok(())
+        },
+        |tx| {
+            for c in chunks {
+                if !tx.send(*c) {
+                    break;
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
 pub enum Job {
     Write { base: u64, rec: Record },
     Zero { offset: u64, len: u64 },
