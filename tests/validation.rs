@@ -458,7 +458,23 @@ json.dump(m, open(man, "w"), indent=1)
 
 #[test]
 fn the_repository_is_never_overwritten_through_the_target() {
-    let f = fixture("val-repo");
+    // An unpartitioned 2 MiB disk of random bytes: its one chunk file is bigger than the disk,
+    // so it is a target big enough to be written.
+    let tmp = Tmp::new("val-repo");
+    let disk = tmp.path("src.img");
+    sh(&format!("truncate -s 2M {}", disk.display()));
+    random_at(&disk, 0, 2 * MIB);
+    let repo = tmp.s("repo");
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h1",
+        "-q",
+        &disk.display().to_string(),
+    ]);
+    let f = Fixture { tmp, disk, repo };
     let chunk = f
         .chunks()
         .into_iter()
