@@ -161,27 +161,37 @@ pub fn precheck(
     )
 }
 
-/// The chunks an incremental's file lists name (digest, plain length), checked before the
-/// first write as the image's are: with `read_all` each is read, decompressed and checked
-/// against its name (file lists record no stored hash); otherwise each must exist.
+/// A chunk an incremental's file list names: its plain length, and the first file naming it.
+#[derive(Debug, Clone)]
+pub struct FileChunk {
+    pub digest: Digest,
+    pub len: u32,
+    pub file: String,
+}
+
+/// The chunks an incremental's file lists name, checked before the first write as the
+/// image's are: with `read_all` each is read, decompressed and checked against its name (file
+/// lists record no stored hash); otherwise each must exist.
 pub fn precheck_files(
     src: &dyn RepoRead,
     inc: &str,
-    chunks: &[(Digest, u32)],
+    chunks: &[FileChunk],
     read_all: bool,
     threads: usize,
     quiet: bool,
 ) -> Result<()> {
-    let bad = |d: &Digest, what: String| {
+    let bad = |c: &FileChunk, what: String| {
         anyhow::anyhow!(
-            "chunk {d} of a file of snapshot {inc} is {what}: nothing was written; run bmr verify --repo {} and restore another snapshot with --at",
+            "file {:?} of snapshot {inc}: chunk {} is {what}: nothing was written; run bmr verify --repo {} and restore another snapshot with --at",
+            c.file,
+            c.digest,
             src.location()
         )
     };
     if !read_all {
-        for (d, _) in chunks {
-            if src.chunk_len(d)?.is_none() {
-                return Err(bad(d, "missing".into()));
+        for c in chunks {
+            if src.chunk_len(&c.digest)?.is_none() {
+                return Err(bad(c, "missing".into()));
             }
         }
         return Ok(());
@@ -191,23 +201,25 @@ pub fn precheck_files(
     crate::util::pool::for_each(
         threads,
         || Ok((ChunkReader::new()?, vec![0u8; CHUNK_SIZE as usize])),
-        |(reader, buf), (d, len): (Digest, u32)| {
-            reader.read(src, &d, None, len as usize, buf).map_err(|e| {
-                bad(
-                    &d,
-                    if e.is_missing() {
-                        "missing".into()
-                    } else {
-                        format!("damaged ({e})")
-                    },
-                )
-            })?;
+        |(reader, buf), c: &FileChunk| {
+            reader
+                .read(src, &c.digest, None, c.len as usize, buf)
+                .map_err(|e| {
+                    bad(
+                        c,
+                        if e.is_missing() {
+                            "missing".into()
+                        } else {
+                            format!("damaged ({e})")
+                        },
+                    )
+                })?;
             progress.add(1);
             Ok(())
         },
         |tx| {
             for c in chunks {
-                if !tx.send(*c) {
+                if !tx.send(c) {
                     break;
                 }
             }

@@ -22,7 +22,7 @@ use crate::repo::toc::FileMeta;
 use crate::repo::{Digest, RepoRead};
 use crate::util::progress::{Progress, human_bytes};
 
-use super::blocks::{self, Writer};
+use super::blocks::{self, FileChunk, Writer};
 
 /// How to restore. The fields double as `bmr restore` flags; the TUI and the unattended
 /// restore fill in the ones they offer and leave the rest at their defaults.
@@ -74,7 +74,7 @@ pub struct RestorePlan<'r> {
     pub point: Point,
     pub apply: Vec<ApplyFs>,
     /// Every chunk the file lists of `apply` name, once: pre-checked with the image's.
-    pub file_chunks: Vec<(Digest, u32)>,
+    pub file_chunks: Vec<FileChunk>,
     pub target: Target,
     pub how: RestoreHow,
 }
@@ -178,12 +178,13 @@ fn check_entry(f: &FileMeta, inc: &str) -> Result<()> {
 
 /// Load the file lists an incremental restore applies, each fully, and check every entry
 /// ([`check_entry`]) before anything is written. Returns them with the chunks they name
-/// (each once), which the pre-check reads.
+/// (each once, with the first file that names it; each must exist), which the pre-check
+/// reads.
 fn plan_apply(
     src: &dyn RepoRead,
     m: &Manifest,
     inc: &IncManifest,
-) -> Result<(Vec<ApplyFs>, Vec<(Digest, u32)>)> {
+) -> Result<(Vec<ApplyFs>, Vec<FileChunk>)> {
     let mut plan = Vec::new();
     let mut chunks = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -211,11 +212,24 @@ fn plan_apply(
             check_entry(f, &inc.id)?;
             if let crate::repo::toc::Data::Chunks(c) = &f.data {
                 for (d, len) in c {
-                    if let Some(d) = Digest::from_slice(d)
-                        && seen.insert(d)
-                    {
-                        chunks.push((d, *len));
+                    let Some(d) = Digest::from_slice(d) else {
+                        continue;
+                    };
+                    if !seen.insert(d) {
+                        continue;
                     }
+                    let name = String::from_utf8_lossy(&f.path).into_owned();
+                    if src.chunk_len(&d)?.is_none() {
+                        bail!(
+                            "file {name:?} of snapshot {}: chunk {d} is missing: nothing was written; run bmr verify and restore another point with --at",
+                            inc.id
+                        );
+                    }
+                    chunks.push(FileChunk {
+                        digest: d,
+                        len: *len,
+                        file: name,
+                    });
                 }
             }
         }
