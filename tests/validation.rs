@@ -320,6 +320,7 @@ fn a_chunk_index_that_does_not_match_its_manifest_is_refused() {
         f.refused(&missing, &[], want);
         let t = target.display().to_string();
         let rss = peak_rss_kib(&f.restore_args(&t, &[]));
+        println!("{keep}: peak RSS {rss} KiB");
         assert!(rss < 256 * 1024, "{keep}: peak RSS {rss} KiB");
         std::fs::write(&manifest, &good_m).unwrap();
         std::fs::write(&idx, &good_i).unwrap();
