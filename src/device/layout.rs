@@ -8,6 +8,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use gptman::{GPTHeader, GPTPartitionEntry};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -205,20 +206,21 @@ impl DiskLayout {
                 let end = g
                     .partitions
                     .iter()
-                    .map(|p| p.last_lba + 1)
+                    .map(|p| p.last_lba.saturating_add(1))
                     .max()
                     .unwrap_or(g.first_usable_lba)
                     .max(g.first_usable_lba);
-                (end + gpt_array_sectors(g.num_entries, g.entry_size, ss) + 1) * ss
+                end.saturating_add(gpt_array_sectors(g.num_entries, g.entry_size, ss))
+                    .saturating_add(1)
+                    .saturating_mul(ss)
             }
-            Table::Mbr(m) => {
-                m.partitions
-                    .iter()
-                    .map(|p| p.start_lba + p.sectors)
-                    .max()
-                    .unwrap_or(1)
-                    * ss
-            }
+            Table::Mbr(m) => m
+                .partitions
+                .iter()
+                .map(|p| p.start_lba.saturating_add(p.sectors))
+                .max()
+                .unwrap_or(1)
+                .saturating_mul(ss),
             Table::None => self.disk_size,
         }
     }
@@ -226,15 +228,8 @@ impl DiskLayout {
     /// Re-create the table on `target` after the raw areas were written back at their offsets.
     pub fn write_table(&self, target: &File, target_size: u64) -> Result<()> {
         let ss = self.sector_size;
-        check_sector_size(ss)?;
+        self.check_target(target_size)?;
         let target_size = target_size / ss * ss;
-        if target_size < self.min_target_size() {
-            bail!(
-                "target is too small: {} bytes, the partition table needs at least {} bytes; use a bigger target disk",
-                target_size,
-                self.min_target_size()
-            );
-        }
         if let Table::Gpt(g) = &self.table {
             self.write_gpt(g, target, target_size)?;
         }
@@ -277,21 +272,20 @@ impl DiskLayout {
         }
     }
 
-    fn write_gpt(&self, g: &GptTable, target: &File, target_size: u64) -> Result<()> {
+    /// Where the GPT goes on a target of `target_size` bytes (whole sectors): the last LBA,
+    /// the backup array's first LBA and the last usable LBA; an error if it does not fit.
+    fn gpt_geometry(&self, g: &GptTable, target_size: u64) -> Result<(u64, u64, u64)> {
         let ss = self.sector_size;
-        if g.entry_size != GPT_ENTRY_SIZE || g.num_entries == 0 || g.num_entries > GPT_MAX_ENTRIES {
-            bail!(
-                "captured GPT has {} entries of {} bytes, only 1..{} entries of {} bytes are supported; recreate the table by hand",
-                g.num_entries,
-                g.entry_size,
-                GPT_MAX_ENTRIES,
-                GPT_ENTRY_SIZE
-            );
-        }
         let array_sectors = gpt_array_sectors(g.num_entries, g.entry_size, ss);
         let sectors = target_size / ss;
-        let last_lba = sectors - 1;
-        let backup_array_lba = last_lba - array_sectors;
+        let max_end = g.partitions.iter().map(|p| p.last_lba).max().unwrap_or(0);
+        let too_small = || {
+            anyhow!(
+                "target of {target_size} bytes cannot hold the GPT (last partition ends at LBA {max_end}, the backup array needs {array_sectors} sectors at the end); use a bigger target disk"
+            )
+        };
+        let last_lba = sectors.checked_sub(1).ok_or_else(too_small)?;
+        let backup_array_lba = last_lba.checked_sub(array_sectors).ok_or_else(too_small)?;
         // Same size: keep the captured usable range verbatim. Otherwise do what `sgdisk -e`
         // does: the usable area ends right before the backup array at the new disk end.
         // (gptman's `update_from` would do this too, but it takes the size from the file
@@ -299,17 +293,40 @@ impl DiskLayout {
         let last_usable = if target_size == self.disk_size {
             g.last_usable_lba
         } else {
-            backup_array_lba - 1
+            backup_array_lba.checked_sub(1).ok_or_else(too_small)?
         };
-        let max_end = g.partitions.iter().map(|p| p.last_lba).max().unwrap_or(0);
         if max_end > last_usable || last_usable >= backup_array_lba {
+            return Err(too_small());
+        }
+        Ok((last_lba, backup_array_lba, last_usable))
+    }
+
+    /// Everything `write_table` checks before it writes, for a target of `target_size` bytes:
+    /// a restore calls it while planning, so a table that cannot be written stops the restore
+    /// before the first byte. `validate` must have accepted the layout.
+    pub fn check_target(&self, target_size: u64) -> Result<()> {
+        let ss = self.sector_size;
+        check_sector_size(ss)?;
+        let target_size = target_size / ss * ss;
+        if target_size < self.min_target_size() {
             bail!(
-                "target of {} bytes cannot hold the GPT (last partition ends at LBA {}, backup array would start at LBA {}); use a bigger target disk",
+                "target is too small: {} bytes, the partition table needs at least {} bytes; use a bigger target disk",
                 target_size,
-                max_end,
-                backup_array_lba
+                self.min_target_size()
             );
         }
+        if let Table::Gpt(g) = &self.table {
+            check_gpt_entries(g)?;
+            self.gpt_geometry(g, target_size)?;
+        }
+        Ok(())
+    }
+
+    fn write_gpt(&self, g: &GptTable, target: &File, target_size: u64) -> Result<()> {
+        let ss = self.sector_size;
+        check_gpt_entries(g)?;
+        let sectors = target_size / ss;
+        let (last_lba, backup_array_lba, last_usable) = self.gpt_geometry(g, target_size)?;
 
         let mut entries = vec![GPTPartitionEntry::empty(); g.num_entries as usize];
         for p in &g.partitions {
@@ -404,6 +421,185 @@ fn fix_protective_mbr(target: &File, old_sectors: u64, new_sectors: u64) -> Resu
             target
                 .write_all_at(&cap(new_sectors).to_le_bytes(), (e + 12) as u64)
                 .context("updating the protective MBR size on the target failed")?;
+        }
+    }
+    Ok(())
+}
+
+/// Largest disk a manifest may record: 2^56 bytes (64 PiB), far beyond any disk made, and
+/// small enough that no sum of offsets and lengths inside it overflows.
+pub const MAX_DISK_SIZE: u64 = 1 << 56;
+
+impl DiskLayout {
+    /// Check a layout recorded in a manifest (not read from a disk) against what the formats
+    /// allow: sector and disk size, and for GPT the entry array, the usable range, slots,
+    /// GUIDs, names and partitions inside the usable range without overlap; for MBR the
+    /// numbering, one extended partition holding the logical ones, 32-bit fields and no
+    /// overlap. A restore calls it before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        check_sector_size(self.sector_size)?;
+        if self.disk_size < self.sector_size || self.disk_size > MAX_DISK_SIZE {
+            bail!(
+                "recorded disk size {} bytes is outside {}..{MAX_DISK_SIZE} bytes",
+                self.disk_size,
+                self.sector_size
+            );
+        }
+        let sectors = self.disk_size / self.sector_size;
+        match &self.table {
+            Table::Gpt(g) => validate_gpt(g, sectors, self.sector_size),
+            Table::Mbr(m) => validate_mbr(m, sectors),
+            Table::None => Ok(()),
+        }
+    }
+}
+
+fn check_gpt_entries(g: &GptTable) -> Result<()> {
+    if g.entry_size != GPT_ENTRY_SIZE || g.num_entries == 0 || g.num_entries > GPT_MAX_ENTRIES {
+        bail!(
+            "recorded GPT has {} entries of {} bytes, only 1..{} entries of {} bytes are supported; recreate the table by hand",
+            g.num_entries,
+            g.entry_size,
+            GPT_MAX_ENTRIES,
+            GPT_ENTRY_SIZE
+        );
+    }
+    Ok(())
+}
+
+fn validate_gpt(g: &GptTable, sectors: u64, ss: u64) -> Result<()> {
+    check_gpt_entries(g)?;
+    parse_guid(&g.disk_guid)?;
+    let array = gpt_array_sectors(g.num_entries, g.entry_size, ss);
+    // LBA 0 protective MBR, LBA 1 header, then the entry array, all before the usable range;
+    // the usable range ends inside the disk (the backup array's place is checked against the
+    // target, whose size may differ).
+    if g.entries_lba < 2
+        || g.entries_lba.saturating_add(array) > g.first_usable_lba
+        || g.first_usable_lba > g.last_usable_lba.saturating_add(1)
+        || g.last_usable_lba >= sectors
+    {
+        bail!(
+            "recorded GPT has its entry array at LBA {} ({array} sectors) and usable LBAs {}..{} on a disk of {sectors} sectors: they do not fit",
+            g.entries_lba,
+            g.first_usable_lba,
+            g.last_usable_lba
+        );
+    }
+    let mut slots = HashSet::new();
+    for p in &g.partitions {
+        let n = p.slot;
+        if n == 0 || n > g.num_entries || !slots.insert(n) {
+            bail!(
+                "recorded GPT partition slot {n} is outside 1..{} or used twice",
+                g.num_entries
+            );
+        }
+        if p.first_lba > p.last_lba
+            || p.first_lba < g.first_usable_lba
+            || p.last_lba > g.last_usable_lba
+        {
+            bail!(
+                "recorded GPT partition {n} (LBA {}..{}) lies outside the usable LBAs {}..{} or ends before it starts",
+                p.first_lba,
+                p.last_lba,
+                g.first_usable_lba,
+                g.last_usable_lba
+            );
+        }
+        // An all-zero type marks an unused entry: the partition would vanish.
+        if parse_guid(&p.type_guid)? == [0; 16] {
+            bail!("recorded GPT partition {n} has the unused (all-zero) type GUID");
+        }
+        parse_guid(&p.unique_guid)?;
+        if p.name.encode_utf16().count() > 36 {
+            bail!("recorded GPT partition {n} has a name longer than 36 UTF-16 units");
+        }
+    }
+    check_overlap_recorded(
+        g.partitions
+            .iter()
+            .map(|p| (p.slot, p.first_lba, p.last_lba + 1)),
+    )
+}
+
+fn validate_mbr(m: &MbrTable, sectors: u64) -> Result<()> {
+    let sig = m.disk_signature.strip_prefix("0x").unwrap_or("");
+    if sig.len() != 8
+        || !sig
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        bail!(
+            "recorded MBR disk signature {:?} is not of the form 0x1234abcd",
+            m.disk_signature
+        );
+    }
+    let mut numbers = HashSet::new();
+    let mut extended: Option<(u64, u64)> = None;
+    let mut next_logical = 5;
+    for p in &m.partitions {
+        let n = p.number;
+        let end = p.start_lba.saturating_add(p.sectors);
+        // Both are 32-bit fields on disk.
+        if p.start_lba == 0
+            || p.sectors == 0
+            || p.start_lba > u64::from(u32::MAX)
+            || p.sectors > u64::from(u32::MAX)
+            || end > sectors
+        {
+            bail!(
+                "recorded MBR partition {n} (start {}, {} sectors) lies outside the disk of {sectors} sectors",
+                p.start_lba,
+                p.sectors
+            );
+        }
+        if p.type_id == 0 {
+            bail!("recorded MBR partition {n} has type 0 (unused)");
+        }
+        let primary = p.kind != MbrKind::Logical;
+        if !numbers.insert(n)
+            || (primary && !(1..=4).contains(&n))
+            || (!primary && n != next_logical)
+        {
+            bail!("recorded MBR partition number {n} is out of place or used twice");
+        }
+        match p.kind {
+            MbrKind::Extended if extended.is_some() => {
+                bail!("recorded MBR has more than one extended partition")
+            }
+            MbrKind::Extended => extended = Some((p.start_lba, end)),
+            MbrKind::Logical => {
+                next_logical += 1;
+                // The EBR sits in the sector(s) before each logical partition.
+                if extended.is_none_or(|(s, e)| p.start_lba <= s || end > e) {
+                    bail!("recorded MBR logical partition {n} lies outside the extended partition");
+                }
+            }
+            MbrKind::Primary => {}
+        }
+    }
+    // Primary entries (the extended one included) must not overlap, nor may data partitions.
+    check_overlap_recorded(
+        m.partitions
+            .iter()
+            .filter(|p| p.kind != MbrKind::Logical)
+            .map(|p| (p.number, p.start_lba, p.start_lba + p.sectors)),
+    )?;
+    check_overlap_recorded(
+        m.partitions
+            .iter()
+            .filter(|p| p.kind != MbrKind::Extended)
+            .map(|p| (p.number, p.start_lba, p.start_lba + p.sectors)),
+    )
+}
+
+fn check_overlap_recorded(parts: impl Iterator<Item = (u32, u64, u64)>) -> Result<()> {
+    let mut v: Vec<_> = parts.collect();
+    v.sort_by_key(|p| p.1);
+    for w in v.windows(2) {
+        if w[1].1 < w[0].2 {
+            bail!("recorded partitions {} and {} overlap", w[0].0, w[1].0);
         }
     }
     Ok(())
@@ -996,6 +1192,8 @@ mod tests {
         let img = make_gpt(&t, "src.img");
         let l = layout(&img, 512).unwrap();
         assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        // What a real disk gives passes the check a restore makes of a recorded table.
+        l.validate().unwrap();
         let Table::Gpt(g) = &l.table else {
             panic!("not GPT: {:?}", l.table)
         };
@@ -1140,6 +1338,7 @@ mod tests {
         scribble(&img, 0, 440, 4);
         scribble(&img, 512, 2047 * 512, 5);
         let l = layout(&img, 512).unwrap();
+        l.validate().unwrap();
         let Table::Mbr(m) = &l.table else {
             panic!("not MBR: {:?}", l.table)
         };
@@ -1294,6 +1493,7 @@ mod tests {
             ],
         );
         let l = layout(&img, 4096).unwrap();
+        l.validate().unwrap();
         let Table::Gpt(g) = &l.table else {
             panic!("not GPT: {:?}", l.table)
         };

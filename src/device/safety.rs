@@ -194,7 +194,8 @@ fn unescape_mount(s: &str) -> String {
     String::from_utf8_lossy(&mount_field(s)).into_owned()
 }
 
-/// Refuse a restore target that is mounted, runs this system, or holds the repository.
+/// Refuse a restore target that is mounted, runs this system, or holds the repository. The
+/// target may not exist yet (an image file to create): then only where it would be counts.
 pub fn check_restore_target(target: &Path, repo_local: Option<&Path>) -> Result<()> {
     let devs = disk_devnums(target);
     let uses = mounts_on(&devs)?;
@@ -203,6 +204,20 @@ pub fn check_restore_target(target: &Path, repo_local: Option<&Path>) -> Result<
             "target {} holds the running system ({} is mounted on /): choose another disk",
             target.display(),
             root.source
+        );
+    }
+    let repo_canon = repo_local.and_then(|r| std::fs::canonicalize(r).ok());
+    if let (Some(repo), Some(canon)) = (repo_local, &repo_canon)
+        && let Some(u) = uses
+            .iter()
+            .find(|u| canon.starts_with(Path::new(&u.mountpoint)))
+    {
+        bail!(
+            "target {} holds the repository {} ({} is mounted on {}): restore onto a different disk",
+            target.display(),
+            repo.display(),
+            u.source,
+            u.mountpoint
         );
     }
     if let Some(u) = uses.first() {
@@ -214,24 +229,71 @@ pub fn check_restore_target(target: &Path, repo_local: Option<&Path>) -> Result<
         );
     }
     if let Some(repo) = repo_local {
-        use std::os::unix::fs::MetadataExt;
-        let repo_dev = std::fs::metadata(repo).map(|m| m.dev()).ok();
-        if repo_dev.is_some_and(|d| devs.contains(&d)) {
-            bail!(
-                "target {} holds the repository {}: restore onto a different disk",
-                target.display(),
-                repo.display()
-            );
-        }
-        if let (Ok(t), Ok(r)) = (std::fs::canonicalize(target), std::fs::canonicalize(repo))
-            && t.starts_with(&r)
+        check_not_in_repo(target, repo, &devs)?;
+    }
+    Ok(())
+}
+
+/// The repository must not be written through the target: not a disk it lives on, not a file
+/// inside it by any name (symlinks, bind mounts, `..`), not a hard link to one of its files.
+fn check_not_in_repo(target: &Path, repo: &Path, devs: &HashSet<u64>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rm) = std::fs::metadata(repo) else {
+        return Ok(());
+    };
+    if devs.contains(&rm.dev()) {
+        bail!(
+            "target {} holds the repository {}: restore onto a different disk",
+            target.display(),
+            repo.display()
+        );
+    }
+    let inside = || {
+        anyhow::anyhow!(
+            "target {} is inside the repository {}: write the image somewhere else",
+            target.display(),
+            repo.display()
+        )
+    };
+    // Where the target is (or would be): itself if it exists, symlinks followed, else its
+    // directory. Each directory up to / is compared with the repository's by device and inode,
+    // which sees through every alias a path can have.
+    let meta = std::fs::metadata(target).ok();
+    let dir = match &meta {
+        Some(_) => std::fs::canonicalize(target).ok(),
+        None => target
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .and_then(|p| std::fs::canonicalize(p).ok()),
+    };
+    let mut at = dir.as_deref();
+    while let Some(d) = at {
+        if let Ok(dm) = std::fs::metadata(d)
+            && (dm.dev(), dm.ino()) == (rm.dev(), rm.ino())
         {
-            bail!(
-                "target {} is inside the repository {}: write the image somewhere else",
-                target.display(),
-                repo.display()
-            );
+            return Err(inside());
         }
+        at = d.parent();
+    }
+    // A regular file with more than one name on the repository's filesystem may be one of its
+    // files (chunk files are only ever written once, so a link to one is never harmless).
+    if let Some(m) = meta
+        && m.file_type().is_file()
+        && m.nlink() > 1
+        && m.dev() == rm.dev()
+    {
+        bail!(
+            "target {} has {} hard links and lies on the filesystem of the repository {}: it may be a file of the repository; restore to a new file",
+            target.display(),
+            m.nlink(),
+            repo.display()
+        );
     }
     Ok(())
 }

@@ -211,6 +211,92 @@ impl<R: Read> Iterator for IndexReader<R> {
     }
 }
 
+/// Check a whole chunk index against its manifest before a restore writes from it: the
+/// record count the manifest names, every record in a window of its area (at a multiple of the
+/// chunk size, as long as the window), in order and without overlap, every area stored whole
+/// covered window by window, and the used bytes, data chunks and stored bytes of the records
+/// adding up to what the manifest says per area and in its stats. Streams: nothing is kept
+/// per record.
+pub fn check_against(
+    m: &crate::repo::manifest::Manifest,
+    records: impl Iterator<Item = Result<Record>>,
+) -> Result<()> {
+    use crate::repo::manifest::Content;
+    let id = &m.id;
+    let bad = |what: String| {
+        anyhow::anyhow!(
+            "chunk index of snapshot {id} does not match its manifest ({what}): the backup is damaged, nothing was written; run bmr verify and choose another snapshot with --at"
+        )
+    };
+    let cs = m.chunk_size.max(1);
+    let mut count = 0u64;
+    let mut used = vec![0u64; m.areas.len()];
+    let mut covered = vec![0u64; m.areas.len()];
+    let (mut chunks, mut stored) = (0u64, 0u64);
+    // The first (area, offset) the next record may have.
+    let mut next = (0usize, 0u64);
+    for r in records {
+        let r = r?;
+        count += 1;
+        let ai = r.area as usize;
+        let Some(a) = m.areas.get(ai) else {
+            return Err(bad(format!(
+                "record {count} names area {ai}, which does not exist"
+            )));
+        };
+        if (ai, r.offset) < next {
+            return Err(bad(format!(
+                "record {count} (area {ai}, offset {}) is out of order or overlaps the one before",
+                r.offset
+            )));
+        }
+        if !r.offset.is_multiple_of(cs)
+            || r.offset >= a.len
+            || u64::from(r.len) != (a.len - r.offset).min(cs)
+            || r.ranges.is_empty()
+        {
+            return Err(bad(format!(
+                "record {count} ({} bytes at offset {}) is not a window of area {ai} ({} bytes)",
+                r.len, r.offset, a.len
+            )));
+        }
+        next = (ai, r.offset + u64::from(r.len));
+        used[ai] += r.used_bytes();
+        covered[ai] += u64::from(r.len);
+        if let ChunkRef::Data { stored_len, .. } = &r.chunk {
+            chunks += 1;
+            stored += u64::from(*stored_len);
+        }
+    }
+    if count != m.index.records {
+        return Err(bad(format!(
+            "{count} records, the manifest says {}",
+            m.index.records
+        )));
+    }
+    for (ai, a) in m.areas.iter().enumerate() {
+        if a.content == Content::Whole && covered[ai] != a.len {
+            return Err(bad(format!(
+                "area {ai} is stored whole but its records cover {} of its {} bytes",
+                covered[ai], a.len
+            )));
+        }
+        if used[ai] != a.used_bytes {
+            return Err(bad(format!(
+                "area {ai} has {} used bytes in its records, the manifest says {}",
+                used[ai], a.used_bytes
+            )));
+        }
+    }
+    if (chunks, stored) != (m.stats.chunks, m.stats.stored_bytes) {
+        return Err(bad(format!(
+            "{chunks} data chunks of {stored} bytes, the manifest says {} of {}",
+            m.stats.chunks, m.stats.stored_bytes
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

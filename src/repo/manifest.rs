@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::limits;
 use super::paths;
 use super::{Digest, RepoRead, check_host_name};
-use crate::device::layout::Table;
+use crate::device::layout::{DiskLayout, Table};
 
 pub const MANIFEST_FORMAT: &str = "bmr-snapshot";
 pub const MANIFEST_VERSION: u32 = 1;
@@ -239,6 +239,109 @@ impl Manifest {
                 bail!("snapshot {id}: area {i} lies outside the disk or overlaps another");
             }
             end = a_end.unwrap_or(u64::MAX);
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// The recorded disk as a layout: the size rounded down to whole sectors, as a backup's
+    /// [`DiskLayout::read`] sees it.
+    pub fn layout(&self) -> DiskLayout {
+        let ss = self.disk.sector_size.max(1);
+        DiskLayout {
+            sector_size: self.disk.sector_size,
+            disk_size: self.disk.size / ss * ss,
+            table: self.disk.table.clone(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Check the layout fields a restore writes from, before it writes: the partition table
+    /// itself ([`DiskLayout::validate`]), and that the areas are exactly what a backup makes of
+    /// it: every data partition one partition area with its number, every byte outside them a
+    /// boot area (stored whole), together covering the disk; used bytes within each area and
+    /// adding up to the stats; file lists naming partition areas.
+    pub fn validate_layout(&self) -> Result<()> {
+        let id = &self.id;
+        let bad = |what: String| {
+            anyhow::anyhow!(
+                "snapshot {id}: {what}: the manifest is damaged or forged, nothing was written; choose another snapshot with --at"
+            )
+        };
+        let layout = self.layout();
+        layout.validate().map_err(|e| bad(format!("{e:#}")))?;
+        let ends_at = match self.disk.table {
+            Table::None => self.disk.size,
+            _ => layout.disk_size,
+        };
+        // Areas are sorted and disjoint (validate); here they must also leave no gap.
+        let mut pos = 0;
+        for (i, a) in self.areas.iter().enumerate() {
+            if a.start != pos {
+                return Err(bad(format!(
+                    "area {i} starts at {} where the previous one ended at {pos}",
+                    a.start
+                )));
+            }
+            pos = a.start.saturating_add(a.len);
+            if a.used_bytes > a.len || (a.content == Content::Whole && a.used_bytes != a.len) {
+                return Err(bad(format!(
+                    "area {i} records {} used bytes in {} bytes",
+                    a.used_bytes, a.len
+                )));
+            }
+            if a.kind == AreaKind::Boot && (a.content != Content::Whole || a.partition.is_some()) {
+                return Err(bad(format!("boot area {i} is not stored whole")));
+            }
+        }
+        if pos != ends_at {
+            return Err(bad(format!(
+                "the areas end at {pos}, the disk at {ends_at}"
+            )));
+        }
+        if !matches!(self.disk.table, Table::None) {
+            let mut want: Vec<(AreaKind, u64, u64, Option<u32>)> = layout
+                .raw_areas()
+                .iter()
+                .map(|r| (AreaKind::Boot, r.start, r.len, None))
+                .chain(
+                    layout
+                        .data_partitions()
+                        .iter()
+                        .map(|p| (AreaKind::Partition, p.start, p.len, Some(p.number))),
+                )
+                .collect();
+            want.sort_by_key(|w| w.1);
+            let got: Vec<(AreaKind, u64, u64, Option<u32>)> = self
+                .areas
+                .iter()
+                .map(|a| (a.kind, a.start, a.len, a.partition))
+                .collect();
+            if got != want {
+                return Err(bad(
+                    "the areas are not the partitions of the recorded partition table and the bytes between them".into(),
+                ));
+            }
+        }
+        let used: u64 = self.areas.iter().map(|a| a.used_bytes).sum();
+        if used != self.stats.used_bytes {
+            return Err(bad(format!(
+                "the areas hold {used} used bytes, the stats say {}",
+                self.stats.used_bytes
+            )));
+        }
+        for t in &self.tocs {
+            if self
+                .areas
+                .get(t.area as usize)
+                .is_none_or(|a| a.kind != AreaKind::Partition)
+            {
+                return Err(bad(format!(
+                    "a file list names area {}, no partition",
+                    t.area
+                )));
+            }
         }
         Ok(())
     }

@@ -161,6 +161,73 @@ pub fn precheck(
     )
 }
 
+/// A chunk an incremental's file list names: its plain length, and the first file naming it.
+#[derive(Debug, Clone)]
+pub struct FileChunk {
+    pub digest: Digest,
+    pub len: u32,
+    pub file: String,
+}
+
+/// The chunks an incremental's file lists name, checked before the first write as the
+/// image's are: with `read_all` each is read, decompressed and checked against its name (file
+/// lists record no stored hash); otherwise each must exist.
+pub fn precheck_files(
+    src: &dyn RepoRead,
+    inc: &str,
+    chunks: &[FileChunk],
+    read_all: bool,
+    threads: usize,
+    quiet: bool,
+) -> Result<()> {
+    let bad = |c: &FileChunk, what: String| {
+        anyhow::anyhow!(
+            "file {:?} of snapshot {inc}: chunk {} is {what}: nothing was written; run bmr verify --repo {} and restore another snapshot with --at",
+            c.file,
+            c.digest,
+            src.location()
+        )
+    };
+    if !read_all {
+        for c in chunks {
+            if src.chunk_len(&c.digest)?.is_none() {
+                return Err(bad(c, "missing".into()));
+            }
+        }
+        return Ok(());
+    }
+    let guard = Progress::start("checking files", chunks.len() as u64, quiet);
+    let progress = guard.handle();
+    crate::util::pool::for_each(
+        threads,
+        || Ok((ChunkReader::new()?, vec![0u8; CHUNK_SIZE as usize])),
+        |(reader, buf), c: &FileChunk| {
+            reader
+                .read(src, &c.digest, None, c.len as usize, buf)
+                .map_err(|e| {
+                    bad(
+                        c,
+                        if e.is_missing() {
+                            "missing".into()
+                        } else {
+                            format!("damaged ({e})")
+                        },
+                    )
+                })?;
+            progress.add(1);
+            Ok(())
+        },
+        |tx| {
+            for c in chunks {
+                if !tx.send(c) {
+                    break;
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
 pub enum Job {
     Write { base: u64, rec: Record },
     Zero { offset: u64, len: u64 },

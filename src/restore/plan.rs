@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::device::Disk;
-use crate::device::layout::{DiskLayout, Table};
+use crate::device::layout::Table;
 use crate::fixup::FixupOptions;
-use crate::repo::RepoRead;
 use crate::repo::manifest::{AreaKind, Consistency, FsMeta, IncManifest, Manifest};
 use crate::repo::snapshot::Point;
 use crate::repo::toc::FileMeta;
+use crate::repo::{Digest, RepoRead};
 use crate::util::progress::{Progress, human_bytes};
 
-use super::blocks::{self, Writer};
+use super::blocks::{self, FileChunk, Writer};
 
 /// How to restore. The fields double as `bmr restore` flags; the TUI and the unattended
 /// restore fill in the ones they offer and leave the rest at their defaults.
@@ -73,6 +73,8 @@ pub struct RestorePlan<'r> {
     pub src: &'r dyn RepoRead,
     pub point: Point,
     pub apply: Vec<ApplyFs>,
+    /// Every chunk the file lists of `apply` name, once: pre-checked with the image's.
+    pub file_chunks: Vec<FileChunk>,
     pub target: Target,
     pub how: RestoreHow,
 }
@@ -93,15 +95,6 @@ fn marker(m: &Manifest, sector: u64) -> Vec<u8> {
     s
 }
 
-fn layout_of(m: &Manifest) -> DiskLayout {
-    DiskLayout {
-        sector_size: m.disk.sector_size,
-        disk_size: m.disk.size,
-        table: m.disk.table.clone(),
-        warnings: Vec::new(),
-    }
-}
-
 /// The smallest disk this snapshot fits on: its partitions and the partition table.
 pub fn min_target_size(m: &Manifest) -> u64 {
     m.areas
@@ -110,7 +103,7 @@ pub fn min_target_size(m: &Manifest) -> u64 {
         .map(|a| a.start + a.len)
         .max()
         .unwrap_or(0)
-        .max(layout_of(m).min_target_size())
+        .max(m.layout().min_target_size())
 }
 
 /// `ext4 "root" 6d1f...`: type, label and UUID of a filesystem, for the plan.
@@ -129,10 +122,72 @@ fn describe_fs(f: &FsMeta) -> String {
     )
 }
 
-/// Load the file lists an incremental restore applies, and check that every chunk they name
-/// exists, before anything is written.
-fn plan_apply(src: &dyn RepoRead, m: &Manifest, inc: &IncManifest) -> Result<Vec<ApplyFs>> {
+/// Longest name of one directory entry, and of a path or symlink target, Linux accepts.
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4095;
+/// Largest xattr value Linux accepts.
+const XATTR_SIZE_MAX: usize = 65536;
+
+/// Check one entry of a file list the restore applies for what would stop it half-way:
+/// names, paths, symlink targets and xattrs the kernel refuses, chunk lists it cannot read.
+fn check_entry(f: &FileMeta, inc: &str) -> Result<()> {
+    let shown = String::from_utf8_lossy(&f.path);
+    let bad = |what: String| {
+        anyhow::anyhow!(
+            "file list of snapshot {inc}: {shown:?} {what}: the backup is damaged or forged, nothing was written; restore another snapshot with --at, or single files with bmr restore-files"
+        )
+    };
+    crate::repo::toc::check_path(&f.path)?;
+    if f.path.len() > PATH_MAX {
+        return Err(bad(format!(
+            "has a path of {} bytes (at most {PATH_MAX})",
+            f.path.len()
+        )));
+    }
+    if let Some(n) = f.path.split(|&b| b == b'/').find(|c| c.len() > NAME_MAX) {
+        return Err(bad(format!(
+            "has a name of {} bytes (at most {NAME_MAX})",
+            n.len()
+        )));
+    }
+    if let Some(t) = &f.symlink
+        && (t.is_empty() || t.len() > PATH_MAX || t.contains(&0))
+    {
+        return Err(bad(format!(
+            "has a symlink target of {} bytes that is empty, too long or holds NUL",
+            t.len()
+        )));
+    }
+    for (k, v) in &f.xattrs {
+        if k.is_empty() || k.len() > NAME_MAX || k.contains(&0) || v.len() > XATTR_SIZE_MAX {
+            return Err(bad(format!(
+                "has an xattr {:?} the kernel cannot store",
+                String::from_utf8_lossy(k)
+            )));
+        }
+    }
+    if let crate::repo::toc::Data::Chunks(c) = &f.data {
+        for (d, len) in c {
+            if !(d.is_empty() || d.len() == 32) || u64::from(*len) > crate::repo::CHUNK_SIZE {
+                return Err(bad("has a chunk that is not a bmr chunk".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Load the file lists an incremental restore applies, each fully, and check every entry
+/// ([`check_entry`]) before anything is written. Returns them with the chunks they name
+/// (each once, with the first file that names it; each must exist), which the pre-check
+/// reads.
+fn plan_apply(
+    src: &dyn RepoRead,
+    m: &Manifest,
+    inc: &IncManifest,
+) -> Result<(Vec<ApplyFs>, Vec<FileChunk>)> {
     let mut plan = Vec::new();
+    let mut chunks = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for fs in &inc.filesystems {
         let area = fs.toc.area;
         if m.areas
@@ -150,15 +205,31 @@ fn plan_apply(src: &dyn RepoRead, m: &Manifest, inc: &IncManifest) -> Result<Vec
         };
         let current = crate::repo::manifest::read_toc(src, &m.host, &m.id, base_toc)?;
         let desired = crate::repo::manifest::read_toc(src, &inc.host, &inc.id, &fs.toc)?;
+        for f in &current {
+            check_entry(f, &m.id)?;
+        }
         for f in &desired {
-            for d in f.chunk_digests() {
-                let d = d?;
-                if src.chunk_len(&d)?.is_none() {
-                    bail!(
-                        "file {:?} of snapshot {}: chunk {d} is missing: run bmr verify and restore another point with --at",
-                        String::from_utf8_lossy(&f.path),
-                        inc.id
-                    );
+            check_entry(f, &inc.id)?;
+            if let crate::repo::toc::Data::Chunks(c) = &f.data {
+                for (d, len) in c {
+                    let Some(d) = Digest::from_slice(d) else {
+                        continue;
+                    };
+                    if !seen.insert(d) {
+                        continue;
+                    }
+                    let name = String::from_utf8_lossy(&f.path).into_owned();
+                    if src.chunk_len(&d)?.is_none() {
+                        bail!(
+                            "file {name:?} of snapshot {}: chunk {d} is missing: nothing was written; run bmr verify and restore another point with --at",
+                            inc.id
+                        );
+                    }
+                    chunks.push(FileChunk {
+                        digest: d,
+                        len: *len,
+                        file: name,
+                    });
                 }
             }
         }
@@ -168,13 +239,20 @@ fn plan_apply(src: &dyn RepoRead, m: &Manifest, inc: &IncManifest) -> Result<Vec
             desired,
         });
     }
-    Ok(plan)
+    Ok((plan, chunks))
 }
 
 /// Look at the target without writing: size, sector size, an interrupted restore's marker,
 /// and what it holds.
 fn probe_target(m: &Manifest, path: &Path, repo_local: Option<&Path>) -> Result<Target> {
-    if !path.exists() {
+    crate::device::safety::check_restore_target(path, repo_local)?;
+    if std::fs::symlink_metadata(path).is_err() {
+        m.layout().check_target(m.disk.size).with_context(|| {
+            format!(
+                "the new image file {} would not hold the backup",
+                path.display()
+            )
+        })?;
         return Ok(Target {
             path: path.to_path_buf(),
             size: m.disk.size,
@@ -184,7 +262,6 @@ fn probe_target(m: &Manifest, path: &Path, repo_local: Option<&Path>) -> Result<
             holds: None,
         });
     }
-    crate::device::safety::check_restore_target(path, repo_local)?;
     let disk = Disk::open_read(path)?;
     let min_size = min_target_size(m);
     if disk.size < min_size {
@@ -206,6 +283,8 @@ fn probe_target(m: &Manifest, path: &Path, repo_local: Option<&Path>) -> Result<
             m.disk.sector_size
         );
     }
+    // The partition table is written last: a target it does not fit is refused now.
+    m.layout().check_target(disk.size)?;
     let mut first = vec![0u8; disk.sector_size as usize];
     let resume =
         disk.file.read_exact_at(&mut first, 0).is_ok() && first == marker(m, disk.sector_size);
@@ -235,9 +314,13 @@ impl<'r> RestorePlan<'r> {
         how: RestoreHow,
     ) -> Result<RestorePlan<'r>> {
         let m = &point.image.manifest;
-        let apply = match &point.inc {
+        // The snapshot first, whole: the table and areas it records, and its chunk index
+        // against them. Nothing below may meet a range it has not checked.
+        m.validate_layout()?;
+        crate::repo::chunkindex::check_against(m, point.image.records()?)?;
+        let (apply, file_chunks) = match &point.inc {
             Some(i) => plan_apply(src, m, i)?,
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         crate::fixup::preflight(&how.fixups, target)?;
         let target = probe_target(m, target, src.local_path())?;
@@ -245,6 +328,7 @@ impl<'r> RestorePlan<'r> {
             src,
             point,
             apply,
+            file_chunks,
             target,
             how,
         })
@@ -424,6 +508,9 @@ impl<'r> RestorePlan<'r> {
         crate::fixup::preflight(&how.fixups, &self.target.path)?;
         let read_all = !how.no_precheck && src.local_path().is_some();
         blocks::precheck(src, l, read_all, threads, how.quiet)?;
+        if let Some(i) = &self.point.inc {
+            blocks::precheck_files(src, &i.id, &self.file_chunks, read_all, threads, how.quiet)?;
+        }
 
         let path = &self.target.path;
         let fresh = self.target.create && prepare_target(path, m.disk.size)?;
@@ -453,60 +540,26 @@ impl<'r> RestorePlan<'r> {
                 return Err(e);
             }
         };
-        let resume = self.target.resume;
-        let mark = marker(m, disk.sector_size);
-
-        // From here on the target changes. Mark it first, and hide any old table, so an
-        // interrupted restore never looks like a usable disk.
-        let ss = disk.sector_size;
-        if !resume {
-            disk.file
-                .write_all_at(&mark, 0)
-                .and_then(|_| disk.file.write_all_at(&vec![0u8; ss as usize], ss))
-                .and_then(|_| {
-                    let last = (disk.size / ss).saturating_sub(1) * ss;
-                    if last > ss {
-                        disk.file.write_all_at(&vec![0u8; ss as usize], last)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|_| disk.file.sync_data())
-                .with_context(|| format!("cannot write to {}", disk.path.display()))?;
-        }
         let total = self.total();
-        let guard = Progress::start("restore", total, how.quiet);
-        let w = Writer {
-            src,
-            m,
-            disk: &disk,
-            fresh,
-            resume,
-            limit: disk.size,
-            progress: guard.handle(),
-            skipped: AtomicU64::new(0),
+        let skipped = match self.write_blocks(&disk, fresh, threads) {
+            Ok(n) => n,
+            // An image file made for this restore and left without its partition table is
+            // of no use (and a damaged chunk stops a rerun too): it goes, as it came.
+            Err(e) if fresh => {
+                drop(disk);
+                let _ = std::fs::remove_file(path);
+                bail!(
+                    "{e:#}; the image file {} this restore had created was removed",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(e),
         };
-        w.pass(l, AreaKind::Partition, how.zero_free, threads)?;
-        disk.flush()?;
-        w.pass(l, AreaKind::Boot, how.zero_free, threads)?;
-        drop(guard);
-        let layout = layout_of(m);
-        if !matches!(layout.table, Table::None) {
-            layout.write_table(&disk.file, disk.size).with_context(|| {
-                format!(
-                    "cannot write the partition table to {}",
-                    disk.path.display()
-                )
-            })?;
-        }
-        disk.flush()?;
-        disk.reread_partitions();
+        let layout = m.layout();
         if how.verify {
             blocks::read_back(l, &disk, &layout, threads, how.quiet)?;
         }
         // The blocks are written: what follows mounts the restored filesystems.
-        let skipped = w.skipped.load(Ordering::Relaxed);
-        drop(w);
         let mut disk = disk;
         disk.release_exclusive()?;
         if let Some(i) = &self.point.inc {
@@ -538,6 +591,65 @@ impl<'r> RestorePlan<'r> {
     }
 }
 
+impl RestorePlan<'_> {
+    /// Mark the target, write the partition areas, the boot areas and the partition table;
+    /// the bytes that were already in place (on resume).
+    fn write_blocks(&self, disk: &Disk, fresh: bool, threads: usize) -> Result<u64> {
+        let src = self.src;
+        let l = &self.point.image;
+        let m = &l.manifest;
+        let how = &self.how;
+        let resume = self.target.resume;
+        let mark = marker(m, disk.sector_size);
+
+        // From here on the target changes. Mark it first, and hide any old table, so an
+        // interrupted restore never looks like a usable disk.
+        let ss = disk.sector_size;
+        if !resume {
+            disk.file
+                .write_all_at(&mark, 0)
+                .and_then(|_| disk.file.write_all_at(&vec![0u8; ss as usize], ss))
+                .and_then(|_| {
+                    let last = (disk.size / ss).saturating_sub(1) * ss;
+                    if last > ss {
+                        disk.file.write_all_at(&vec![0u8; ss as usize], last)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|_| disk.file.sync_data())
+                .with_context(|| format!("cannot write to {}", disk.path.display()))?;
+        }
+        let guard = Progress::start("restore", self.total(), how.quiet);
+        let w = Writer {
+            src,
+            m,
+            disk,
+            fresh,
+            resume,
+            limit: disk.size,
+            progress: guard.handle(),
+            skipped: AtomicU64::new(0),
+        };
+        w.pass(l, AreaKind::Partition, how.zero_free, threads)?;
+        disk.flush()?;
+        w.pass(l, AreaKind::Boot, how.zero_free, threads)?;
+        drop(guard);
+        let layout = m.layout();
+        if !matches!(layout.table, Table::None) {
+            layout.write_table(&disk.file, disk.size).with_context(|| {
+                format!(
+                    "cannot write the partition table to {}",
+                    disk.path.display()
+                )
+            })?;
+        }
+        disk.flush()?;
+        disk.reread_partitions();
+        Ok(w.skipped.load(Ordering::Relaxed))
+    }
+}
+
 /// Create a missing image-file target at the source size; Ok(false) if it exists.
 fn prepare_target(path: &Path, size: u64) -> Result<bool> {
     if path.exists() {
@@ -548,8 +660,16 @@ fn prepare_target(path: &Path, size: u64) -> Result<bool> {
         .create_new(true)
         .open(path)
         .with_context(|| format!("cannot create image file {}", path.display()))?;
-    f.set_len(size)
-        .with_context(|| format!("cannot size image file {}", path.display()))?;
+    if let Err(e) = f.set_len(size) {
+        drop(f);
+        let _ = std::fs::remove_file(path);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot make image file {} {size} bytes long (nothing was written; it needs a filesystem that allows files this big)",
+                path.display()
+            )
+        });
+    }
     Ok(true)
 }
 
