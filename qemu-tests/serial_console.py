@@ -24,6 +24,12 @@ class Console:
         self.fail("cannot connect to " + sock_path)
 
     def fail(self, why):
+        # Power the guest off (best effort: a shell prompt takes it) so that the case ends now,
+        # not at its boot timeout.
+        try:
+            self.s.sendall(b"\x03\rpoweroff -f\r")
+        except OSError:
+            pass
         sys.exit(f"{self.who}: {why}")
 
     def _read(self):

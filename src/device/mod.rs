@@ -61,10 +61,9 @@ impl Disk {
                 anyhow::Error::new(e).context(format!("cannot open target {}", path.display()))
             }
         })?;
-        let direct = opts
-            .custom_flags(if block { libc::O_EXCL } else { 0 } | libc::O_DIRECT)
-            .open(path)
-            .ok();
+        // Not O_EXCL: the kernel refuses a second exclusive open even to the holder, and the
+        // claim taken above already keeps others off the disk.
+        let direct = opts.custom_flags(libc::O_DIRECT).open(path).ok();
         Self::from_file(path, file, direct)
     }
 
