@@ -412,7 +412,13 @@ pub fn read_toc(
             "file list {path} of snapshot {id} is damaged (checksum mismatch): choose another snapshot with --at"
         );
     }
-    crate::repo::toc::read_all(&bytes, &format!("file list of snapshot {id}"))
+    let what = format!(
+        "file list of snapshot {id} ({} filesystem{}, area {})",
+        t.fstype,
+        t.uuid.as_deref().map(|u| format!(" {u}")).unwrap_or_default(),
+        t.area
+    );
+    crate::repo::toc::read_all(&bytes, &what)
 }
 
 /// Load a snapshot's chunk index and check it against the manifest's hash.
