@@ -97,11 +97,14 @@ fn restore_at(tmp: &Tmp, repo: &str, at: &str) -> (PathBuf, MountRw) {
 
 /// lsattr's flag letters of one file or directory.
 fn lsattr(p: &Path) -> String {
-    sh(&format!("lsattr -d {}", shell_quote(&p.display().to_string())))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    sh(&format!(
+        "lsattr -d {}",
+        shell_quote(&p.display().to_string())
+    ))
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .to_string()
 }
 
 #[test]
@@ -156,7 +159,10 @@ fn immutable_and_append_only_files_survive_incrementals_and_restore_files() {
     let root = &r.0;
     assert!(!root.join("gone").exists());
     assert!(!root.join("frozen/old").exists());
-    assert_eq!(std::fs::read_to_string(root.join("frozen/new")).unwrap(), "new\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("frozen/new")).unwrap(),
+        "new\n"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("log")).unwrap(),
         "line 1\nline 2\n"
@@ -207,7 +213,10 @@ fn immutable_and_append_only_files_survive_incrementals_and_restore_files() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("inode flags") && err.contains("refused"), "{err}");
+    assert!(
+        err.contains("inode flags") && err.contains("refused"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(tmpfs.join("log")).unwrap(),
         "line 1\nline 2\n"
@@ -356,8 +365,14 @@ fn restore_files_restores_what_it_can_and_names_each_failure() {
         "{}",
         summary[0]
     );
-    assert_eq!(std::fs::read_to_string(to.join("a")).unwrap(), "content of a");
-    assert_eq!(std::fs::read_to_string(to.join("b")).unwrap(), "content of b");
+    assert_eq!(
+        std::fs::read_to_string(to.join("a")).unwrap(),
+        "content of a"
+    );
+    assert_eq!(
+        std::fs::read_to_string(to.join("b")).unwrap(),
+        "content of b"
+    );
     assert_eq!(
         std::fs::read_to_string(to.join("d/x")).unwrap(),
         "content of d/x"

@@ -211,12 +211,11 @@ const DIR_FLAGS: OFlag = OFlag::O_RDONLY
 /// The names in an open directory, sorted (the file list's order).
 fn names_of(dir: BorrowedFd<'_>, shown: &str) -> Result<Vec<OsString>> {
     // Through the fd's /proc link: a short path at any depth.
-    let mut names: Vec<OsString> =
-        std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
-            .with_context(|| format!("cannot list {shown}"))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<std::io::Result<_>>()
-            .with_context(|| format!("cannot list {shown}"))?;
+    let mut names: Vec<OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .with_context(|| format!("cannot list {shown}"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list {shown}"))?;
     names.sort();
     Ok(names)
 }
@@ -315,8 +314,10 @@ impl Walker<'_> {
             }
             let done = stack.pop().map(|f| f.rel).unwrap_or_default();
             if let Some(parent) = stack.last() {
-                let up = openat(cur.as_fd(), "..", DIR_FLAGS, Mode::empty())
-                    .with_context(|| format!("cannot open the directory above {}", self.shown(&done)))?;
+                let up =
+                    openat(cur.as_fd(), "..", DIR_FLAGS, Mode::empty()).with_context(|| {
+                        format!("cannot open the directory above {}", self.shown(&done))
+                    })?;
                 let st = fstat(up.as_fd())?;
                 if (st.st_dev, st.st_ino) != parent.id {
                     bail!(

@@ -153,7 +153,10 @@ pub fn letters(f: u32) -> String {
         (DAX, 'x'),
         (PROJINHERIT, 'P'),
     ];
-    L.iter().filter(|(b, _)| f & b != 0).map(|(_, c)| c).collect()
+    L.iter()
+        .filter(|(b, _)| f & b != 0)
+        .map(|(_, c)| c)
+        .collect()
 }
 
 #[cfg(test)]

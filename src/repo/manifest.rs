@@ -415,7 +415,10 @@ pub fn read_toc(
     let what = format!(
         "file list of snapshot {id} ({} filesystem{}, area {})",
         t.fstype,
-        t.uuid.as_deref().map(|u| format!(" {u}")).unwrap_or_default(),
+        t.uuid
+            .as_deref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default(),
         t.area
     );
     crate::repo::toc::read_all(&bytes, &what)

@@ -343,8 +343,20 @@ mod tests {
         let ms = vec![meta(b""), meta(b"a b/\xff\nname")];
         assert_eq!(read_all(&encode(&ms), "t").unwrap(), ms);
         // One hostile path or a second entry for a path costs only that entry.
-        for bad in [&b"/etc/passwd"[..], b"a/../../x", b"a//b", b"a/\0b", b"./a", b"a/"] {
-            assert!(check_path(bad).unwrap_err().to_string().contains("hostile path"));
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"a/../../x",
+            b"a//b",
+            b"a/\0b",
+            b"./a",
+            b"a/",
+        ] {
+            assert!(
+                check_path(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("hostile path")
+            );
             let list = [meta(b""), meta(b"a"), meta(bad), meta(b"a/ok")];
             let got: Vec<_> = read_all(&encode(&list), "t")
                 .unwrap()

@@ -102,14 +102,19 @@ impl Dirs {
                 Some(l) => l.fd.as_ref().context("directory chain")?,
                 None => &self.root,
             };
-            let fd = openat(parent.as_fd(), OsStr::from_bytes(c), DIR_FLAGS, Mode::empty())
-                .with_context(|| {
-                    let upto: Vec<u8> = comps[..=self.chain.len()].join(&b'/');
-                    format!(
-                        "cannot open directory {} without following links",
-                        elide_path(&upto)
-                    )
-                })?;
+            let fd = openat(
+                parent.as_fd(),
+                OsStr::from_bytes(c),
+                DIR_FLAGS,
+                Mode::empty(),
+            )
+            .with_context(|| {
+                let upto: Vec<u8> = comps[..=self.chain.len()].join(&b'/');
+                format!(
+                    "cannot open directory {} without following links",
+                    elide_path(&upto)
+                )
+            })?;
             let st = fstat(fd.as_fd())?;
             self.chain.push(Level {
                 name: c.to_vec(),
@@ -475,7 +480,9 @@ impl Applier<'_, '_> {
                         | OFlag::O_CLOEXEC,
                     mode,
                 )
-                .with_context(|| format!("cannot create {shown} (restore into an empty directory)"))?;
+                .with_context(|| {
+                    format!("cannot create {shown} (restore into an empty directory)")
+                })?;
                 // nocow and compression apply only to data written after them.
                 if d.flags & flags::BEFORE_DATA != 0 {
                     let _ = flags::update(fd.as_fd(), 0, d.flags & flags::BEFORE_DATA);
@@ -693,8 +700,7 @@ pub fn apply(
             continue;
         }
         let (parent, _) = split(&d.path);
-        if broken.contains(d.path.as_slice()) || (!d.path.is_empty() && broken.contains(parent))
-        {
+        if broken.contains(d.path.as_slice()) || (!d.path.is_empty() && broken.contains(parent)) {
             continue;
         }
         let before = have.get(d.path.as_slice()).filter(|t| keep(t));

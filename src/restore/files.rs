@@ -333,7 +333,7 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         crate::restore::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
     println!(
         "restored {} entries ({} files) from snapshot {} into {}; read {} bytes of chunks ({}) and {} of file list",
-        desired.len() as u64 - st.failed,
+        (desired.len() as u64).saturating_sub(st.failed),
         st.written,
         s.snapshot,
         o.to.display(),

@@ -12,45 +12,86 @@ pub fn elide_path(p: &[u8]) -> String {
     if p.is_empty() {
         return "\"/\"".into();
     }
-    let pieces: Vec<String> = escaped(p).collect();
-    let total: usize = pieces.iter().map(|x| x.chars().count()).sum();
-    if total <= MAX_SHOWN - 2 {
-        return format!("\"{}\"", pieces.concat());
+    if p.len() <= MAX_SHOWN - 2
+        && p.iter()
+            .all(|&b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        // The common case, without the work below.
+        return format!("\"{}\"", String::from_utf8_lossy(p));
     }
+    // A piece becomes at most 10 characters, and takes at least one byte: only this many bytes
+    // at either end can be shown.
+    let window = MAX_SHOWN * 4;
     let half = (MAX_SHOWN - 3) / 2;
-    fn take<'a>(it: impl Iterator<Item = &'a String>, half: usize) -> Vec<&'a str> {
-        let mut n = 0;
-        let mut kept = Vec::new();
-        for x in it {
-            n += x.chars().count();
-            if n > half {
-                break;
-            }
-            kept.push(x.as_str());
+    if p.len() <= 2 * window {
+        let (text, ends) = escaped(p);
+        if ends.len() <= MAX_SHOWN - 2 && text.chars().count() <= MAX_SHOWN - 2 {
+            return format!("\"{text}\"");
         }
-        kept
+        return format!(
+            "\"{}…{}\"",
+            head(&text, &ends, half),
+            tail(&text, &ends, half)
+        );
     }
-    let head = take(pieces.iter(), half).concat();
-    let mut tail = take(pieces.iter().rev(), half);
-    tail.reverse();
-    format!("\"{head}…{}\"", tail.concat())
+    let (ht, he) = escaped(&p[..window]);
+    let (tt, te) = escaped(&p[p.len() - window..]);
+    format!("\"{}…{}\"", head(&ht, &he, half), tail(&tt, &te, half))
 }
 
-/// The escaped form of `p`, one piece per character or escaped byte.
-fn escaped(p: &[u8]) -> impl Iterator<Item = String> + '_ {
-    p.utf8_chunks().flat_map(|c| {
-        let valid = c.valid().chars().map(|ch| match ch {
-            '"' => "\\\"".to_string(),
-            '\\' => "\\\\".to_string(),
-            '\n' => "\\n".to_string(),
-            '\t' => "\\t".to_string(),
-            '\r' => "\\r".to_string(),
-            c if c.is_control() => c.escape_unicode().to_string(),
-            c => c.to_string(),
-        });
-        let invalid = c.invalid().iter().map(|b| format!("\\x{b:02x}"));
-        valid.chain(invalid)
-    })
+/// The escaped form of `p`, and where each piece (a character or an escape) ends in it.
+fn escaped(p: &[u8]) -> (String, Vec<usize>) {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(p.len());
+    let mut ends = Vec::with_capacity(p.len());
+    for c in p.utf8_chunks() {
+        for ch in c.valid().chars() {
+            match ch {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => {
+                    let _ = write!(out, "{}", c.escape_unicode());
+                }
+                c => out.push(c),
+            }
+            ends.push(out.len());
+        }
+        for b in c.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+            ends.push(out.len());
+        }
+    }
+    (out, ends)
+}
+
+/// The longest run of whole pieces from the start of `text` within `max` characters.
+fn head<'a>(text: &'a str, ends: &[usize], max: usize) -> &'a str {
+    let (mut cut, mut n) = (0, 0);
+    for &e in ends {
+        n += text[cut..e].chars().count();
+        if n > max {
+            break;
+        }
+        cut = e;
+    }
+    &text[..cut]
+}
+
+/// The longest run of whole pieces at the end of `text` within `max` characters.
+fn tail<'a>(text: &'a str, ends: &[usize], max: usize) -> &'a str {
+    let (mut cut, mut n) = (text.len(), 0);
+    // A piece starts where the one before ends.
+    for &s in std::iter::once(&0).chain(ends.iter()).rev().skip(1) {
+        n += text[s..cut].chars().count();
+        if n > max {
+            break;
+        }
+        cut = s;
+    }
+    &text[cut..]
 }
 
 #[cfg(test)]
@@ -87,6 +128,9 @@ mod tests {
         // Escapes are never cut in half.
         let bin = vec![0xffu8; 1000];
         let s = elide_path(&bin);
-        assert!(s.trim_matches('"').split('…').all(|h| h.len() % 4 == 0), "{s}");
+        assert!(
+            s.trim_matches('"').split('…').all(|h| h.len() % 4 == 0),
+            "{s}"
+        );
     }
 }
