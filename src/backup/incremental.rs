@@ -6,10 +6,16 @@
 //! unchanged since the image keep pointing at the image's blocks.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
+use nix::sys::stat::{FileStat, Mode, fstat, fstatat};
 
 use anyhow::{Context, Result, bail};
 use serde_bytes::ByteBuf;
@@ -76,58 +82,64 @@ fn mount_of(mp: &Path) -> Result<MountOf> {
     })
 }
 
-fn kind_of(ft: &std::fs::FileType) -> FileKind {
-    if ft.is_dir() {
-        FileKind::Dir
-    } else if ft.is_symlink() {
-        FileKind::Symlink
-    } else if ft.is_char_device() {
-        FileKind::CharDev
-    } else if ft.is_block_device() {
-        FileKind::BlockDev
-    } else if ft.is_fifo() {
-        FileKind::Fifo
-    } else if ft.is_socket() {
-        FileKind::Socket
-    } else {
-        FileKind::File
+fn kind_of(mode: u32) -> FileKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileKind::Dir,
+        libc::S_IFLNK => FileKind::Symlink,
+        libc::S_IFCHR => FileKind::CharDev,
+        libc::S_IFBLK => FileKind::BlockDev,
+        libc::S_IFIFO => FileKind::Fifo,
+        libc::S_IFSOCK => FileKind::Socket,
+        _ => FileKind::File,
     }
 }
 
-fn meta_of(path: &Path, rel: &[u8], md: &std::fs::Metadata) -> Result<FileMeta> {
-    let kind = kind_of(&md.file_type());
+/// `name` in the directory `dir` as a path the xattr calls (the l* ones: never following the
+/// last component) and the btrfs ioctls take: short at any depth of the tree.
+fn proc_path(dir: BorrowedFd<'_>, name: &OsStr) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
+/// The file list entry of `name` in `dir` (`shown`: its path for messages).
+fn meta_of(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    rel: &[u8],
+    st: &FileStat,
+    flags: u32,
+    shown: &str,
+) -> Result<FileMeta> {
+    let kind = kind_of(st.st_mode);
     let symlink = if kind == FileKind::Symlink {
-        use std::os::unix::ffi::OsStrExt;
-        let t = std::fs::read_link(path)
-            .with_context(|| format!("cannot read link {}", path.display()))?;
-        Some(ByteBuf::from(t.as_os_str().as_bytes().to_vec()))
+        let t = readlinkat(dir, name).with_context(|| format!("cannot read link {shown}"))?;
+        Some(ByteBuf::from(t.as_bytes().to_vec()))
     } else {
         None
     };
     let mut xattrs = Vec::new();
-    // Symlinks: the l* calls; sockets and fifos too (no open needed).
-    if let Ok(names) = xattr::list(path) {
-        use std::os::unix::ffi::OsStrExt;
+    // The l* calls: symlinks' own xattrs; sockets and fifos need no open either.
+    let xpath = proc_path(dir, name);
+    if let Ok(names) = xattr::list(&xpath) {
         for n in names {
-            if let Ok(Some(v)) = xattr::get(path, &n) {
+            if let Ok(Some(v)) = xattr::get(&xpath, &n) {
                 xattrs.push((ByteBuf::from(n.as_bytes().to_vec()), ByteBuf::from(v)));
             }
         }
     }
     xattrs.sort();
-    let rdev = md.rdev();
+    let rdev = st.st_rdev;
     Ok(FileMeta {
         path: ByteBuf::from(rel.to_vec()),
         kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        size: md.size(),
-        mtime: (md.mtime(), md.mtime_nsec() as u32),
-        ctime: (md.ctime(), md.ctime_nsec() as u32),
-        atime: (md.atime(), md.atime_nsec() as u32),
-        inode: md.ino(),
-        nlink: md.nlink() as u32,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+        atime: (st.st_atime, st.st_atime_nsec as u32),
+        inode: st.st_ino,
+        nlink: st.st_nlink as u32,
         rdev: if matches!(kind, FileKind::CharDev | FileKind::BlockDev) {
             (libc::major(rdev), libc::minor(rdev))
         } else {
@@ -137,17 +149,18 @@ fn meta_of(path: &Path, rel: &[u8], md: &std::fs::Metadata) -> Result<FileMeta> 
         xattrs,
         data: Data::None,
         subvol: None,
+        flags,
     })
 }
 
 /// Store a file's content as chunks; all-zero pieces are holes (empty digest).
 fn store_file(
     repo: &dyn RepoWrite,
-    path: &Path,
+    mut f: File,
+    shown: &str,
     comp: &mut zstd::bulk::Compressor,
     stats: &mut Stats,
 ) -> Result<Data> {
-    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut chunks = Vec::new();
     let mut buf = vec![0u8; CHUNK_SIZE as usize];
     loop {
@@ -155,7 +168,7 @@ fn store_file(
         while n < buf.len() {
             let r = f
                 .read(&mut buf[n..])
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("cannot read {shown}"))?;
             if r == 0 {
                 break;
             }
@@ -192,6 +205,33 @@ fn store_file(
     Ok(Data::Chunks(chunks))
 }
 
+/// Directories are opened without following links, so a symlink swapped in for a directory
+/// while the walk runs can never lead it elsewhere.
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// The names in an open directory, sorted (the file list's order).
+fn names_of(dir: BorrowedFd<'_>, shown: &str) -> Result<Vec<OsString>> {
+    // Through the fd's /proc link: a short path at any depth.
+    let mut names: Vec<OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .with_context(|| format!("cannot list {shown}"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list {shown}"))?;
+    names.sort();
+    Ok(names)
+}
+
+/// A directory the walk is in: its entries still to visit and its identity (device, inode),
+/// checked when the walk climbs back to it through "..".
+struct Frame {
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<OsString>,
+    id: (u64, u64),
+}
+
 /// One filesystem of the image being walked: its previous file list, what the walks found,
 /// and which parts of it they covered.
 struct Walker<'a> {
@@ -210,6 +250,10 @@ struct Walker<'a> {
     stats: Stats,
     changed: u64,
     links: HashMap<u64, Data>,
+    /// The current walk's mount point, and the length of its directory's path in the file
+    /// list: for messages.
+    mp: Vec<u8>,
+    prefix_len: usize,
 }
 
 fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
@@ -228,63 +272,151 @@ fn under(path: &[u8], prefix: &[u8]) -> bool {
 }
 
 impl Walker<'_> {
-    fn visit(&mut self, path: &Path, rel: Vec<u8>, top: bool) -> Result<()> {
-        let md = std::fs::symlink_metadata(path)
-            .with_context(|| format!("cannot stat {}", path.display()))?;
+    /// `rel` (a path of the file list) as this walk's mount point and the path below it.
+    fn shown(&self, rel: &[u8]) -> String {
+        let mut p = self.mp.clone();
+        let below = rel.get(self.prefix_len..).unwrap_or(rel);
+        let below = below.strip_prefix(b"/").unwrap_or(below);
+        if !below.is_empty() {
+            p.push(b'/');
+            p.extend_from_slice(below);
+        }
+        crate::util::text::elide_path(&p)
+    }
+
+    /// Walk the tree at `top`, the directory `prefix` of the filesystem. One directory is open
+    /// at a time and the walk climbs back through "..", so a tree of any depth needs neither
+    /// more file descriptors nor paths longer than PATH_MAX, and each step costs the same.
+    fn walk(&mut self, top: &Path, prefix: Vec<u8>) -> Result<()> {
+        self.mp = top.as_os_str().as_bytes().to_vec();
+        self.prefix_len = prefix.len();
+        let tfd = nix::fcntl::open(top, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+            .with_context(|| format!("cannot open {}", top.display()))?;
+        let Some((mut cur, st)) = self.visit(tfd.as_fd(), OsStr::new("."), prefix.clone(), true)?
+        else {
+            return Ok(());
+        };
+        let names = names_of(cur.as_fd(), &self.shown(&prefix))?;
+        let mut stack = vec![Frame {
+            rel: prefix,
+            names: names.into_iter(),
+            id: (st.st_dev, st.st_ino),
+        }];
+        while let Some(f) = stack.last_mut() {
+            if let Some(n) = f.names.next() {
+                let rel = join(&f.rel, n.as_bytes());
+                if let Some((fd, st)) = self.visit(cur.as_fd(), &n, rel.clone(), false)? {
+                    let names = names_of(fd.as_fd(), &self.shown(&rel))?;
+                    stack.push(Frame {
+                        rel,
+                        names: names.into_iter(),
+                        id: (st.st_dev, st.st_ino),
+                    });
+                    cur = fd;
+                }
+                continue;
+            }
+            let done = stack.pop().map(|f| f.rel).unwrap_or_default();
+            if let Some(parent) = stack.last() {
+                let up =
+                    openat(cur.as_fd(), "..", DIR_FLAGS, Mode::empty()).with_context(|| {
+                        format!("cannot open the directory above {}", self.shown(&done))
+                    })?;
+                let st = fstat(up.as_fd())?;
+                if (st.st_dev, st.st_ino) != parent.id {
+                    bail!(
+                        "{} was moved while the backup read it: run the backup again",
+                        self.shown(&done)
+                    );
+                }
+                cur = up;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record `name` in `dir`; a directory to walk into comes back open, with its stat.
+    fn visit(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel: Vec<u8>,
+        top: bool,
+    ) -> Result<Option<(OwnedFd, FileStat)>> {
+        let shown = self.shown(&rel);
+        let mut st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .with_context(|| format!("cannot stat {shown}"))?;
+        let kind = kind_of(st.st_mode);
+        let is_dir = kind == FileKind::Dir;
         let placeholder =
-            self.subvols.is_some() && md.is_dir() && md.ino() == subvol::EMPTY_SUBVOL_DIR_INO;
-        if !top && md.is_dir() && (md.dev() != self.dev || placeholder) {
+            self.subvols.is_some() && is_dir && st.st_ino == subvol::EMPTY_SUBVOL_DIR_INO;
+        if !top && is_dir && (st.st_dev != self.dev || placeholder) {
             // Another mount, a btrfs subvolume of its own, or (in a snapshot) the stand-in of
             // one: what the previous list says of it and below it still holds.
             let m = match self.prev.get(&rel) {
                 Some(p) => p.clone(),
-                None if placeholder => return Ok(()),
-                None => meta_of(path, &rel, &md)?,
+                None if placeholder => return Ok(None),
+                None => meta_of(dir, name, &rel, &st, 0, &shown)?,
             };
             self.out.insert(rel.clone(), m);
             self.skipped.push(rel);
-            return Ok(());
+            return Ok(None);
         }
-        let mut m = meta_of(path, &rel, &md)?;
+        // Files and directories are opened once: for their flags, then their data or entries.
+        // Devices, fifos and sockets are not opened (that could act on a device).
+        let fd = match kind {
+            FileKind::File | FileKind::Dir => {
+                let mut fl = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                fl |= if is_dir {
+                    OFlag::O_DIRECTORY
+                } else {
+                    OFlag::O_NONBLOCK
+                };
+                let fd = openat(dir, name, fl, Mode::empty())
+                    .with_context(|| format!("cannot open {shown}"))?;
+                // What was opened is what gets recorded, should the file have been replaced.
+                st = fstat(fd.as_fd()).with_context(|| format!("cannot stat {shown}"))?;
+                Some(fd)
+            }
+            _ => None,
+        };
+        let flags = match &fd {
+            Some(fd) => crate::fs::flags::get(fd.as_fd())
+                .with_context(|| format!("cannot read the inode flags of {shown}"))?
+                .unwrap_or(0),
+            None => 0,
+        };
+        let mut m = meta_of(dir, name, &rel, &st, flags, &shown)?;
         if let Some(ids) = &mut self.subvols {
-            let id = ids.of(md.dev(), path)?;
-            m.inode = subvol::toc_inode(id, md.ino());
-            if md.is_dir() && md.ino() == subvol::SUBVOL_ROOT_INO {
+            let id = ids.of(st.st_dev, &proc_path(dir, name))?;
+            m.inode = subvol::toc_inode(id, st.st_ino);
+            if is_dir && st.st_ino == subvol::SUBVOL_ROOT_INO {
                 m.subvol = Some(id);
             }
         }
         let prev = self.prev.remove(&rel);
+        let mut fd = fd;
         if let Some(p) = prev.filter(|p| p.unchanged(&m)) {
-            // Metadata-only changes (chmod, chown, xattrs) move ctime too, so an unchanged
-            // ctime means the previous metadata still holds.
+            // Metadata-only changes (chmod, chown, xattrs, chattr) move ctime too, so an
+            // unchanged ctime means the previous metadata still holds.
             m.data = p.data;
         } else {
             self.changed += 1;
             if m.kind == FileKind::File {
                 m.data = match self.links.get(&m.inode).filter(|_| m.nlink > 1) {
                     Some(d) => d.clone(),
-                    None => store_file(self.repo, path, &mut self.comp, &mut self.stats)?,
+                    None => {
+                        let f = File::from(fd.take().context("file not open")?);
+                        store_file(self.repo, f, &shown, &mut self.comp, &mut self.stats)?
+                    }
                 };
             }
         }
         if m.kind == FileKind::File && m.nlink > 1 {
             self.links.entry(m.inode).or_insert_with(|| m.data.clone());
         }
-        let is_dir = m.kind == FileKind::Dir;
-        self.out.insert(rel.clone(), m);
-        if is_dir {
-            let mut names: Vec<_> = std::fs::read_dir(path)
-                .with_context(|| format!("cannot list {}", path.display()))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<std::io::Result<_>>()
-                .with_context(|| format!("cannot list {}", path.display()))?;
-            names.sort();
-            for n in names {
-                use std::os::unix::ffi::OsStrExt;
-                self.visit(&path.join(&n), join(&rel, n.as_bytes()), false)?;
-            }
-        }
-        Ok(())
+        self.out.insert(rel, m);
+        Ok(if is_dir { fd.map(|fd| (fd, st)) } else { None })
     }
 
     /// The new file list: what the walks found, plus the previous entries outside what they
@@ -321,8 +453,8 @@ impl Walker<'_> {
                 .map_or(&path[..0], |i| &path[..i]);
             if !self.out.contains_key(parent) {
                 bail!(
-                    "{:?} is in no directory of the image's file list: take a new image backup",
-                    String::from_utf8_lossy(path)
+                    "{} is in no directory of the image's file list: take a new image backup",
+                    crate::util::text::elide_path(path)
                 );
             }
         }
@@ -495,6 +627,8 @@ pub fn run(
             stats: Stats::default(),
             changed: 0,
             links: HashMap::new(),
+            mp: Vec::new(),
+            prefix_len: 0,
         };
         for c in &covers {
             let snap = if snapshot_btrfs {
@@ -509,7 +643,7 @@ pub fn run(
             if let (Some(s), Some(ids)) = (&snap, &mut w.subvols) {
                 ids.set(w.dev, s.source_id);
             }
-            w.visit(dir, c.prefix.clone(), true)?;
+            w.walk(dir, c.prefix.clone())?;
             // A directory walked explicitly is not skipped by the walk of its parent.
             w.skipped.retain(|s| s != &c.prefix);
         }

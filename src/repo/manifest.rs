@@ -517,14 +517,16 @@ pub fn read_toc(
             "file list {path} of snapshot {id} is damaged (checksum mismatch): choose another snapshot with --at"
         );
     }
-    crate::repo::toc::read_all(
-        &bytes,
-        &format!(
-            "file list {path} (snapshot {id}, {} filesystem of area {})",
-            t.fstype.chars().take(32).collect::<String>(),
-            t.area
-        ),
-    )
+    let what = format!(
+        "file list {path} of snapshot {id} ({} filesystem{}, area {})",
+        t.fstype.chars().take(32).collect::<String>(),
+        t.uuid
+            .as_deref()
+            .map(|u| format!(" {}", u.chars().take(64).collect::<String>()))
+            .unwrap_or_default(),
+        t.area
+    );
+    crate::repo::toc::read_all(&bytes, &what)
 }
 
 /// Load a snapshot's chunk index and check it against the manifest's hash.

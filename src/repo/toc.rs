@@ -89,6 +89,14 @@ pub struct FileMeta {
     /// btrfs: the root directory of a subvolume or snapshot carries its subvolume id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subvol: Option<u64>,
+    /// Inode flags as lsattr shows them (`fs::flags::SETTABLE` bits: immutable, append-only,
+    /// nodump, nocow...); absent in file lists of bmr before 0.2, which read as none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub flags: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl FileMeta {
@@ -99,6 +107,7 @@ impl FileMeta {
             && self.size == other.size
             && self.mtime == other.mtime
             && self.ctime == other.ctime
+            && self.flags == other.flags
     }
 
     pub fn chunk_digests(&self) -> impl Iterator<Item = Result<Digest>> + '_ {
@@ -181,29 +190,74 @@ impl From<crate::fs::read::Entry> for FileMeta {
             xattrs,
             data,
             subvol: e.subvol,
+            flags: e.flags & crate::fs::flags::SETTABLE,
         }
     }
 }
 
 /// Reject paths that could escape the restore directory or confuse it.
 pub fn check_path(p: &[u8]) -> Result<()> {
-    let shown = String::from_utf8_lossy(p);
-    if p.is_empty() {
-        return Ok(());
-    }
-    if p.starts_with(b"/") || p.contains(&0) {
+    if let Some(why) = hostile(p) {
         bail!(
-            "hostile path {shown:?} in a file list (absolute or NUL): the backup is damaged or forged"
+            "hostile path {} in a file list ({why}): the backup is damaged or forged",
+            crate::util::text::elide_path(p)
         );
     }
-    for c in p.split(|&b| b == b'/') {
-        if c.is_empty() || c == b"." || c == b".." {
-            bail!(
-                "hostile path {shown:?} in a file list (empty, . or .. component): the backup is damaged or forged"
-            );
+    Ok(())
+}
+
+/// Why `p` cannot be a path below the restore directory, if it cannot.
+fn hostile(p: &[u8]) -> Option<&'static str> {
+    if p.is_empty() {
+        None
+    } else if p.starts_with(b"/") || p.contains(&0) {
+        Some("absolute or NUL")
+    } else if p
+        .split(|&b| b == b'/')
+        .any(|c| c.is_empty() || c == b"." || c == b"..")
+    {
+        Some("empty, . or .. component")
+    } else {
+        None
+    }
+}
+
+/// Most warnings one file list prints about its entries; then a count of the rest.
+const MAX_WARNINGS: usize = 20;
+
+/// The entries of a decoded list that can be restored, with a warning on stderr for each left
+/// out: hostile paths (and so everything below a hostile directory, whose paths carry the same
+/// component) and second entries for a path (the first is kept). One forged name must not
+/// cost the rest of the backup.
+fn keep_valid(list: Vec<FileMeta>, what: &str) -> Vec<FileMeta> {
+    let mut w = crate::fs::read::Warnings::new(MAX_WARNINGS);
+    let mut keep = vec![true; list.len()];
+    {
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(list.len());
+        for (i, m) in list.iter().enumerate() {
+            let shown = || crate::util::text::elide_path(&m.path);
+            if let Some(why) = hostile(&m.path) {
+                w.push(format!(
+                    "{what}: left out hostile path {} ({why}): the backup is damaged or forged",
+                    shown()
+                ));
+                keep[i] = false;
+            } else if !seen.insert(m.path.as_slice()) {
+                w.push(format!(
+                    "{what}: lists {} twice: the first is kept (the backup is damaged or forged)",
+                    shown()
+                ));
+                keep[i] = false;
+            }
         }
     }
-    Ok(())
+    for m in w.finish("entries of it left out") {
+        eprintln!("warning: {m}");
+    }
+    let mut k = keep.into_iter();
+    list.into_iter()
+        .filter(|_| k.next().unwrap_or(false))
+        .collect()
 }
 
 pub struct TocWriter<W: Write> {
@@ -332,9 +386,10 @@ fn next_entry<R: Read>(
     Ok(true)
 }
 
-/// Decode a whole file list, checking every path (no absolute paths, `..`, NUL, duplicates)
-/// and every chunk digest. Memory stays within a multiple of the stored size
-/// ([`DECODE_RATIO`]): each entry is measured before it is decoded.
+/// Decode a whole file list. Entries with hostile paths (absolute, `..`, NUL) or a path seen
+/// before are left out with a warning (`keep_valid`); a chunk digest that is not one refuses
+/// the list. Memory stays within a multiple of the stored size ([`DECODE_RATIO`]): each entry
+/// is measured before it is decoded.
 pub fn read_all(bytes: &[u8], what: &str) -> Result<Vec<FileMeta>> {
     let mut dec = zstd::Decoder::new(bytes).with_context(|| format!("{what} is not readable"))?;
     // bmr writes file lists at level 3 (a 2 MiB window): refuse frames that want a huge one.
@@ -344,30 +399,22 @@ pub fn read_all(bytes: &[u8], what: &str) -> Result<Vec<FileMeta>> {
         .saturating_mul(DECODE_RATIO)
         .clamp(DECODE_FLOOR, DECODE_MAX);
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
     let mut raw = Vec::new();
     while next_entry(&mut dec, &mut raw, &mut budget, what)? {
         let m: FileMeta = ciborium::from_reader(&raw[..])
             .map_err(|e| anyhow::anyhow!("{what} is truncated or corrupt ({e})"))?;
-        check_path(&m.path)?;
         if let Data::Chunks(c) = &m.data
             && let Some((d, _)) = c.iter().find(|(d, _)| !d.is_empty() && d.len() != 32)
         {
             bail!(
-                "{what}: entry {:?} names a chunk digest of {} bytes (a digest has 32): the backup is damaged or forged; restore other files or another snapshot",
-                String::from_utf8_lossy(&m.path),
+                "{what}: entry {} names a chunk digest of {} bytes (a digest has 32): the backup is damaged or forged; restore other files or another snapshot",
+                crate::util::text::elide_path(&m.path),
                 d.len()
-            );
-        }
-        if !seen.insert(m.path.clone()) {
-            bail!(
-                "{what} lists {:?} twice: the backup is damaged or forged",
-                String::from_utf8_lossy(&m.path)
             );
         }
         out.push(m);
     }
-    Ok(out)
+    Ok(keep_valid(out, what))
 }
 
 #[cfg(test)]
@@ -392,6 +439,7 @@ mod tests {
             xattrs: vec![(ByteBuf::from(b"user.x".to_vec()), ByteBuf::from(vec![0xff]))],
             data: Data::Chunks(vec![(ByteBuf::from(vec![1; 32]), 3)]),
             subvol: None,
+            flags: 0,
         }
     }
 
@@ -407,16 +455,39 @@ mod tests {
     fn round_trip_and_hostile_paths() {
         let ms = vec![meta(b""), meta(b"a b/\xff\nname")];
         assert_eq!(read_all(&encode(&ms), "t").unwrap(), ms);
-        for bad in [&b"/etc/passwd"[..], b"a/../../x", b"a//b", b"a/\0b", b"./a"] {
-            let e = read_all(&encode(&[meta(bad)]), "t")
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("hostile path"), "{e}");
+        // One hostile path or a second entry for a path costs only that entry.
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"a/../../x",
+            b"a//b",
+            b"a/\0b",
+            b"./a",
+            b"a/",
+        ] {
+            assert!(
+                check_path(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("hostile path")
+            );
+            let list = [meta(b""), meta(b"a"), meta(bad), meta(b"a/ok")];
+            let got: Vec<_> = read_all(&encode(&list), "t")
+                .unwrap()
+                .into_iter()
+                .map(|m| m.path.into_vec())
+                .collect();
+            assert_eq!(got, [&b""[..], b"a", b"a/ok"], "{bad:?}");
         }
-        let e = read_all(&encode(&[meta(b"x"), meta(b"x")]), "t")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("twice"), "{e}");
+        let mut second = meta(b"x");
+        second.size = 99;
+        let got = read_all(&encode(&[meta(b"x"), second]), "t").unwrap();
+        assert_eq!(got, [meta(b"x")]);
+        // Flags survive; a list without them (older bmr) reads as none.
+        let mut f = meta(b"f");
+        f.flags = crate::fs::flags::IMMUTABLE;
+        assert_eq!(read_all(&encode(&[f.clone()]), "t").unwrap(), [f.clone()]);
+        assert!(!f.unchanged(&meta(b"f")));
+        assert!(meta(b"f").unchanged(&meta(b"f")));
         let full = encode(&ms);
         let plain = zstd::decode_all(&full[..]).unwrap();
         let cut = zstd::encode_all(&plain[..plain.len() - 5], 3).unwrap();

@@ -299,7 +299,11 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
     let wanted: Vec<Vec<u8>> = o.paths.iter().map(|p| norm(p)).collect();
     for (w, p) in wanted.iter().zip(&o.paths) {
         if !s.files.iter().any(|f| f.path.as_slice() == w.as_slice()) {
-            bail!("{p:?} is not in snapshot {}: see bmr ls", s.snapshot);
+            bail!(
+                "{} is not in snapshot {}: see bmr ls",
+                crate::util::text::elide_path(p.as_bytes()),
+                s.snapshot
+            );
         }
     }
     // The selected trees plus their parent directories (with their metadata).
@@ -329,7 +333,7 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         crate::restore::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
     println!(
         "restored {} entries ({} files) from snapshot {} into {}; read {} bytes of chunks ({}) and {} of file list",
-        desired.len(),
+        (desired.len() as u64).saturating_sub(st.failed),
         st.written,
         s.snapshot,
         o.to.display(),
@@ -337,5 +341,5 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         crate::util::progress::human_bytes(reader.fetched() + st.chunk_bytes),
         crate::util::progress::human_bytes(s.toc_bytes)
     );
-    Ok(())
+    st.check(desired.len(), &format!("snapshot {}", s.snapshot))
 }

@@ -562,6 +562,9 @@ impl<'r> RestorePlan<'r> {
         // The blocks are written: what follows mounts the restored filesystems.
         let mut disk = disk;
         disk.release_exclusive()?;
+        // An entry that cannot be applied is reported and the rest applied; the restore fails
+        // at the end, after the fix-ups.
+        let mut not_applied = Vec::new();
         if let Some(i) = &self.point.inc {
             for f in &self.apply {
                 let area = &m.areas[f.area as usize];
@@ -578,9 +581,18 @@ impl<'r> RestorePlan<'r> {
                     "applied incremental {} to the filesystem at offset {}: {} removed, {} written, {} updated",
                     i.id, area.start, st.removed, st.written, st.updated
                 );
+                if let Err(e) = st.check(
+                    f.desired.len(),
+                    &format!("incremental {} (filesystem at offset {})", i.id, area.start),
+                ) {
+                    not_applied.push(format!("{e:#}"));
+                }
             }
         }
         crate::fixup::run(m, &disk, &how.fixups)?;
+        if !not_applied.is_empty() {
+            bail!("{}", not_applied.join("; "));
+        }
         Ok(RestoreSummary {
             id: self.point.id().to_string(),
             written: total - skipped,

@@ -1,7 +1,9 @@
-//! Small helpers every layer may use: progress display, time formats, the worker pool.
+//! Small helpers every layer may use: progress display, time formats, the worker pool, paths
+//! shown in messages.
 
 pub mod pool;
 pub mod progress;
+pub mod text;
 pub mod timefmt;
 
 /// Whether this process runs inside the rescue system (the init script sets BMR_RESCUE=1):

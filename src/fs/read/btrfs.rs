@@ -72,6 +72,7 @@ struct InodeItem {
     atime: (i64, u32),
     ctime: (i64, u32),
     mtime: (i64, u32),
+    flags: u64,
 }
 
 #[derive(Clone)]
@@ -120,6 +121,7 @@ fn parse_inode(d: &[u8]) -> Result<InodeItem> {
         atime: time(d, 112),
         ctime: time(d, 124),
         mtime: time(d, 136),
+        flags: le64(d, 64),
     })
 }
 
@@ -338,6 +340,7 @@ impl Fs<'_> {
             encoded: Vec::new(),
             inline: None,
             subvol: None,
+            flags: crate::fs::flags::from_btrfs(it.flags),
         };
         match kind {
             Kind::CharDev | Kind::BlockDev => {
@@ -640,6 +643,7 @@ fn walk_subvol(
                             encoded: Vec::new(),
                             inline: None,
                             subvol: None,
+                            flags: 0,
                         });
                     }
                 }

@@ -394,6 +394,8 @@ impl Fs<'_> {
             encoded: Vec::new(),
             inline: None,
             subvol: None,
+            // ext4 keeps the FS_*_FL bits as they are.
+            flags: ino.flags & crate::fs::flags::SETTABLE,
         };
         for (k, v) in self.xattrs_raw(ino)? {
             if k != b"system.data" {

@@ -223,6 +223,7 @@ pub fn read_tree(dev: &dyn ReadAt) -> Result<Vec<Entry>> {
         encoded: Vec::new(),
         inline: None,
         subvol: None,
+        flags: 0,
     };
     let mut out = vec![dir_entry(Vec::new(), Kind::Dir, 1)];
     let mut seen = HashSet::new();

@@ -137,6 +137,8 @@ pub struct Entry {
     pub inline: Option<Vec<u8>>,
     /// btrfs: the root directory of a subvolume or snapshot carries its subvolume id.
     pub subvol: Option<u64>,
+    /// Inode flags as lsattr shows them (`fs::flags`, only the settable ones).
+    pub flags: u32,
 }
 
 /// The whole tree, parents before children. Warnings (parts left out) go to stderr.

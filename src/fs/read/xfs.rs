@@ -495,6 +495,7 @@ impl Fs<'_> {
             encoded: Vec::new(),
             inline: None,
             subvol: None,
+            flags: crate::fs::flags::from_xfs(be16(r, 90), ino.flags2),
         };
         match kind {
             Kind::CharDev | Kind::BlockDev => {
