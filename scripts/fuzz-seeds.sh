@@ -21,6 +21,8 @@ cleanup() {
 }
 trap cleanup EXIT
 mkdir -p "$mnt"
+# .complete marks a finished set (scripts/fuzz.sh and tests/fuzz_corpus.rs look for it).
+rm -f "$out/.complete"
 for t in manifest host_index chunk chunk_index toc layout ext fat xfs btrfs cmdline; do
     rm -rf "${out:?}/$t"
     mkdir -p "$out/$t"
@@ -181,3 +183,4 @@ for t in "$out"/*/; do
     printf '%-12s %3d seeds %8d bytes\n' "$(basename "$t")" "$(find "$t" -type f | wc -l)" \
         "$(find "$t" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')"
 done
+touch "$out/.complete"

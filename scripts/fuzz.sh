@@ -38,7 +38,7 @@ export PATH="$fuzz_root/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
 tdir=${BMR_FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-$root/target}/fuzz}
 
-if ! [ -d fuzz/seeds ]; then
+if ! [ -e fuzz/seeds/.complete ]; then
     cargo build --release --quiet
     scripts/fuzz-seeds.sh fuzz/seeds >/dev/null
 fi

@@ -50,8 +50,13 @@ unsafe impl GlobalAlloc for PerThread {
 static ALLOC: PerThread = PerThread;
 
 const LIMIT: usize = 256 << 20;
-/// Mutations per target (11 targets: a few thousand in all).
-const MUTATIONS: u32 = 300;
+/// Mutations per target (11 targets: a few thousand in all); BMR_FUZZ_MUTATIONS for more.
+fn mutations() -> u32 {
+    std::env::var("BMR_FUZZ_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+}
 
 /// xorshift64*: the same mutations on every run.
 struct Rng(u64);
@@ -111,22 +116,21 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The generated seeds: fuzz/seeds if scripts/fuzz.sh made them, else made once for this run.
+/// The generated seeds in fuzz/seeds (not committed): made once by scripts/fuzz-seeds.sh if
+/// scripts/fuzz.sh or an earlier run has not made them.
 fn seeds() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let have = root().join("fuzz/seeds");
-        if have.join("xfs").is_dir() {
-            return have;
+        let dir = root().join("fuzz/seeds");
+        if !dir.join(".complete").exists() {
+            common::sh(&format!(
+                "BMR={} {}/scripts/fuzz-seeds.sh {}",
+                env!("CARGO_BIN_EXE_bmr"),
+                root().display(),
+                dir.display()
+            ));
         }
-        let out = std::env::temp_dir().join(format!("bmr-fuzz-seeds-{}", std::process::id()));
-        common::sh(&format!(
-            "BMR={} {}/scripts/fuzz-seeds.sh {}",
-            env!("CARGO_BIN_EXE_bmr"),
-            root().display(),
-            out.display()
-        ));
-        out
+        dir
     })
     .clone()
 }
@@ -172,7 +176,8 @@ fn replay(target: &str) {
     }
     let mut rng = Rng(0x0bad_5eed ^ target.len() as u64 * 0x9e37_79b9);
     let keep = std::env::temp_dir().join(format!("bmr-fuzz-failed-{target}"));
-    for i in 0..MUTATIONS {
+    let rounds = mutations();
+    for i in 0..rounds {
         let base = &data[rng.below(data.len())];
         let m = mutate(&mut rng, base);
         let n = failures.len();
@@ -191,11 +196,11 @@ fn replay(target: &str) {
         failures.is_empty(),
         "{target}: {} of {} inputs failed:\n{}",
         failures.len(),
-        data.len() + MUTATIONS as usize,
+        data.len() + rounds as usize,
         failures.join("\n")
     );
     eprintln!(
-        "{target}: {} seeds, {MUTATIONS} mutations, no failure",
+        "{target}: {} seeds, {rounds} mutations, no failure",
         data.len()
     );
 }
