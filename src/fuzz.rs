@@ -15,8 +15,11 @@ use crate::repo::chunk::{Digest, check_stored, parse_chunk};
 use crate::repo::reader::{ChunkReader, Stored};
 use crate::repo::{RepoRead, chunkindex, manifest, toc};
 
+/// A fuzz target's entry point.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target, by name (the names of the binaries in fuzz/fuzz_targets/).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("host_index", host_index),
     ("chunk", chunk),

@@ -174,12 +174,15 @@ fn replay(target: &str) {
     for (p, d) in inputs.iter().zip(&data) {
         check(f, d, &p.display().to_string(), &mut failures);
     }
-    let mut rng = Rng(0x0bad_5eed ^ target.len() as u64 * 0x9e37_79b9);
+    let mut rng = Rng(0x0bad_5eed ^ (target.len() as u64 * 0x9e37_79b9));
     let keep = std::env::temp_dir().join(format!("bmr-fuzz-failed-{target}"));
+    let current = std::env::temp_dir().join(format!("bmr-fuzz-current-{target}"));
     let rounds = mutations();
     for i in 0..rounds {
         let base = &data[rng.below(data.len())];
         let m = mutate(&mut rng, base);
+        // An allocation the system refuses aborts the process: the input is kept here first.
+        std::fs::write(&current, &m).unwrap();
         let n = failures.len();
         check(f, &m, &format!("{target} mutation {i}"), &mut failures);
         if failures.len() > n {
@@ -192,6 +195,7 @@ fn replay(target: &str) {
                 .push_str(&format!(" (input saved as {p:?})"));
         }
     }
+    let _ = std::fs::remove_file(&current);
     assert!(
         failures.is_empty(),
         "{target}: {} of {} inputs failed:\n{}",
