@@ -6,6 +6,7 @@ pub mod cli;
 pub mod device;
 pub mod fixup;
 pub mod fs;
+pub mod fuzz;
 pub mod manage;
 pub mod repo;
 pub mod rescue;

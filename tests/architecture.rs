@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["backup", "restore"],
     &["manage"],
     &["rescue"],
-    &["cli"],
+    &["cli", "fuzz"],
 ];
 
 fn layer(top: &str) -> usize {

@@ -161,6 +161,10 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     if ro & RO_BIGALLOC != 0 && clusters_per_group * cluster_ratio != blocks_per_group {
         return Err(what("inconsistent bigalloc cluster counts"));
     }
+    // mke2fs's own lower bound: a damaged superblock's group count stays within its size.
+    if blocks_per_group < 256 {
+        return Err(what("fewer than 256 blocks per group (superblock damaged)"));
+    }
     if blocks_per_group / cluster_ratio > block_size * 8 {
         return Err(what("more blocks per group than a bitmap block holds"));
     }

@@ -525,6 +525,10 @@ pub fn read_tree_warn(dev: &dyn ReadAt, warnings: &mut Vec<String>) -> Result<Ve
         bail!("not an ext filesystem");
     }
     let sb = parse_sb(&sbuf, u64::MAX, 0)?;
+    // A reader knows no partition size: the filesystem's last byte must be readable, or the
+    // group table below is as large as a damaged superblock says.
+    dev.read_at(&mut [0u8; 1], sb.blocks_count * sb.block_size - 1)
+        .context("the ext superblock gives a size beyond the end of its device (damaged)")?;
     let fs0 = Fs {
         dev,
         sb,

@@ -1,0 +1,2 @@
+#![no_main]
+bmr_fuzz::target!(bmr::fuzz::btrfs);
