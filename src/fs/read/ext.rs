@@ -484,9 +484,24 @@ impl Fs<'_> {
                 parse(&data[60..])?;
             }
         } else {
-            let data = self.content(ino, 1 << 30)?;
-            for block in data.chunks(self.sb.block_size as usize) {
-                parse(block)?;
+            // Block by block (entries never span blocks), so memory follows what the blocks
+            // hold, not what the inode claims; a block mapped twice is damage, not more names.
+            let bs = self.sb.block_size;
+            let mut seen = std::collections::HashSet::new();
+            for (l, p, n) in self.runs(ino)? {
+                for k in 0..n {
+                    if (l + k).saturating_mul(bs) >= ino.size {
+                        break;
+                    }
+                    if !seen.insert(p + k) {
+                        bail!(
+                            "directory inode {}: block {} is mapped twice (damaged)",
+                            ino.ino,
+                            p + k
+                        );
+                    }
+                    parse(&self.block(p + k)?)?;
+                }
             }
         }
         Ok(out)
