@@ -44,7 +44,11 @@ impl RepoRead for OneFile<'_> {
     fn location(&self) -> String {
         "fuzz".into()
     }
-    fn read_file(&self, _: &str) -> Result<Option<Vec<u8>>> {
+    fn read_file(&self, rel: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        // The caps the real backends apply, so the fuzzer sees what a repository serves.
+        if self.0.len() as u64 > max {
+            anyhow::bail!("{rel} is over {max} bytes");
+        }
         Ok(Some(self.0.to_vec()))
     }
     fn read_chunk_into(&self, _: &Digest, buf: &mut Vec<u8>) -> Result<()> {
