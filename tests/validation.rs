@@ -171,23 +171,6 @@ fn edit_index(f: &Fixture, keep: &str, count: bool) {
     ));
 }
 
-/// Peak RSS in KiB of a bmr run, from /usr/bin/time.
-fn peak_rss_kib(args: &[&str]) -> u64 {
-    let out = std::process::Command::new("/usr/bin/time")
-        .arg("-f")
-        .arg("RSS %M")
-        .arg(env!("CARGO_BIN_EXE_bmr"))
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    err.lines()
-        .filter_map(|l| l.strip_prefix("RSS "))
-        .next_back()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no RSS in {err}"))
-}
-
 #[test]
 fn damaged_partition_tables_are_refused_before_anything_is_written() {
     let f = fixture("val-table");
@@ -319,7 +302,7 @@ fn a_chunk_index_that_does_not_match_its_manifest_is_refused() {
         f.refused(&target, &[], want);
         f.refused(&missing, &[], want);
         let t = target.display().to_string();
-        let rss = peak_rss_kib(&f.restore_args(&t, &[]));
+        let (_, rss) = bmr_measured(&[], &f.restore_args(&t, &[]));
         println!("{keep}: peak RSS {rss} KiB");
         assert!(rss < 256 * 1024, "{keep}: peak RSS {rss} KiB");
         std::fs::write(&manifest, &good_m).unwrap();

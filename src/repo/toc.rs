@@ -284,9 +284,10 @@ impl<W: Write> TocWriter<W> {
     }
 }
 
-/// Largest string or byte string in an entry: an xattr value (XATTR_SIZE_MAX); paths
-/// (PATH_MAX 4096), names (255) and symlink targets are far shorter.
-pub const MAX_STRING: usize = 64 << 10;
+/// Largest string or byte string in an entry. An xattr value is at most 64 KiB
+/// (XATTR_SIZE_MAX) and a name 255 bytes, but a path has no limit (trees deeper than PATH_MAX
+/// exist): 1 MiB is a 500,000-level path, and the budget below still bounds the whole list.
+pub const MAX_STRING: usize = 1 << 20;
 /// What decoding a file list may cost in memory: this many times its stored (compressed)
 /// size, at least [`DECODE_FLOOR`], at most [`DECODE_MAX`]. A real file list compresses a few
 /// ten times (chunk digests and disk offsets do not compress at all); a zstd bomb compresses

@@ -131,19 +131,15 @@ const XATTR_SIZE_MAX: usize = 65536;
 /// Check one entry of a file list the restore applies for what would stop it half-way:
 /// names, paths, symlink targets and xattrs the kernel refuses, chunk lists it cannot read.
 fn check_entry(f: &FileMeta, inc: &str) -> Result<()> {
-    let shown = String::from_utf8_lossy(&f.path);
+    let shown = crate::util::text::elide_path(&f.path);
     let bad = |what: String| {
         anyhow::anyhow!(
-            "file list of snapshot {inc}: {shown:?} {what}: the backup is damaged or forged, nothing was written; restore another snapshot with --at, or single files with bmr restore-files"
+            "file list of snapshot {inc}: {shown} {what}: the backup is damaged or forged, nothing was written; restore another snapshot with --at, or single files with bmr restore-files"
         )
     };
     crate::repo::toc::check_path(&f.path)?;
-    if f.path.len() > PATH_MAX {
-        return Err(bad(format!(
-            "has a path of {} bytes (at most {PATH_MAX})",
-            f.path.len()
-        )));
-    }
+    // No limit on the whole path: trees deeper than PATH_MAX are legal, and the apply works
+    // relative to open directories.
     if let Some(n) = f.path.split(|&b| b == b'/').find(|c| c.len() > NAME_MAX) {
         return Err(bad(format!(
             "has a name of {} bytes (at most {NAME_MAX})",

@@ -666,3 +666,31 @@ pub fn names(s: &BTreeMap<Vec<u8>, String>) -> Vec<String> {
         .map(|k| String::from_utf8_lossy(k).into_owned())
         .collect()
 }
+
+/// Run bmr under /usr/bin/time (with extra environment); (output, peak RSS in KiB).
+pub fn bmr_measured(env: &[(&str, &str)], args: &[&str]) -> (Output, u64) {
+    let rss = std::env::temp_dir().join(format!(
+        "bmr-rss-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let out = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&rss)
+        // A guard, not a timing assertion: a reader that hangs fails the test instead.
+        .args(["timeout", "300", env!("CARGO_BIN_EXE_bmr")])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("/usr/bin/time (package time)");
+    let text = std::fs::read_to_string(&rss).unwrap_or_default();
+    let _ = std::fs::remove_file(&rss);
+    let kib = text
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no RSS from /usr/bin/time: {text:?}"));
+    (out, kib)
+}
