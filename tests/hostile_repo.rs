@@ -102,7 +102,10 @@ fn chunk_bombs_are_refused_in_bounded_memory() {
         );
         // The entry's own line names the damage; the last line sums up.
         let e = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && kib <= MAX_RSS_KIB, "{kib} KiB: {e}");
+        assert!(
+            !out.status.success() && kib <= MAX_RSS_KIB,
+            "{kib} KiB: {e}"
+        );
         assert!(e.contains("content does not match its name"), "{e}");
         // Last: verify sets the damaged chunks aside.
         let (out, kib) = bmr_measured(&[], &["verify", "--repo", &repo, "-q"]);
@@ -253,7 +256,10 @@ fn slow_link_finishes_and_a_stalled_server_is_named() {
     );
     // restore-files names the entry the stall cost, then fails with the summary line.
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && kib <= MAX_RSS_KIB, "{kib} KiB: {e}");
+    assert!(
+        !out.status.success() && kib <= MAX_RSS_KIB,
+        "{kib} KiB: {e}"
+    );
     assert!(e.contains(&format!("no data from {server} for 1 s")), "{e}");
 }
 
