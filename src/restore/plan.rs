@@ -614,19 +614,18 @@ impl RestorePlan<'_> {
         // interrupted restore never looks like a usable disk.
         let ss = disk.sector_size;
         if !resume {
-            disk.file
-                .write_all_at(&mark, 0)
-                .and_then(|_| disk.file.write_all_at(&vec![0u8; ss as usize], ss))
-                .and_then(|_| {
-                    let last = (disk.size / ss).saturating_sub(1) * ss;
-                    if last > ss {
-                        disk.file.write_all_at(&vec![0u8; ss as usize], last)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|_| disk.file.sync_data())
-                .with_context(|| format!("cannot write to {}", disk.path.display()))?;
+            let zero = vec![0u8; ss as usize];
+            let last = (disk.size / ss).saturating_sub(1) * ss;
+            let mut writes = vec![(&mark[..], 0), (&zero[..], ss)];
+            if last > ss {
+                writes.push((&zero[..], last));
+            }
+            for (data, at) in writes {
+                disk.file
+                    .write_all_at(data, at)
+                    .map_err(|e| disk.io_error("write", at, ss, e))?;
+            }
+            disk.flush()?;
         }
         let guard = Progress::start("restore", self.total(), how.quiet);
         let w = Writer {
