@@ -10,15 +10,7 @@ use std::path::{Path, PathBuf};
 const P1: u64 = MIB;
 const P1_LEN: u64 = 96 * MIB;
 
-/// A mount of the test disk's ext4 partition (or of a scratch filesystem), undone on drop.
-struct MountRw(PathBuf);
-impl Drop for MountRw {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn mount_part(tmp: &Tmp, disk: &Path, name: &str) -> MountRw {
+fn mount_part(tmp: &Tmp, disk: &Path, name: &str) -> Mount {
     let at = tmp.path(name);
     std::fs::create_dir_all(&at).unwrap();
     sh(&format!(
@@ -26,11 +18,11 @@ fn mount_part(tmp: &Tmp, disk: &Path, name: &str) -> MountRw {
         disk.display(),
         at.display()
     ));
-    MountRw(at)
+    Mount(at)
 }
 
 /// A fresh ext4 filesystem mounted at `name`: a destination for restore-files with flags.
-fn scratch_ext4(tmp: &Tmp, name: &str) -> MountRw {
+fn scratch_ext4(tmp: &Tmp, name: &str) -> Mount {
     let img = tmp.path(&format!("{name}.img"));
     sh(&format!(
         "truncate -s 64M {i} && mke2fs -q -t ext4 {i}",
@@ -39,7 +31,7 @@ fn scratch_ext4(tmp: &Tmp, name: &str) -> MountRw {
     let at = tmp.path(name);
     std::fs::create_dir_all(&at).unwrap();
     sh(&format!("mount -o loop {} {}", img.display(), at.display()));
-    MountRw(at)
+    Mount(at)
 }
 
 fn backup(repo: &str, disk: &Path) {
@@ -72,7 +64,7 @@ fn incremental(repo: &str, mnt: &Path) -> String {
 }
 
 /// `bmr restore --at` onto a new disk image; its ext4 partition checked and mounted.
-fn restore_at(tmp: &Tmp, repo: &str, at: &str) -> (PathBuf, MountRw) {
+fn restore_at(tmp: &Tmp, repo: &str, at: &str) -> (PathBuf, Mount) {
     let t = tmp.path(&format!("restore-{at}.img"));
     bmr_ok(&[
         "restore",
@@ -199,7 +191,7 @@ fn immutable_and_append_only_files_survive_incrementals_and_restore_files() {
     let tmpfs = tmp.path("ramfs");
     std::fs::create_dir_all(&tmpfs).unwrap();
     sh(&format!("mount -t ramfs none {}", tmpfs.display()));
-    let _t = MountRw(tmpfs.clone());
+    let _t = Mount(tmpfs.clone());
     let out = bmr(&[
         "restore-files",
         "--repo",

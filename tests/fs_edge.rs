@@ -25,14 +25,6 @@ fn getfattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     xattr::get(p, name).unwrap()
 }
 
-/// Unmounts on drop.
-struct Mounted(std::path::PathBuf);
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 const P1: u64 = MIB;
 const P1_LEN: u64 = 96 * MIB;
 
@@ -79,7 +71,7 @@ fn ea_inode_xattrs_survive_restore_files_and_incrementals() {
         scratch.display(),
         targets.display()
     ));
-    let _unmount = Mounted(targets.clone());
+    let _unmount = Mount(targets.clone());
     let restore_files = |to: &str| {
         let to = targets.join(to);
         bmr_ok(&[
