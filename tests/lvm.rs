@@ -133,7 +133,9 @@ fn lvm_physical_volume_round_trip() {
     // The plan names the LVs of the PV.
     assert!(
         out.contains(&format!("LVM PV with {vg}/data (ext4 "))
-            && out.contains(&format!("{vg}/raw (no filesystem bmr maps, 3.0 MiB)")),
+            && out.contains(&format!(
+                "{vg}/raw (no filesystem bmr maps, stored whole, 3.0 MiB)"
+            )),
         "{out}"
     );
     // The PV label and metadata, the raw LV exactly, the ext4 LV by its used blocks and files.
@@ -206,4 +208,249 @@ fn lvm_refusals() {
     // Nothing was stored.
     let (_, snaps) = sh_status(&format!("ls {repo}/hosts/h1/snapshots/ 2>&1"));
     assert!(!snaps.contains(".json"), "{snaps}");
+}
+
+/// An Ubuntu-like disk imaged offline (no --snapshot; bmr makes the loop device lvm needs):
+/// `/boot` on a partition, the root and swap in logical volumes. The root LV gets a file list
+/// like any partition: `ls` shows it by default (it holds /etc/fstab), `--part VG/LV` names it,
+/// single files come back from it, an incremental of it mounted (here by a loop device at its
+/// extents) is recorded with its deletions, and `restore --at` applies that incremental inside
+/// the restored LV. Swap stores only its header. The boot check finds every fstab device on the
+/// restored disk, and fails a restore whose fstab names a filesystem the disk does not have.
+#[test]
+fn files_inside_logical_volumes() {
+    let _turn = LVM_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = Tmp::new("lvm-files");
+    let vg = format!("bmrf{}", std::process::id());
+    let boot_uuid = "0b0b0b0b-1111-4222-8333-444444444444";
+    let swap_uuid = "5a5a5a5a-1111-4222-8333-444444444444";
+    let root = tmp.path("root");
+    populate(&root, 3);
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let fstab = format!(
+        "/dev/mapper/{vg}-root / ext4 errors=remount-ro 0 1\n\
+         UUID={boot_uuid} /boot ext4 defaults 0 2\n\
+         /dev/mapper/{vg}-swap none swap sw 0 0\n"
+    );
+    std::fs::write(root.join("etc/fstab"), &fstab).unwrap();
+    let boot = tmp.path("boot");
+    populate(&boot, 4);
+
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "head -c {} /dev/urandom > {d} && sgdisk -o -n 1:0:+8M -t 1:8300 -n 2:0:0 -t 2:8e00 {d} >/dev/null",
+        96 * MIB,
+        d = disk.display()
+    ));
+    let (_, parts) = sfdisk_parts(&disk);
+    let (_, boot_start, _) = parts[0];
+    let (_, pv_start, pv_len) = parts[1];
+    let pv = Loop::new(&disk, pv_start, pv_len, false);
+    lvm(&format!("pvcreate -ff -y {}", pv.0));
+    lvm(&format!("vgcreate -s 1M {vg} {}", pv.0));
+    add_lvs(&tmp, &vg, &[("root", 1, 40), ("swap", 45, 8)]);
+    let pe = pe_start(&pv.0);
+    drop(pv);
+    let root_off = pv_start + pe + MIB;
+    let swap_off = pv_start + pe + 45 * MIB;
+    let img = tmp.path("root.img");
+    make_ext(&img, 40, "ext4", "", &root);
+    place(&disk, &img, root_off);
+    make_ext(&img, 8, "ext4", &format!("-U {boot_uuid}"), &boot);
+    place(&disk, &img, boot_start);
+    sh(&format!(
+        "head -c {} /dev/urandom > {i} && mkswap -q -U {swap_uuid} -L swp {i} && \
+         dd if={i} of={d} bs=1M seek={swap_off} oflag=seek_bytes conv=notrunc status=none",
+        8 * MIB,
+        i = img.display(),
+        d = disk.display()
+    ));
+
+    let repo = tmp.s("repo");
+    let d = disk.display().to_string();
+    bmr_ok(&["backup", "--repo", &repo, "--host", "u1", &d]);
+    let m: serde_json::Value =
+        serde_json::from_str(&sh(&format!("cat {repo}/hosts/u1/snapshots/*.json"))).unwrap();
+    assert_eq!(m["consistency"], "offline");
+    let area = m["areas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["partition"] == 2)
+        .unwrap()
+        .clone();
+    let vols = area["volumes"].as_array().expect("the LVs are mapped");
+    assert_eq!(vols[0]["fs"]["fstype"], "ext4", "{area:#}");
+    assert_eq!(vols[1]["fs"]["fstype"], "swap", "{area:#}");
+    assert_eq!(vols[1]["fs"]["uuid"], swap_uuid, "{area:#}");
+    // Label and metadata (1 MiB), the root's used blocks, one page of swap: not the free
+    // extents, nor the swap's 8 MiB.
+    let used = area["used_bytes"].as_u64().unwrap();
+    assert!(used < 2 * MIB + 40 * MIB, "{used} bytes stored for the PV");
+    let tocs = m["tocs"].as_array().unwrap();
+    let lv_toc = tocs
+        .iter()
+        .find(|t| t["volume"] == format!("{vg}/root"))
+        .expect("a file list for the root LV");
+    assert_eq!(lv_toc["system"], true, "{lv_toc:#}");
+
+    // ls: the root by default (with the choice on stderr), partitions and LVs by --part.
+    let out = bmr(&["ls", "--repo", &repo, "--host", "u1", "/"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("\"etc\"") && stdout.contains("\"big.bin\""),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("{vg}/root (ext4, the root: it holds /etc/fstab)"))
+            && stderr.contains("--part 1 (ext4)"),
+        "{stderr}"
+    );
+    let etc = bmr_ok(&[
+        "ls",
+        "--repo",
+        &repo,
+        "--host",
+        "u1",
+        "--part",
+        &format!("{vg}/root"),
+        "/etc",
+    ]);
+    assert!(etc.contains("\"fstab\""), "{etc}");
+    let b = bmr_ok(&[
+        "ls", "--repo", &repo, "--host", "u1", "--part", "1", "/other",
+    ]);
+    assert!(b.contains("\"hello.txt\""), "{b}");
+    let e = bmr_fails(&[
+        "ls",
+        "--repo",
+        &repo,
+        "--host",
+        "u1",
+        "--part",
+        &format!("{vg}/swap"),
+    ]);
+    assert!(
+        e.contains("no file list for logical volume") && e.contains(&format!("--part {vg}/root")),
+        "{e}"
+    );
+
+    let out_dir = tmp.path("out");
+    bmr_ok(&[
+        "restore-files",
+        "--repo",
+        &repo,
+        "--host",
+        "u1",
+        "--part",
+        &format!("{vg}/root"),
+        "--to",
+        &out_dir.display().to_string(),
+        "etc/fstab",
+        "sub",
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("etc/fstab")).unwrap(),
+        fstab
+    );
+    {
+        // Against the filesystem as mke2fs made it (its small inodes keep whole seconds).
+        let src = Mount::ext(&disk, root_off, 40 * MIB, &tmp.path("src-mnt"));
+        assert_eq!(state(&out_dir.join("sub")), state(&src.0.join("sub")));
+    }
+
+    // Tuesday: the root LV mounted (a loop device at its extents) and changed.
+    let mnt = tmp.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    sh(&format!(
+        "mount -o loop,offset={root_off},sizelimit={} {d} {}",
+        40 * MIB,
+        mnt.display()
+    ));
+    sh(&format!(
+        "cd {m} && rm -r sub/deeper && echo Tuesday > other/hello.txt && echo new > added",
+        m = mnt.display()
+    ));
+    let inc = bmr(&[
+        "backup",
+        "--incremental",
+        "--repo",
+        &repo,
+        "--host",
+        "u1",
+        &mnt.display().to_string(),
+    ]);
+    let expected = state(&mnt);
+    sh(&format!("umount {}", mnt.display()));
+    assert!(
+        inc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inc.stderr)
+    );
+    let inc_out = String::from_utf8_lossy(&inc.stdout);
+    assert!(inc_out.contains("deleted"), "{inc_out}");
+
+    let target = tmp.path("target.img");
+    let t = target.display().to_string();
+    let out = bmr_ok(&[
+        "restore", "--repo", &repo, "--host", "u1", "--target", &t, "--yes",
+    ]);
+    assert!(
+        out.contains(&format!("{vg}/root (ext4 "))
+            && out.contains("file list")
+            && out.contains(&format!("{vg}/swap (swap \"swp\" {swap_uuid}, header only")),
+        "{out}"
+    );
+    assert!(
+        out.contains("applied incremental ")
+            && out.contains(&format!("to logical volume {vg}/root: ")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "fix-up boot check: {vg}/root /etc/fstab: every filesystem it mounts is on the restored disk"
+        )),
+        "{out}"
+    );
+    {
+        let lv = Loop::new(&target, root_off, 40 * MIB, true);
+        sh(&format!("e2fsck -fn {} >/dev/null", lv.0));
+    }
+    let back = tmp.path("back");
+    {
+        let _m = Mount::ext(&target, root_off, 40 * MIB, &back);
+        assert_eq!(state(&back), expected);
+    }
+    assert_eq!(
+        read_range(&target, swap_off, 4096),
+        read_range(&disk, swap_off, 4096)
+    );
+    let (ok, blk) = sh_status(&format!(
+        "losetup -f --show -r -o {swap_off} --sizelimit {} {t} | tee /dev/stderr | xargs -I{{}} sh -c 'blkid -o value -s UUID {{}}; losetup -d {{}}'",
+        8 * MIB
+    ));
+    assert!(ok && blk.contains(swap_uuid), "{blk}");
+
+    // An fstab naming a filesystem the disk does not hold: the restore says it would not boot.
+    let broken =
+        format!("{fstab}UUID=77777777-1111-4222-8333-444444444444 /srv ext4 defaults 0 2\n");
+    std::fs::write(root.join("etc/fstab"), &broken).unwrap();
+    make_ext(&img, 40, "ext4", "", &root);
+    place(&disk, &img, root_off);
+    bmr_ok(&["backup", "--repo", &repo, "--host", "u2", &d]);
+    let t2 = tmp.s("target2.img");
+    let e = bmr_fails(&[
+        "restore", "--repo", &repo, "--host", "u2", "--target", &t2, "--yes",
+    ]);
+    assert!(
+        e.contains("would not boot")
+            && e.contains(&format!(
+                "{vg}/root /etc/fstab mounts UUID=77777777-1111-4222-8333-444444444444 for /srv"
+            )),
+        "{e}"
+    );
 }

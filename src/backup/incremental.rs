@@ -23,7 +23,7 @@ use serde_bytes::ByteBuf;
 use super::subvol::{self, Snapshot, SubvolIds};
 use crate::device::safety::mount_field;
 use crate::repo::manifest::{
-    IncFs, IncManifest, Kind, MANIFEST_FORMAT, MANIFEST_VERSION, Stats, TocRef,
+    FsKey, IncFs, IncManifest, Kind, MANIFEST_FORMAT, MANIFEST_VERSION, Stats, TocRef,
 };
 use crate::repo::snapshot::SnapshotWriter;
 use crate::repo::toc::{Data, FileKind, FileMeta, TocWriter};
@@ -520,7 +520,7 @@ pub fn run(
     };
     // Which filesystem of the image each mount point holds, before anything is stored.
     // Mount points of one filesystem (btrfs subvolumes) share its file list.
-    let mut areas: BTreeMap<u32, Vec<Cover>> = BTreeMap::new();
+    let mut areas: BTreeMap<FsKey, Vec<Cover>> = BTreeMap::new();
     for mp in mountpoints {
         let mp =
             std::fs::canonicalize(mp).with_context(|| format!("cannot find {}", mp.display()))?;
@@ -553,7 +553,7 @@ pub fn run(
                 mnt.fstype
             );
         }
-        let covers = areas.entry(base_toc.area).or_default();
+        let covers = areas.entry(base_toc.key()).or_default();
         if covers.iter().any(|c| c.prefix == mnt.root) {
             bail!(
                 "{} is the same directory of filesystem {uuid} as another mount point named: name it once",
@@ -575,7 +575,7 @@ pub fn run(
         if let Some(f) = newest
             .filesystems
             .iter()
-            .find(|f| !areas.contains_key(&f.toc.area))
+            .find(|f| !areas.contains_key(&f.toc.key()))
         {
             bail!(
                 "incremental {latest} also covered {}: name it too (a restore to this point would lose its changes), or take a new image backup",
@@ -599,14 +599,23 @@ pub fn run(
     let mut filesystems = Vec::new();
     let mut stats = Stats::default();
     let (mut changed, mut deleted, mut files) = (0, 0, 0);
-    for (area, mut covers) in areas {
+    for (key, mut covers) in areas {
         let base_toc = base
             .tocs
             .iter()
-            .find(|t| t.area == area)
+            .find(|t| t.key() == key)
             .context("image file list vanished")?;
+        let area = key.0;
+        let volume = match &key.1 {
+            Some(v) => Some(
+                base.volume(area, v)
+                    .with_context(|| format!("image {} has no logical volume {v}", base.id))?
+                    .0,
+            ),
+            None => None,
+        };
         let prev: HashMap<Vec<u8>, FileMeta> =
-            match parent_tocs.iter().find(|(t, _)| t.area == area) {
+            match parent_tocs.iter().find(|(t, _)| t.key() == key) {
                 Some((t, sid)) => crate::repo::manifest::read_toc(repo, host, sid, t)?
                     .into_iter()
                     .map(|m| (m.path.to_vec(), m))
@@ -651,7 +660,7 @@ pub fn run(
         let ws = w.stats.clone();
         let covered: Vec<Vec<u8>> = covers.iter().map(|c| c.prefix.clone()).collect();
         let (list, del) = w.finish(&covered)?;
-        let mut out = TocWriter::new(sw.toc_file(area)?)?;
+        let mut out = TocWriter::new(sw.toc_file(area, volume)?)?;
         for m in &list {
             out.push(m)?;
         }
@@ -666,9 +675,11 @@ pub fn run(
                 .join(" "),
             toc: TocRef {
                 area,
+                volume: key.1.clone(),
+                system: base_toc.system,
                 fstype: base_toc.fstype.clone(),
                 uuid: Some(covers[0].uuid.clone()),
-                file: crate::repo::paths::toc_name(&id, area),
+                file: crate::repo::paths::toc_name(&id, area, volume),
                 sha256,
                 len,
                 entries: count,

@@ -15,14 +15,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-use serde::Deserialize;
 
 use crate::device::layout::Partition;
+use crate::device::lvm::{field, lvm, num, parse_pe_range, report};
 use crate::fs::map::{FsInfo, UsedMap};
 use crate::repo::manifest::{FsMeta, LvMeta};
 
@@ -78,89 +77,6 @@ pub struct Snapshots {
     pub covered: HashSet<u64>,
     /// Dropped after the snapshots are removed (fields drop after `drop`).
     _held: HeldSignals,
-}
-
-fn lvm(args: &[&str]) -> Result<String> {
-    let out = Command::new("lvm")
-        .args(args)
-        // lvm complains about every inherited descriptor otherwise.
-        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run lvm {}: is lvm2 installed?",
-                args.first().unwrap_or(&"")
-            )
-        })?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        bail!("lvm {} failed: {}", args.join(" "), last.trim());
-    }
-    String::from_utf8(out.stdout).context("lvm printed something that is not UTF-8")
-}
-
-type Row = BTreeMap<String, String>;
-
-/// Rows of an lvm JSON report (`--reportformat json`): all values are strings.
-fn parse_report(json: &str) -> Result<Vec<Row>> {
-    #[derive(Deserialize)]
-    struct Report {
-        report: Vec<BTreeMap<String, Vec<Row>>>,
-    }
-    let r: Report = serde_json::from_str(json).context("cannot parse lvm's JSON report")?;
-    Ok(r.report
-        .into_iter()
-        .flat_map(|m| m.into_values().flatten())
-        .collect())
-}
-
-fn report(cmd: &str, fields: &str, extra: &[&str]) -> Result<Vec<Row>> {
-    // Scan the devices rather than trust lvm's hints file: without udev to refresh it (a rescue
-    // system, loop devices) it can name a device that is now something else.
-    let mut args = vec![
-        cmd,
-        "--config",
-        "devices/hints=\"none\"",
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-        "-o",
-        fields,
-    ];
-    args.extend_from_slice(extra);
-    parse_report(&lvm(&args)?)
-}
-
-fn field<'a>(row: &'a Row, name: &str) -> Result<&'a str> {
-    row.get(name)
-        .map(|s| s.trim())
-        .with_context(|| format!("lvm's report has no {name}"))
-}
-
-fn num(row: &Row, name: &str) -> Result<u64> {
-    let v = field(row, name)?;
-    v.parse()
-        .with_context(|| format!("lvm reported {name} = {v:?}, not a number"))
-}
-
-/// A segment's physical extents: "/dev/sda3:0-255" -> ("/dev/sda3", 0, 256).
-fn parse_pe_range(s: &str) -> Result<(String, u64, u64)> {
-    let s = s.trim();
-    let bad = || format!("unexpected extent range {s:?} in lvm's report");
-    let (dev, range) = s.rsplit_once(':').with_context(bad)?;
-    let (a, b) = range.split_once('-').with_context(bad)?;
-    let (a, b): (u64, u64) = (a.parse().with_context(bad)?, b.parse().with_context(bad)?);
-    if b < a || dev.is_empty() || s.contains(' ') {
-        bail!("{}", bad());
-    }
-    Ok((dev.to_string(), a, b - a + 1))
 }
 
 #[derive(Debug)]
@@ -272,12 +188,19 @@ pub fn interrupted() -> bool {
 
 impl Snapshots {
     /// Find the PVs among `parts` (on `disk`), save their metadata, snapshot every active
-    /// logical volume and work out what to read from where. `Ok(None)`: no PV on the disk.
-    pub fn take(disk: &File, parts: &[Partition]) -> Result<Option<Snapshots>> {
-        Self::take_held(disk, parts, HeldSignals::hold())
+    /// logical volume (with `snapshot`; without, an active LV is read from its own device,
+    /// which the caller has checked is not mounted read-write) and work out what to read from
+    /// where. `Ok(None)`: no PV on the disk.
+    pub fn take(disk: &File, parts: &[Partition], snapshot: bool) -> Result<Option<Snapshots>> {
+        Self::take_held(disk, parts, snapshot, HeldSignals::hold())
     }
 
-    fn take_held(disk: &File, parts: &[Partition], held: HeldSignals) -> Result<Option<Snapshots>> {
+    fn take_held(
+        disk: &File,
+        parts: &[Partition],
+        snapshot: bool,
+        held: HeldSignals,
+    ) -> Result<Option<Snapshots>> {
         let pv_rows = report("pvs", "pv_name,vg_name,pe_start,pv_pe_count", &[])?;
         // PV device -> (partition, vg, pe_start, pe_count)
         let mut pvs = Vec::new();
@@ -442,7 +365,13 @@ impl Snapshots {
             let lv_size = ss[0].lv_size;
             let src_dev;
             let fs;
-            if active {
+            if active && !snapshot {
+                let path = format!("/dev/{vg}/{lv}");
+                let f = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                fs = probe_lv(&f, 0, lv_size, &format!("{vg}/{lv}"))?;
+                snaps.devices.push(f);
+                src_dev = Some(snaps.devices.len() - 1);
+            } else if active {
                 if free == 0 {
                     bail!(
                         "volume group {vg} has no free extents for a snapshot of {lv}: free some (vgextend, or lvreduce another LV), or back up from the rescue system"
@@ -510,7 +439,7 @@ impl Snapshots {
                     block_size: f.block_size,
                 }),
                 extents: Vec::new(),
-                snapshot: active,
+                snapshot: active && snapshot,
             };
             for s in ss {
                 let (pv, first, count) = parse_pe_range(&s.pe_ranges)?;
@@ -671,6 +600,17 @@ fn pv_offset(disk: &File, dev: &Path) -> Option<u64> {
     None
 }
 
+/// Whether the partition at `start` carries an LVM2 physical volume label (in one of its
+/// first four sectors).
+pub fn has_pv_label(disk: &File, start: u64) -> bool {
+    let mut b = [0u8; 2048];
+    if disk.read_exact_at(&mut b, start).is_err() {
+        return false;
+    }
+    b.chunks(512)
+        .any(|s| &s[..8] == b"LABELONE" && &s[24..32] == b"LVM2 001")
+}
+
 /// The filesystem in an LV; a damaged one is stored whole rather than failing the backup.
 fn probe_lv(dev: &File, off: u64, len: u64, what: &str) -> Result<Option<FsInfo>> {
     match crate::fs::map::probe(dev, off, len) {
@@ -715,29 +655,6 @@ fn fill_free(pieces: &mut Vec<Piece>, len: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pe_ranges() {
-        assert_eq!(
-            parse_pe_range("/dev/vda4:0-7").unwrap(),
-            ("/dev/vda4".to_string(), 0, 8)
-        );
-        assert!(parse_pe_range("/dev/vda4:7-0").is_err());
-        assert!(parse_pe_range("/dev/vda4:0-7 /dev/vdb1:0-3").is_err());
-        assert!(parse_pe_range("garbage").is_err());
-        assert!(parse_pe_range("").is_err());
-    }
-
-    #[test]
-    fn report_rows() {
-        let json = r#"{"report":[{"pv":[{"pv_name":"/dev/loop0","vg_name":"vgt","pe_start":"1048576"}]}]}"#;
-        let rows = parse_report(json).unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(num(&rows[0], "pe_start").unwrap(), 1 << 20);
-        assert!(num(&rows[0], "vg_name").is_err());
-        assert!(field(&rows[0], "missing").is_err());
-        assert!(parse_report("{\"report\": 3").is_err());
-    }
 
     #[test]
     fn gaps_are_free() {

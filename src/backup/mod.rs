@@ -420,10 +420,13 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         eprintln!("warning: {w}");
         warnings.push(w.clone());
     }
+    // Loop devices over the PV partitions of an image file, for lvm to see them; they outlive
+    // `snaps`.
+    let mut pv_loops = Vec::new();
     // Snapshots first: a filesystem mounted from a logical volume they cover is no obstacle.
     let snaps = match opts.snapshot {
         Some(SnapshotMode::Lvm) => {
-            let s = Snapshots::take(&disk.file, &layout.data_partitions())?.with_context(|| {
+            let s = Snapshots::take(&disk.file, &layout.data_partitions(), true)?.with_context(|| {
                 format!(
                     "--snapshot lvm: no LVM physical volume of a volume group on {}: back it up without --snapshot",
                     disk_path.display()
@@ -434,7 +437,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         Some(SnapshotMode::Btrfs) => bail!(
             "--snapshot btrfs is for --incremental (an image backup reads the disk: use the rescue system, or --snapshot lvm for logical volumes)"
         ),
-        None => None,
+        None => offline_lvm(&disk, &layout, &mut pv_loops, &mut warnings),
     };
     let uses = crate::device::safety::mounts_on(&crate::device::safety::disk_devnums(disk_path))?;
     let live = uses.iter().find(|u| {
@@ -459,7 +462,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
             warnings.push(msg);
             Consistency::CrashConsistent
         }
-        None if snaps.is_some() => Consistency::Snapshot,
+        None if opts.snapshot == Some(SnapshotMode::Lvm) => Consistency::Snapshot,
         None => Consistency::Offline,
     };
     let plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut warnings)?;
@@ -521,14 +524,24 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
             bail!("internal error: {} chunks were not indexed", pending.len())
         }
     });
-    result.and_then(|()| snaps.as_ref().map_or(Ok(()), |s| s.check_valid()))?;
-    drop(snaps);
+    result?;
     drop(guard);
+    // The file lists are read while the snapshots still hold the image's moment.
+    let tocs = write_tocs(
+        &w,
+        &disk,
+        snaps.as_ref(),
+        &plans_areas(&plans),
+        &mut warnings,
+    )?;
+    if let Some(s) = &snaps {
+        s.check_valid()?;
+    }
+    drop(snaps);
 
     let (hw, records) = index.finish()?;
     // Chunks first, then the index that names them.
     let (index_sha, index_len) = w.commit_file(hw)?;
-    let tocs = write_tocs(&w, &disk, &plans_areas(&plans), &mut warnings)?;
     let efi_boot = match &layout.table {
         crate::device::layout::Table::Gpt(g) => crate::fixup::efiboot::record(
             &g.partitions
@@ -584,79 +597,205 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     })
 }
 
+/// The logical volumes of the LVM physical volumes on a disk backed up without snapshots
+/// (from the rescue system, or a disk image): mapped like any other filesystem, so their free
+/// extents and free blocks are skipped and they get file lists. Without lvm, or with a volume
+/// group bmr cannot map, a PV is stored whole, with a warning.
+fn offline_lvm(
+    disk: &Disk,
+    layout: &DiskLayout,
+    loops: &mut Vec<crate::device::mount::PartDev>,
+    warnings: &mut Vec<String>,
+) -> Option<Snapshots> {
+    let parts = layout.data_partitions();
+    let pvs: Vec<_> = parts
+        .iter()
+        .filter(|p| crate::backup::lvm::has_pv_label(&disk.file, p.start))
+        .collect();
+    if pvs.is_empty() {
+        return None;
+    }
+    let mut warn = |msg: String| {
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    };
+    if !disk.is_block {
+        for p in &pvs {
+            match crate::device::mount::PartDev::open_read_only(disk, p) {
+                Ok(d) => loops.push(d),
+                Err(e) => warn(format!("{e:#}")),
+            }
+        }
+    }
+    let whole = pvs
+        .iter()
+        .map(|p| p.number.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match Snapshots::take(&disk.file, &parts, false) {
+        Ok(Some(s)) => {
+            for p in &pvs {
+                if s.pv_at(p.start).is_none() {
+                    warn(format!(
+                        "partition {} holds an LVM label of no volume group lvm shows: stored whole, with no file lists",
+                        p.number
+                    ));
+                }
+            }
+            Some(s)
+        }
+        Ok(None) => {
+            warn(format!(
+                "partition {whole}: LVM physical volume that lvm does not show: stored whole, with no file lists"
+            ));
+            None
+        }
+        Err(e) => {
+            warn(format!(
+                "partition {whole}: {e:#}; the LVM physical volume is stored whole, with no file lists"
+            ));
+            None
+        }
+    }
+}
+
 fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
     plans.iter().map(|p| p.area.clone()).collect()
 }
 
-/// Table of contents of every filesystem `fs::read` knows, read from the disk itself. A filesystem
-/// whose tree cannot be read still has its image; it only lacks file-level access (a warning).
+/// A logical volume's bytes through the reads of the disk the backup sees (its snapshots).
+struct LvRead<'a> {
+    read: &'a dyn Fn(&mut [u8], u64) -> std::io::Result<()>,
+    area_start: u64,
+    lv: &'a crate::repo::manifest::LvMeta,
+}
+
+impl crate::fs::read::ReadAt for LvRead<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let pieces = self.lv.map(offset, buf.len() as u64).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read beyond the end of the logical volume",
+            )
+        })?;
+        let mut done = 0;
+        for (a, l) in pieces {
+            (self.read)(&mut buf[done..done + l as usize], self.area_start + a)?;
+            done += l as usize;
+        }
+        Ok(())
+    }
+}
+
+/// Table of contents of every filesystem `fs::read` knows, read from the disk itself (logical
+/// volumes through their snapshots, so the list is of the moment the image is of). A
+/// filesystem whose tree cannot be read still has its image; it only lacks file-level access
+/// (a warning).
 fn write_tocs(
     w: &SnapshotWriter,
     disk: &Disk,
+    snaps: Option<&Snapshots>,
     areas: &[Area],
     warnings: &mut Vec<String>,
 ) -> Result<Vec<crate::repo::manifest::TocRef>> {
+    let read = |buf: &mut [u8], off: u64| match snaps {
+        Some(s) => s.read_exact_at(&disk.file, buf, off),
+        None => disk.file.read_exact_at(buf, off),
+    };
     let mut out = Vec::new();
     for (ai, a) in areas.iter().enumerate() {
+        let what = a
+            .partition
+            .map_or("the disk".to_string(), |n| format!("partition {n}"));
+        for (k, lv) in a.volumes.iter().enumerate() {
+            let Some(fs) = lv.fs.as_ref().filter(|f| f.fstype != "swap") else {
+                continue;
+            };
+            let range = LvRead {
+                read: &read,
+                area_start: a.start,
+                lv,
+            };
+            let vol = Some((k, lv.name.as_str()));
+            if let Some(t) = toc_of(w, &range, ai as u32, vol, fs, &lv.name, warnings)? {
+                out.push(t);
+            }
+        }
         let Some(fs) = &a.fs else {
             // A filesystem the map refused (damaged, not cleanly unmounted: a btrfs log tree)
             // is stored whole, and its structures are not trusted for a file list either.
             if a.content == crate::repo::manifest::Content::Whole
                 && let Some(note) = &a.note
             {
-                let msg = format!(
-                    "no file list for the partition at offset {}: {note}",
-                    a.start
-                );
+                let msg = format!("no file list for {what}: {note}");
                 eprintln!("warning: {msg}");
                 warnings.push(msg);
             }
             continue;
         };
+        if fs.fstype == "swap" {
+            continue;
+        }
         let range = crate::fs::read::FileRange {
             file: &disk.file,
             base: a.start,
             len: a.len,
         };
-        let mut read_warnings = Vec::new();
-        let read = crate::fs::read::read_tree_warn(&range, &fs.fstype, &mut read_warnings);
-        for m in read_warnings {
+        if let Some(t) = toc_of(w, &range, ai as u32, None, fs, &what, warnings)? {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// The file list of one filesystem; `None` (with a warning) when its tree cannot be read.
+fn toc_of(
+    w: &SnapshotWriter,
+    range: &dyn crate::fs::read::ReadAt,
+    area: u32,
+    volume: Option<(usize, &str)>,
+    fs: &FsMeta,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Option<crate::repo::manifest::TocRef>> {
+    let mut read_warnings = Vec::new();
+    let read = crate::fs::read::read_tree_warn(range, &fs.fstype, &mut read_warnings);
+    for m in read_warnings {
+        let msg = format!("file list of the {} filesystem of {what}: {m}", fs.fstype);
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    }
+    let entries = match read {
+        Ok(e) => e,
+        Err(e) => {
             let msg = format!(
-                "file list of the {} filesystem at offset {}: {m}",
-                fs.fstype, a.start
+                "no file list for the {} filesystem of {what}: {e:#}",
+                fs.fstype
             );
             eprintln!("warning: {msg}");
             warnings.push(msg);
+            return Ok(None);
         }
-        let entries = match read {
-            Ok(e) => e,
-            Err(e) => {
-                let msg = format!(
-                    "no file list for the {} filesystem at offset {}: {e:#}",
-                    fs.fstype, a.start
-                );
-                eprintln!("warning: {msg}");
-                warnings.push(msg);
-                continue;
-            }
-        };
-        let mut t = crate::repo::toc::TocWriter::new(w.toc_file(ai as u32)?)?;
-        for e in entries {
-            t.push(&crate::repo::toc::FileMeta::from(e))?;
-        }
-        let (f, count) = t.finish()?;
-        let (sha256, len) = f.commit()?;
-        out.push(crate::repo::manifest::TocRef {
-            area: ai as u32,
-            fstype: fs.fstype.clone(),
-            uuid: fs.uuid.clone(),
-            file: crate::repo::paths::toc_name(&w.id, ai as u32),
-            sha256,
-            len,
-            entries: count,
-        });
+    };
+    let system = entries.iter().any(|e| e.path == b"etc/fstab");
+    let k = volume.map(|v| v.0);
+    let mut t = crate::repo::toc::TocWriter::new(w.toc_file(area, k)?)?;
+    for e in entries {
+        t.push(&crate::repo::toc::FileMeta::from(e))?;
     }
-    Ok(out)
+    let (f, count) = t.finish()?;
+    let (sha256, len) = f.commit()?;
+    Ok(Some(crate::repo::manifest::TocRef {
+        area,
+        volume: volume.map(|v| v.1.to_string()),
+        system,
+        fstype: fs.fstype.clone(),
+        uuid: fs.uuid.clone(),
+        file: crate::repo::paths::toc_name(&w.id, area, k),
+        sha256,
+        len,
+        entries: count,
+    }))
 }
 
 pub fn print_summary(s: &BackupSummary) {

@@ -5,6 +5,7 @@
 
 pub mod disks;
 pub mod layout;
+pub mod lvm;
 pub mod mount;
 pub mod names;
 pub mod safety;

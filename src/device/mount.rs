@@ -76,6 +76,28 @@ pub fn mount_range(
     tag: &str,
     read_only: bool,
 ) -> Result<MountGuard> {
+    let fstype = crate::fs::id::identify_at(&disk.file, start).map(|f| f.fstype);
+    let (dev, loop_opt) = if disk.is_block {
+        let n = partition.context("an unpartitioned disk on a block device")?;
+        (partition_node(&disk.path, n)?, None)
+    } else {
+        (
+            disk.path.clone(),
+            Some(format!("loop,offset={start},sizelimit={len}")),
+        )
+    };
+    mount_device(&dev, fstype.as_deref(), loop_opt, tag, read_only)
+        .with_context(|| format!("cannot mount the restored filesystem at offset {start}"))
+}
+
+/// Mount a device holding a filesystem of type `fstype` (as `fs::id` names it) under /run/bmr.
+pub fn mount_device(
+    dev: &Path,
+    fstype: Option<&str>,
+    extra: Option<String>,
+    tag: &str,
+    read_only: bool,
+) -> Result<MountGuard> {
     let dir = PathBuf::from(format!("/run/bmr/mnt-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut cmd = Command::new("mount");
@@ -84,9 +106,9 @@ pub fn mount_range(
     if read_only {
         opts.push("ro".into());
     }
-    match crate::fs::id::identify_at(&disk.file, start).map(|f| f.fstype) {
+    match fstype {
         // The top-level subvolume, whatever the default one is: file lists start there.
-        Some(t) if t == "btrfs" => {
+        Some("btrfs") => {
             opts.push("subvolid=5".into());
             // Even a read-only mount replays a log: a look must not write.
             if read_only {
@@ -94,7 +116,7 @@ pub fn mount_range(
             }
         }
         // The source of a restore to an image file may be mounted here with the same UUID.
-        Some(t) if t == "xfs" => {
+        Some("xfs") => {
             opts.push("nouuid".into());
             if read_only {
                 opts.push("norecovery".into());
@@ -102,26 +124,134 @@ pub fn mount_range(
         }
         _ => {}
     }
-    if disk.is_block {
-        let n = partition.context("an unpartitioned disk on a block device")?;
-        cmd.arg(partition_node(&disk.path, n)?);
-    } else {
-        opts.push(format!("loop,offset={start},sizelimit={len}"));
-        cmd.arg(&disk.path);
-    }
+    opts.extend(extra);
+    cmd.arg(dev);
     if !opts.is_empty() {
         cmd.arg("-o").arg(opts.join(","));
     }
     let out = cmd.arg(&dir).output().context("cannot run mount")?;
     if !out.status.success() {
         let _ = std::fs::remove_dir(&dir);
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(MountGuard { dir })
+}
+
+/// A logical volume of a restored disk as a block device, without activating its volume
+/// group (whose name may be taken on the machine running bmr): a device-mapper linear device
+/// over its pieces, or for an image file in one piece a loop device over that stretch.
+/// Removed on drop.
+pub struct LvDev {
+    pub path: PathBuf,
+    dm: Option<String>,
+    loops: Vec<PathBuf>,
+}
+
+fn losetup(args: &[&str], file: &Path) -> Result<PathBuf> {
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .args(args)
+        .arg(file)
+        .output()
+        .context("cannot run losetup")?;
+    if !out.status.success() {
         bail!(
-            "cannot mount the restored filesystem at offset {}: {}",
-            start,
+            "cannot set up a loop device over {}: {}",
+            file.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(MountGuard { dir })
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+impl LvDev {
+    /// `pieces`: (disk offset, length) in the volume's order, whole sectors.
+    pub fn open(disk: &Disk, name: &str, pieces: &[(u64, u64)], read_only: bool) -> Result<LvDev> {
+        let ro: &[&str] = if read_only { &["-r"] } else { &[] };
+        // An image file's one stretch: a loop device (what the host has). A disk's: always
+        // device-mapper, as the rescue system's busybox losetup knows no --sizelimit.
+        if let (false, [(start, len)]) = (disk.is_block, pieces) {
+            let mut args = ro.to_vec();
+            let (s, l) = (start.to_string(), len.to_string());
+            args.extend(["-o", &s, "--sizelimit", &l]);
+            let path =
+                losetup(&args, &disk.path).with_context(|| format!("logical volume {name}"))?;
+            return Ok(LvDev {
+                path: path.clone(),
+                dm: None,
+                loops: vec![path],
+            });
+        }
+        let mut me = LvDev {
+            path: PathBuf::new(),
+            dm: None,
+            loops: Vec::new(),
+        };
+        let base = if disk.is_block {
+            disk.path.clone()
+        } else {
+            let l = losetup(ro, &disk.path).with_context(|| format!("logical volume {name}"))?;
+            me.loops.push(l.clone());
+            l
+        };
+        let mut table = String::new();
+        let mut pos = 0;
+        for &(start, len) in pieces {
+            table.push_str(&format!(
+                "{} {} linear {} {}\n",
+                pos / 512,
+                len / 512,
+                base.display(),
+                start / 512
+            ));
+            pos += len;
+        }
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dm = format!(
+            "bmr-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut cmd = Command::new("dmsetup");
+        cmd.args(["create", &dm]);
+        if read_only {
+            cmd.arg("--readonly");
+        }
+        let out = cmd
+            .args(["--table", table.trim_end()])
+            .env("DM_DISABLE_UDEV", "1")
+            .output()
+            .with_context(|| {
+                format!("logical volume {name} needs device-mapper here: cannot run dmsetup")
+            })?;
+        if !out.status.success() {
+            bail!(
+                "logical volume {name} needs device-mapper here: dmsetup create failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        me.dm = Some(dm.clone());
+        me.path = PathBuf::from(format!("/dev/mapper/{dm}"));
+        if !me.path.exists() {
+            // Without udev, dmsetup makes the node itself (DM_DISABLE_UDEV); check anyway.
+            let _ = Command::new("dmsetup").args(["mknodes", &dm]).status();
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for LvDev {
+    fn drop(&mut self) {
+        if let Some(dm) = &self.dm {
+            let _ = Command::new("dmsetup")
+                .args(["remove", dm])
+                .env("DM_DISABLE_UDEV", "1")
+                .status();
+        }
+        for l in &self.loops {
+            let _ = Command::new("losetup").arg("-d").arg(l).status();
+        }
+    }
 }
 
 /// A partition of the target as a device path: its node on a block device, or a loop device
@@ -133,6 +263,15 @@ pub struct PartDev {
 
 impl PartDev {
     pub fn open(disk: &Disk, p: &Partition) -> Result<PartDev> {
+        Self::open_as(disk, p, false)
+    }
+
+    /// The same, a loop device read-only (for a backup).
+    pub fn open_read_only(disk: &Disk, p: &Partition) -> Result<PartDev> {
+        Self::open_as(disk, p, true)
+    }
+
+    fn open_as(disk: &Disk, p: &Partition, read_only: bool) -> Result<PartDev> {
         if disk.is_block {
             return Ok(PartDev {
                 path: partition_node(&disk.path, p.number)?,
@@ -140,6 +279,7 @@ impl PartDev {
             });
         }
         let out = Command::new("losetup")
+            .args(if read_only { &["-r"][..] } else { &[][..] })
             .args(["-f", "--show", "-o", &p.start.to_string(), "--sizelimit"])
             .arg(p.len.to_string())
             .arg(&disk.path)

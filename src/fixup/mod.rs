@@ -1,10 +1,12 @@
 //! Fix-ups after the blocks are written: what keeps a restored system from booting on new
 //! hardware. Each step prints what it did; a step that fails fails the restore.
 
+pub mod bootcheck;
 pub mod bootloader;
 pub mod devnames;
 pub mod efiboot;
 pub mod grow;
+pub mod volumes;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,6 +25,10 @@ pub struct FixupOptions {
     /// to the end.
     #[arg(long)]
     pub grow: bool,
+    /// With --grow, when the last partition is an LVM physical volume: the logical volume to
+    /// extend over the new space (and its filesystem) [default: the one holding the root].
+    #[arg(long, value_name = "VG/LV")]
+    pub grow_lv: Option<String>,
     /// Create a UEFI boot entry for the restored system in this machine's NVRAM and put it
     /// first (always done in the rescue system, never elsewhere unless asked: it changes how
     /// the machine running bmr boots).
@@ -34,7 +40,7 @@ pub struct FixupOptions {
     pub reinstall_bootloader: bool,
     /// Leave the restored system exactly as backed up: no device-name rewrite, no UEFI
     /// fallback loader or boot entry.
-    #[arg(long, conflicts_with_all = ["grow", "reinstall_bootloader", "efi_boot_entry"])]
+    #[arg(long, conflicts_with_all = ["grow", "grow_lv", "reinstall_bootloader", "efi_boot_entry"])]
     pub no_fixups: bool,
 }
 
@@ -109,11 +115,26 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
         return vec!["fix-ups   none (--no-fixups)".into()];
     }
     let mut v = Vec::new();
-    if o.grow {
-        v.push(
-            "fix-up    grow the last partition and its filesystem (ext, XFS, btrfs) to the end of the disk"
+    if o.grow || o.grow_lv.is_some() {
+        let last = m
+            .areas
+            .iter()
+            .filter(|a| a.partition.is_some())
+            .max_by_key(|a| a.start);
+        v.push(match last {
+            Some(a) if !a.volumes.is_empty() => {
+                let lv = o
+                    .grow_lv
+                    .clone()
+                    .or_else(|| root_lv(m))
+                    .unwrap_or_else(|| "no logical volume (none holds a root)".into());
+                format!(
+                    "fix-up    grow the last partition (an LVM physical volume) to the end of the disk, pvresize, extend {lv} and its filesystem"
+                )
+            }
+            _ => "fix-up    grow the last partition and its filesystem (ext, XFS, btrfs) to the end of the disk"
                 .into(),
-        );
+        });
     }
     v.push("fix-up    device paths (/dev/sdXN) in fstab, crypttab and GRUB files -> UUID=".into());
     let esp = match &m.disk.table {
@@ -169,7 +190,7 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     if o.no_fixups {
         return Ok(());
     }
-    if o.grow {
+    if o.grow || o.grow_lv.is_some() {
         match grow::grow_table(disk)? {
             None => step(
                 "grow",
@@ -194,6 +215,7 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                 wait_for_size(disk, &p);
                 let fstype = crate::fs::id::identify_at(&disk.file, p.start).map(|f| f.fstype);
                 match fstype.as_deref() {
+                    Some("LVM2_member") => grow_lvm(m, disk, &p, o)?,
                     Some(t) if is_ext(t) => {
                         let dev = PartDev::open(disk, &p)?;
                         step("grow", &grow::grow_ext(&dev.path)?);
@@ -206,8 +228,8 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                     other => step(
                         "grow",
                         &format!(
-                            "its {} filesystem keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
-                            other.unwrap_or("unknown")
+                            "its {} keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
+                            other.map_or("content".to_string(), |t| format!("{t} filesystem"))
                         ),
                     ),
                 }
@@ -223,6 +245,225 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     }
     if o.reinstall_bootloader {
         reinstall_bootloader(disk, &parts)?;
+    }
+    boot_check(m, disk, &layout)
+}
+
+/// Would the restored system find every filesystem its fstab mounts? One that is missing (and
+/// not `nofail`) keeps it from booting: the restore fails, saying which and what to do.
+fn boot_check(m: &Manifest, disk: &Disk, layout: &DiskLayout) -> Result<()> {
+    let parts = layout.data_partitions();
+    let vols = volumes::list(m, &parts);
+    let mut k = bootcheck::Known {
+        complete: true,
+        devices: disk.is_block,
+        ..Default::default()
+    };
+    for p in &parts {
+        if !p.unique_guid.is_empty() {
+            k.partuuids.insert(p.unique_guid.to_ascii_lowercase());
+        }
+    }
+    for v in &vols {
+        if let volumes::Place::Lv { lv, .. } = &v.place {
+            k.lvs.insert(lv.name.clone());
+        }
+        match v.identify(disk) {
+            Some(f)
+                if matches!(
+                    f.fstype.as_str(),
+                    "crypto_LUKS" | "linux_raid_member" | "LVM2_member"
+                ) =>
+            {
+                k.complete = false
+            }
+            Some(f) => {
+                if !f.uuid.is_empty() {
+                    k.uuids.insert(f.uuid.to_ascii_lowercase());
+                }
+                if !f.label.is_empty() {
+                    k.labels.insert(f.label.clone());
+                }
+            }
+            None => k.complete = false,
+        }
+    }
+    let ours = crate::device::safety::disk_devnums(&disk.path);
+    let is_ours = |spec: &str| {
+        use std::os::unix::fs::MetadataExt;
+        Some(std::fs::metadata(spec).is_ok_and(|md| ours.contains(&md.rdev())))
+    };
+    let mut fatal = Vec::new();
+    for v in &vols {
+        let Some(f) = v.identify(disk) else { continue };
+        if !holds_system_files(&f.fstype) {
+            continue;
+        }
+        let Ok(mnt) = v.mount(disk, &volumes::tag("check", &v.name), true) else {
+            continue;
+        };
+        for dir in system_dirs(&mnt.dir, f.fstype == "btrfs") {
+            let Ok(text) = std::fs::read_to_string(mnt.dir.join(&dir).join("etc/fstab")) else {
+                continue;
+            };
+            let at = format!("{} /{}", v.name, dir.join("etc/fstab").display());
+            let missing = bootcheck::check_fstab(&text, &k, &is_ours);
+            if missing.is_empty() {
+                step(
+                    "boot check",
+                    &format!("{at}: every filesystem it mounts is on the restored disk"),
+                );
+            }
+            for x in missing {
+                let what = format!("{} for {}", x.spec, x.mountpoint);
+                if x.soft {
+                    step(
+                        "boot check",
+                        &format!(
+                            "{at}: {what} is not on the restored disk; the system boots without it"
+                        ),
+                    );
+                } else if !x.certain {
+                    step(
+                        "boot check",
+                        &format!(
+                            "{at}: {what} is not on the restored disk, unless it is inside an encrypted or RAID volume there: check it"
+                        ),
+                    );
+                } else {
+                    step(
+                        "boot check",
+                        &format!(
+                            "{at}: {what} is not on the restored disk: the system would stop at boot (emergency mode)"
+                        ),
+                    );
+                    fatal.push(format!("{at} mounts {what}"));
+                }
+            }
+        }
+    }
+    if !fatal.is_empty() {
+        bail!(
+            "the restored system would not boot: {}, which the restored disk does not have; the blocks are restored: restore that disk too, correct the entry (UUID=...), or mark it nofail",
+            fatal.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The logical volume holding the image's root filesystem (its file list holds /etc/fstab).
+fn root_lv(m: &Manifest) -> Option<String> {
+    m.tocs
+        .iter()
+        .filter(|t| t.system)
+        .find_map(|t| t.volume.clone())
+}
+
+/// The grown last partition is an LVM physical volume: give the new space to the PV, then to
+/// the logical volume holding the root (or `--grow-lv`), then to its filesystem.
+fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Result<()> {
+    use crate::device::lvm::{field, lvm, num, parse_pe_range, report};
+    let Some(name) = o.grow_lv.clone().or_else(|| root_lv(m)) else {
+        step(
+            "grow",
+            "the physical volume's logical volumes keep their sizes (none holds a root; name one with --grow-lv VG/LV or bmr.grow-lv=)",
+        );
+        return Ok(());
+    };
+    let dev = PartDev::open(disk, p)?;
+    let pv = dev.path.display().to_string();
+    let only = ["--devices", pv.as_str()];
+    let run = |args: &[&str]| -> Result<String> {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&only);
+        lvm(&a)
+    };
+    run(&["pvresize", &pv]).with_context(|| {
+        format!(
+            "grow: cannot resize the physical volume on partition {}",
+            p.number
+        )
+    })?;
+    let Some((vg, _)) = name.split_once('/') else {
+        bail!("--grow-lv {name}: give the logical volume as VG/LV");
+    };
+    let vgs = report(
+        "vgs",
+        "vg_name,vg_extent_size,vg_free_count",
+        &[&only[..], &[vg]].concat(),
+    )
+    .with_context(|| format!("grow: volume group {vg} is not on the restored disk"))?;
+    let row = vgs.first().context("grow: lvm reported no volume group")?;
+    let (ext, free) = (num(row, "vg_extent_size")?, num(row, "vg_free_count")?);
+    step(
+        "grow",
+        &format!(
+            "physical volume on partition {} resized: {} free in {vg}",
+            p.number,
+            human_bytes(ext * free)
+        ),
+    );
+    if free > 0 {
+        run(&["lvextend", "-l", "+100%FREE", &name])
+            .with_context(|| format!("grow: cannot extend {name}"))?;
+    }
+    // Where the volume lies now: lvextend may have added a segment.
+    let pe_start = num(
+        report("pvs", "pe_start", &[&only[..], &[pv.as_str()]].concat())?
+            .first()
+            .context("grow: lvm reported no physical volume")?,
+        "pe_start",
+    )?;
+    let segs = report(
+        "lvs",
+        "lv_size,seg_start,seg_pe_ranges",
+        &[&only[..], &["--segments", &name]].concat(),
+    )?;
+    let mut meta = m
+        .areas
+        .iter()
+        .flat_map(|a| &a.volumes)
+        .find(|v| v.name == name)
+        .cloned()
+        .with_context(|| format!("grow: the image has no logical volume {name}"))?;
+    meta.extents.clear();
+    for r in &segs {
+        meta.size = num(r, "lv_size")?;
+        let (_, first, count) = parse_pe_range(field(r, "seg_pe_ranges")?)?;
+        meta.extents
+            .push((pe_start + first * ext, count * ext, num(r, "seg_start")?));
+    }
+    step(
+        "grow",
+        &format!("{name} extended to {}", human_bytes(meta.size)),
+    );
+    let vol = volumes::Volume {
+        name: name.clone(),
+        place: volumes::Place::Lv {
+            part_start: p.start,
+            lv: meta,
+        },
+    };
+    drop(dev);
+    match vol.identify(disk).map(|f| f.fstype).as_deref() {
+        Some(t) if is_ext(t) => {
+            let d = vol.open(disk, false)?;
+            step("grow", &format!("{name}: {}", grow::grow_ext(d.path())?));
+        }
+        Some(t @ ("xfs" | "btrfs")) => {
+            let mnt = vol.mount(disk, &volumes::tag("grow", &name), false)?;
+            step(
+                "grow",
+                &format!("{name}: {}", grow::grow_mounted(t, &mnt.dir)?),
+            );
+        }
+        other => step(
+            "grow",
+            &format!(
+                "{name}: its {} keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
+                other.map_or("content".to_string(), |t| format!("{t} filesystem"))
+            ),
+        ),
     }
     Ok(())
 }
@@ -292,25 +533,26 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
         })
         .collect();
     let mut changed = 0;
-    for p in parts {
-        let Some(f) = crate::fs::id::identify_at(&disk.file, p.start) else {
+    for vol in volumes::list(m, parts) {
+        let Some(f) = vol.identify(disk) else {
             continue;
         };
         if !holds_system_files(&f.fstype) {
             continue;
         }
-        let tag = format!("fix{}", p.number);
+        let tag = volumes::tag("fix", &vol.name);
+        let name = &vol.name;
         // Read-only first: a filesystem with nothing to change stays exactly as restored.
         let texts: Vec<(PathBuf, &str, String)> = {
-            let mnt = match mount_range(disk, p.start, p.len, Some(p.number), &tag, true) {
+            let mnt = match vol.mount(disk, &tag, true) {
                 Ok(m) => m,
                 // The blocks are restored; only this check is lost, and the log says so.
                 Err(e) => {
                     step(
                         "device names",
                         &format!(
-                            "partition {} ({}): {e:#}; its fstab and GRUB files were not checked: check them",
-                            p.number, f.fstype
+                            "{name} ({}): {e:#}; its fstab and GRUB files were not checked: check them",
+                            f.fstype
                         ),
                     );
                     continue;
@@ -342,8 +584,7 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
                     step(
                         "device names",
                         &format!(
-                            "partition {}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
-                            p.number,
+                            "{name}: its files name partitions of several disks ({}) and the backup does not say which one it was; left as they are: check them",
                             named.into_iter().collect::<Vec<_>>().join(", ")
                         ),
                     );
@@ -360,8 +601,7 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
                 step(
                     "device names",
                     &format!(
-                        "partition {}: its files name partitions of {}, not of the backed-up disk ({}); left as they are. If that was this disk's name on its machine, back it up with --source-name",
-                        p.number,
+                        "{name}: its files name partitions of {}, not of the backed-up disk ({}); left as they are. If that was this disk's name on its machine, back it up with --source-name",
                         named.iter().cloned().collect::<Vec<_>>().join(", "),
                         source.iter().cloned().collect::<Vec<_>>().join(", ")
                     ),
@@ -378,17 +618,15 @@ fn device_names(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
         if rewrites.is_empty() {
             continue;
         }
-        let mnt = mount_range(disk, p.start, p.len, Some(p.number), &tag, false)?;
+        let mnt = vol.mount(disk, &tag, false)?;
         for (rel, new, diff) in rewrites {
             let rel = rel.display();
-            std::fs::write(mnt.dir.join(rel.to_string()), new).with_context(|| {
-                format!("cannot write /{rel} on the restored partition {}", p.number)
-            })?;
+            std::fs::write(mnt.dir.join(rel.to_string()), new)
+                .with_context(|| format!("cannot write /{rel} on the restored {name}"))?;
             step(
                 "device names",
                 &format!(
-                    "partition {} /{rel}: {} -> UUID=",
-                    p.number,
+                    "{name} /{rel}: {} -> UUID=",
                     ours.iter()
                         .map(|d| devnames::partition_pattern(d))
                         .collect::<Vec<_>>()

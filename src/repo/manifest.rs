@@ -103,6 +103,40 @@ pub struct LvMeta {
     pub snapshot: bool,
 }
 
+impl LvMeta {
+    /// Where bytes `[lv_off, lv_off+len)` of the volume lie in its area, in pieces (area
+    /// offset, length); `None` if some of them lie in no extent.
+    pub fn map(&self, lv_off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let (mut pos, end) = (lv_off, lv_off.checked_add(len)?);
+        while pos < end {
+            let &(a, l, o) = self
+                .extents
+                .iter()
+                .find(|&&(_, l, o)| pos >= o && pos < o.saturating_add(l))?;
+            let n = (o + l).min(end) - pos;
+            out.push((a + (pos - o), n));
+            pos += n;
+        }
+        Some(out)
+    }
+
+    /// Where the volume starts in its area, if it lies there in one piece, in order.
+    pub fn contiguous(&self) -> Option<u64> {
+        let mut ext = self.extents.clone();
+        ext.sort_by_key(|e| e.2);
+        let base = ext.first().filter(|e| e.2 == 0)?.0;
+        let mut pos = 0;
+        for &(a, l, o) in &ext {
+            if o != pos || a != base + o {
+                return None;
+            }
+            pos += l;
+        }
+        (pos == self.size).then_some(base)
+    }
+}
+
 /// A boot entry of the source machine, recorded at backup time.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BootRecord {
@@ -180,6 +214,13 @@ pub struct Manifest {
 pub struct TocRef {
     /// Index into the base image's `areas`.
     pub area: u32,
+    /// The logical volume (`vg/lv`, one of the area's `volumes`) whose filesystem this is; none
+    /// for the filesystem of the partition itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// The filesystem holds /etc/fstab (a system's root): what `bmr ls` shows by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
     pub fstype: String,
     pub uuid: Option<String>,
     /// File name beside the manifest.
@@ -187,6 +228,15 @@ pub struct TocRef {
     pub sha256: String,
     pub len: u64,
     pub entries: u64,
+}
+
+/// Which filesystem of an image a file list is of: an area, and a logical volume in it.
+pub type FsKey = (u32, Option<String>);
+
+impl TocRef {
+    pub fn key(&self) -> FsKey {
+        (self.area, self.volume.clone())
+    }
 }
 
 /// One filesystem of an incremental snapshot.
@@ -342,8 +392,53 @@ impl Manifest {
                     t.area
                 )));
             }
+            if let Some(v) = &t.volume
+                && self.volume(t.area, v).is_none()
+            {
+                return Err(bad(format!(
+                    "a file list names logical volume {} in area {}, which has no such volume",
+                    crate::util::text::elide_path(v.as_bytes()),
+                    t.area
+                )));
+            }
+        }
+        for (i, a) in self.areas.iter().enumerate() {
+            for v in &a.volumes {
+                for &(off, len, lv_off) in &v.extents {
+                    if off.checked_add(len).is_none_or(|e| e > a.len)
+                        || lv_off.checked_add(len).is_none_or(|e| e > v.size)
+                    {
+                        return Err(bad(format!(
+                            "logical volume {} of area {i} has extents outside its area or its size",
+                            crate::util::text::elide_path(v.name.as_bytes())
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Logical volume `name` of area `area`, with its index there.
+    pub fn volume(&self, area: u32, name: &str) -> Option<(usize, &LvMeta)> {
+        self.areas
+            .get(area as usize)?
+            .volumes
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.name == name)
+    }
+
+    /// How a file list's filesystem is named to the user: `partition 3`, `vg0/root`, `disk`.
+    pub fn fs_name(&self, t: &TocRef) -> String {
+        match (
+            &t.volume,
+            self.areas.get(t.area as usize).and_then(|a| a.partition),
+        ) {
+            (Some(v), _) => v.clone(),
+            (None, Some(n)) => format!("partition {n}"),
+            (None, None) => "the whole disk".into(),
+        }
     }
 }
 
@@ -503,11 +598,15 @@ pub fn read_toc(
     id: &str,
     t: &TocRef,
 ) -> Result<Vec<crate::repo::toc::FileMeta>> {
-    let expected = paths::toc_name(id, t.area);
-    if t.file != expected {
-        bail!("snapshot {id}: unexpected file list name {:?}", t.file);
+    if !paths::is_toc_name(&t.file, id, t.area)
+        || (t.file == paths::toc_name(id, t.area, None)) != t.volume.is_none()
+    {
+        bail!(
+            "snapshot {id}: unexpected file list name {:?}",
+            crate::util::text::elide_path(t.file.as_bytes())
+        );
     }
-    let path = paths::toc(host, id, t.area);
+    let path = format!("{}/{}", paths::snapshot_dir(host), t.file);
     // The manifest declares the length: anything else is refused before it is read.
     let Some(bytes) = src.read_file(&path, t.len.min(limits::BINARY))? else {
         bail!("file list {path} of snapshot {id} is missing: choose another snapshot with --at");

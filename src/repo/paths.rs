@@ -7,6 +7,7 @@
 //! hosts/HOST/snapshots/ID.json        a snapshot's manifest
 //! hosts/HOST/snapshots/ID.idx         an image's chunk index
 //! hosts/HOST/snapshots/ID.tocN        the file list of area N
+//! hosts/HOST/snapshots/ID.tocN-K      the file list of logical volume K of area N (an LVM PV)
 //! chunks/XX/DIGEST                    a chunk (XX: first byte of its digest)
 //! locks/NAME                          advisory locks (local repositories)
 //! ```
@@ -40,13 +41,28 @@ pub fn index(host: &str, id: &str) -> String {
     format!("{}/{}", snapshot_dir(host), index_name(id))
 }
 
-/// The file list's name beside the manifest.
-pub fn toc_name(id: &str, area: u32) -> String {
-    format!("{id}.toc{area}")
+/// The file list's name beside the manifest: of a partition area, or of logical volume
+/// `volume` (its index in the area's volumes) inside it.
+pub fn toc_name(id: &str, area: u32, volume: Option<usize>) -> String {
+    match volume {
+        None => format!("{id}.toc{area}"),
+        Some(k) => format!("{id}.toc{area}-{k}"),
+    }
 }
 
-pub fn toc(host: &str, id: &str, area: u32) -> String {
-    format!("{}/{}", snapshot_dir(host), toc_name(id, area))
+/// Whether `name` is a file list name of snapshot `id` for `area` (either form).
+pub fn is_toc_name(name: &str, id: &str, area: u32) -> bool {
+    let base = toc_name(id, area, None);
+    name == base
+        || name.strip_prefix(&base).is_some_and(|r| {
+            r.strip_prefix('-').is_some_and(|k| {
+                !k.is_empty() && k.len() <= 6 && k.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
+}
+
+pub fn toc(host: &str, id: &str, area: u32, volume: Option<usize>) -> String {
+    format!("{}/{}", snapshot_dir(host), toc_name(id, area, volume))
 }
 
 pub fn chunk_dir(prefix: u8) -> String {

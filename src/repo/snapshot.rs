@@ -147,8 +147,8 @@ impl<'r> SnapshotWriter<'r> {
     }
 
     /// The file list of area `area`.
-    pub fn toc_file(&self, area: u32) -> Result<HashedFile> {
-        self.staged(&paths::toc(&self.host, &self.id, area))
+    pub fn toc_file(&self, area: u32, volume: Option<usize>) -> Result<HashedFile> {
+        self.staged(&paths::toc(&self.host, &self.id, area, volume))
     }
 
     /// Make the chunks durable, then the staged file: a file that names chunks never

@@ -33,6 +33,8 @@ pub struct Params {
     pub verify: bool,
     /// Grow the last partition and its ext filesystem to the end of a bigger target.
     pub grow: bool,
+    /// `bmr.grow-lv=VG/LV`: the logical volume the grow extends (default: the root's).
+    pub grow_lv: Option<String>,
     /// `bmr.bootloader=reinstall`: run the restored system's grub-install in a chroot.
     pub reinstall_bootloader: bool,
     pub after: After,
@@ -55,6 +57,7 @@ impl Default for Params {
             yes: false,
             verify: false,
             grow: false,
+            grow_lv: None,
             reinstall_bootloader: false,
             after: After::Poweroff,
             report: None,
@@ -140,6 +143,7 @@ pub fn parse(cmdline: &str) -> Params {
                 "yes" => p.yes = flag(key, value)?,
                 "verify" => p.verify = flag(key, value)?,
                 "grow" => p.grow = flag(key, value)?,
+                "grow-lv" => p.grow_lv = Some(text(key, value)?),
                 "bootloader" => match value {
                     Some("reinstall") => p.reinstall_bootloader = true,
                     Some("keep") => p.reinstall_bootloader = false,

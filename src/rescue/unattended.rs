@@ -281,7 +281,8 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
     let how = RestoreHow {
         verify: p.verify,
         fixups: crate::fixup::FixupOptions {
-            grow: p.grow,
+            grow: p.grow || p.grow_lv.is_some(),
+            grow_lv: p.grow_lv.clone(),
             reinstall_bootloader: p.reinstall_bootloader,
             efi_boot_entry: super::in_rescue_system(),
             ..Default::default()

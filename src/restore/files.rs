@@ -16,9 +16,10 @@ use crate::repo::{CHUNK_SIZE, RepoRead};
 pub struct SelectOptions {
     #[command(flatten)]
     pub point: crate::restore::PointArgs,
-    /// Partition number of the filesystem [default: the largest one with a file list].
-    #[arg(long)]
-    pub part: Option<u32>,
+    /// The filesystem: a partition number, or a logical volume as VG/LV [default: the root
+    /// filesystem (the one holding /etc/fstab), else the largest with a file list].
+    #[arg(long, value_name = "N | VG/LV")]
+    pub part: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +53,8 @@ pub struct Selected {
     pub index: Vec<u8>,
     pub snapshot: String,
     pub area: u32,
+    /// The logical volume in the area, for a filesystem inside LVM.
+    pub volume: Option<crate::repo::manifest::LvMeta>,
     pub files: Vec<FileMeta>,
 }
 
@@ -73,28 +76,96 @@ pub fn select(src: &dyn RepoRead, o: &SelectOptions) -> Result<Selected> {
     } else {
         tocs
     };
-    let pick = match o.part {
-        Some(n) => tocs
+    let names = || {
+        tocs.iter()
+            .map(|(t, _)| match &t.volume {
+                Some(v) => format!("--part {v} ({})", t.fstype),
+                None => match image.areas.get(t.area as usize).and_then(|a| a.partition) {
+                    Some(n) => format!("--part {n} ({})", t.fstype),
+                    None => format!("the whole disk ({})", t.fstype),
+                },
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let size = |t: &TocRef| match &t.volume {
+        Some(v) => image.volume(t.area, v).map_or(0, |(_, lv)| lv.size),
+        None => image.areas.get(t.area as usize).map_or(0, |a| a.len),
+    };
+    let pick = match o.part.as_deref() {
+        Some(p) if p.contains('/') => tocs
             .iter()
-            .find(|(t, _)| image.areas.get(t.area as usize).and_then(|a| a.partition) == Some(n))
-            .with_context(|| format!("snapshot {} has no file list for partition {n}", snapshot))?,
-        None => tocs
-            .iter()
-            .max_by_key(|(t, _)| image.areas.get(t.area as usize).map_or(0, |a| a.len))
+            .find(|(t, _)| t.volume.as_deref() == Some(p))
             .with_context(|| {
                 format!(
-                    "snapshot {} has no file lists (no ext, FAT, XFS or btrfs filesystem it could read)",
-                    snapshot
+                    "snapshot {snapshot} has no file list for logical volume {}; it has: {}",
+                    crate::util::text::elide_path(p.as_bytes()),
+                    names()
                 )
             })?,
+        Some(p) => {
+            let n: u32 = p.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--part {}: give a partition number or a logical volume as VG/LV",
+                    crate::util::text::elide_path(p.as_bytes())
+                )
+            })?;
+            tocs.iter()
+                .find(|(t, _)| {
+                    t.volume.is_none()
+                        && image.areas.get(t.area as usize).and_then(|a| a.partition) == Some(n)
+                })
+                .with_context(|| {
+                    format!(
+                        "snapshot {snapshot} has no file list for partition {n}; it has: {}",
+                        names()
+                    )
+                })?
+        }
+        None => {
+            let p = tocs
+                .iter()
+                .max_by_key(|(t, _)| (t.system, size(t)))
+                .with_context(|| {
+                    format!(
+                        "snapshot {} has no file lists (no ext, FAT, XFS or btrfs filesystem it could read)",
+                        snapshot
+                    )
+                })?;
+            if tocs.len() > 1 {
+                eprintln!(
+                    "{} ({}{}); the snapshot's filesystems: {}",
+                    image.fs_name(&p.0),
+                    p.0.fstype,
+                    if p.0.system {
+                        ", the root: it holds /etc/fstab"
+                    } else {
+                        ", the largest"
+                    },
+                    names()
+                );
+            }
+            p
+        }
     };
     let files = crate::repo::manifest::read_toc(src, &o.point.host, &pick.1, &pick.0)?;
+    let volume = match &pick.0.volume {
+        Some(v) => Some(
+            image
+                .volume(pick.0.area, v)
+                .with_context(|| format!("image {} has no logical volume {v}", image.id))?
+                .1
+                .clone(),
+        ),
+        None => None,
+    };
     Ok(Selected {
         toc_bytes: pick.0.len,
+        area: pick.0.area,
+        volume,
         image,
         index: l.index,
         snapshot,
-        area: pick.0.area,
         files,
     })
 }
@@ -195,6 +266,8 @@ pub fn ls(o: &LsOptions) -> Result<()> {
 /// bytes are fetched. Counts what it fetched.
 pub struct ImageReader<'a> {
     src: &'a dyn RepoRead,
+    /// A logical volume's extents: its offsets are mapped to the area's.
+    volume: Option<crate::repo::manifest::LvMeta>,
     snapshot: String,
     windows: BTreeMap<u64, Record>,
     cache: Option<(u64, Vec<u8>)>,
@@ -212,6 +285,7 @@ impl<'a> ImageReader<'a> {
         }
         Ok(ImageReader {
             src,
+            volume: None,
             snapshot: image.id.clone(),
             windows,
             cache: None,
@@ -261,8 +335,14 @@ impl<'a> ImageReader<'a> {
     }
 }
 
-impl crate::restore::apply::ImageData for ImageReader<'_> {
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+impl ImageReader<'_> {
+    /// Read a logical volume's filesystem rather than the area's.
+    pub fn in_volume(mut self, lv: Option<crate::repo::manifest::LvMeta>) -> Self {
+        self.volume = lv;
+        self
+    }
+
+    fn read_area(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
@@ -287,6 +367,26 @@ impl crate::restore::apply::ImageData for ImageReader<'_> {
                     done += n;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl crate::restore::apply::ImageData for ImageReader<'_> {
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(lv) = &self.volume else {
+            return self.read_area(buf, offset);
+        };
+        let pieces = lv.map(offset, buf.len() as u64).with_context(|| {
+            format!(
+                "a file's extent lies outside logical volume {} in snapshot {}",
+                lv.name, self.snapshot
+            )
+        })?;
+        let mut done = 0;
+        for (a, l) in pieces {
+            self.read_area(&mut buf[done..done + l as usize], a)?;
+            done += l as usize;
         }
         Ok(())
     }
@@ -328,7 +428,7 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         .cloned()
         .collect();
     std::fs::create_dir_all(&o.to).with_context(|| format!("cannot create {}", o.to.display()))?;
-    let mut reader = ImageReader::new(src, &s.image, &s.index, s.area)?;
+    let mut reader = ImageReader::new(src, &s.image, &s.index, s.area)?.in_volume(s.volume.clone());
     let st =
         crate::restore::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
     println!(

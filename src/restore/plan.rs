@@ -65,6 +65,8 @@ pub struct Target {
 /// One filesystem an incremental brings from the image's state to the point's.
 pub struct ApplyFs {
     pub area: u32,
+    /// The logical volume in the area whose filesystem this is.
+    pub volume: Option<String>,
     pub current: Vec<FileMeta>,
     pub desired: Vec<FileMeta>,
 }
@@ -196,8 +198,8 @@ fn plan_apply(
                 m.id
             );
         }
-        let Some(base_toc) = m.tocs.iter().find(|t| t.area == area) else {
-            bail!("image {} has no file list for area {area}", m.id);
+        let Some(base_toc) = m.tocs.iter().find(|t| t.key() == fs.toc.key()) else {
+            bail!("image {} has no file list for {}", m.id, m.fs_name(&fs.toc));
         };
         let current = crate::repo::manifest::read_toc(src, &m.host, &m.id, base_toc)?;
         let desired = crate::repo::manifest::read_toc(src, &inc.host, &inc.id, &fs.toc)?;
@@ -231,6 +233,7 @@ fn plan_apply(
         }
         plan.push(ApplyFs {
             area,
+            volume: fs.toc.volume.clone(),
             current,
             desired,
         });
@@ -408,10 +411,17 @@ impl<'r> RestorePlan<'r> {
                     let lvs: Vec<String> = lvs
                         .iter()
                         .map(|lv| {
-                            let fs = lv
-                                .fs
-                                .as_ref()
-                                .map_or("no filesystem bmr maps".into(), describe_fs);
+                            let listed = m.tocs.iter().any(|t| {
+                                t.area == ai as u32 && t.volume.as_ref() == Some(&lv.name)
+                            });
+                            let fs = match &lv.fs {
+                                None => "no filesystem bmr maps, stored whole".into(),
+                                Some(f) if f.fstype == "swap" => {
+                                    format!("{}, header only", describe_fs(f))
+                                }
+                                Some(f) if listed => format!("{}, file list", describe_fs(f)),
+                                Some(f) => format!("{}, no file list", describe_fs(f)),
+                            };
                             format!("{} ({fs}, {})", lv.name, human_bytes(lv.size))
                         })
                         .collect();
@@ -564,23 +574,51 @@ impl<'r> RestorePlan<'r> {
         if let Some(i) = &self.point.inc {
             for f in &self.apply {
                 let area = &m.areas[f.area as usize];
-                let mnt = crate::device::mount::mount_range(
-                    &disk,
-                    area.start,
-                    area.len,
-                    area.partition,
-                    &f.area.to_string(),
-                    false,
-                )?;
+                let (mnt, what) = match &f.volume {
+                    None => (
+                        crate::fixup::volumes::Volume {
+                            name: String::new(),
+                            place: crate::fixup::volumes::Place::Partition(
+                                crate::device::layout::Partition {
+                                    number: area.partition.unwrap_or(0),
+                                    start: area.start,
+                                    len: area.len,
+                                    ..Default::default()
+                                },
+                            ),
+                        }
+                        .mount(
+                            &disk,
+                            &format!("apply-{}", f.area),
+                            false,
+                        )?,
+                        format!("the filesystem at offset {}", area.start),
+                    ),
+                    Some(v) => {
+                        let (_, lv) = m
+                            .volume(f.area, v)
+                            .context("internal error: the plan's volume vanished")?;
+                        let vol = crate::fixup::volumes::Volume {
+                            name: v.clone(),
+                            place: crate::fixup::volumes::Place::Lv {
+                                part_start: area.start,
+                                lv: lv.clone(),
+                            },
+                        };
+                        let tag = crate::fixup::volumes::tag("apply", v);
+                        (
+                            vol.mount(&disk, &tag, false)?,
+                            format!("logical volume {v}"),
+                        )
+                    }
+                };
                 let st = super::apply::apply(src, &i.id, &mnt.dir, &f.current, &f.desired, None)?;
                 println!(
-                    "applied incremental {} to the filesystem at offset {}: {} removed, {} written, {} updated",
-                    i.id, area.start, st.removed, st.written, st.updated
+                    "applied incremental {} to {what}: {} removed, {} written, {} updated",
+                    i.id, st.removed, st.written, st.updated
                 );
-                if let Err(e) = st.check(
-                    f.desired.len(),
-                    &format!("incremental {} (filesystem at offset {})", i.id, area.start),
-                ) {
+                if let Err(e) = st.check(f.desired.len(), &format!("incremental {} ({what})", i.id))
+                {
                     not_applied.push(format!("{e:#}"));
                 }
             }

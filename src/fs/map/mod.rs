@@ -3,7 +3,8 @@
 //!
 //! Mapped: ext2/3/4 ([`ext`]: the block bitmaps), FAT12/16/32 ([`fat`]: the first FAT), XFS
 //! v4/v5 ([`xfs`]: each allocation group's by-block-number free-space B+tree) and
-//! single-device btrfs ([`btrfs`]: chunk and extent trees, every copy of DUP chunks). Every
+//! single-device btrfs ([`btrfs`]: chunk and extent trees, every copy of DUP chunks), Linux
+//! swap ([`swap`]: its header page). Every
 //! other partition is stored whole, and so is a mapped one whose structures are damaged, not
 //! cleanly unmounted, or use a layout bmr does not read (ext external journal device; XFS
 //! external log or realtime section; multi-device or striped btrfs).
@@ -11,6 +12,7 @@
 pub mod btrfs;
 pub mod ext;
 pub mod fat;
+pub mod swap;
 mod usedmap;
 pub mod xfs;
 
@@ -109,6 +111,9 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
         return Ok(Some(info));
     }
     if let Some(info) = fat::probe(dev, offset, len, &head[..512])? {
+        return Ok(Some(info));
+    }
+    if let Some(info) = swap::probe(dev, offset, len)? {
         return Ok(Some(info));
     }
     // Last: mkfs.fat on a small disk does not reach the 64 KiB a stale btrfs superblock keeps,
