@@ -41,6 +41,14 @@ fn add_lvs(tmp: &Tmp, vg: &str, lvs: &[(&str, u64, u64)]) {
     lvm(&format!("vgcfgrestore -f {} {vg}", cfg.display()));
 }
 
+/// The restore plan's line for logical volume `name`.
+fn lv_line(plan: &str, name: &str) -> String {
+    plan.lines()
+        .find(|l| l.trim_start().starts_with(&format!("LV {name} ")))
+        .unwrap_or_else(|| panic!("no line for LV {name} in: {plan}"))
+        .to_string()
+}
+
 fn pe_start(dev: &str) -> u64 {
     lvm(&format!(
         "pvs --noheadings --units b --nosuffix -o pe_start {dev}"
@@ -130,13 +138,17 @@ fn lvm_physical_volume_round_trip() {
     let out = bmr_ok(&[
         "restore", "--repo", &repo, "--host", "h1", "--target", &t, "--verify", "-q",
     ]);
-    // The plan names the LVs of the PV.
+    // The plan shows the stack: the PV, and each LV with what is stored of it.
+    assert!(out.contains(&format!("LVM PV of {vg}, ")), "{out}");
+    let data = lv_line(&out, &format!("{vg}/data"));
     assert!(
-        out.contains(&format!("LVM PV with {vg}/data (ext4 "))
-            && out.contains(&format!(
-                "{vg}/raw (no filesystem bmr maps, stored whole, 3.0 MiB)"
-            )),
-        "{out}"
+        data.contains("ext4 ") && data.contains(", file list"),
+        "{data}"
+    );
+    let raw = lv_line(&out, &format!("{vg}/raw"));
+    assert!(
+        raw.contains("3.0 MiB  no filesystem bmr maps, stored whole"),
+        "{raw}"
     );
     // The PV label and metadata, the raw LV exactly, the ext4 LV by its used blocks and files.
     assert!(
@@ -393,17 +405,27 @@ fn files_inside_logical_volumes() {
     );
     let inc_out = String::from_utf8_lossy(&inc.stdout);
     assert!(inc_out.contains("deleted"), "{inc_out}");
+    // bmr list shows the stack of a point: the PV, its LVs, what the incremental covers.
+    let l = bmr_ok(&["list", "--repo", &repo, "--host", "u1", "--at", "latest"]);
+    assert!(
+        l.contains(&format!("LV {vg}/root ")) && l.contains(&format!("incremental: {vg}/root (")),
+        "{l}"
+    );
 
     let target = tmp.path("target.img");
     let t = target.display().to_string();
     let out = bmr_ok(&[
         "restore", "--repo", &repo, "--host", "u1", "--target", &t, "--yes",
     ]);
+    let rootl = lv_line(&out, &format!("{vg}/root"));
     assert!(
-        out.contains(&format!("{vg}/root (ext4 "))
-            && out.contains("file list")
-            && out.contains(&format!("{vg}/swap (swap \"swp\" {swap_uuid}, header only")),
-        "{out}"
+        rootl.contains("ext4 ") && rootl.contains(", file list"),
+        "{rootl}"
+    );
+    let swapl = lv_line(&out, &format!("{vg}/swap"));
+    assert!(
+        swapl.contains(&format!("swap \"swp\" {swap_uuid}, header only")),
+        "{swapl}"
     );
     assert!(
         out.contains("applied incremental ")
@@ -453,4 +475,95 @@ fn files_inside_logical_volumes() {
             )),
         "{e}"
     );
+}
+
+/// RHEL's layout: an XFS root in a logical volume. Its file list, an incremental of it
+/// mounted, and that incremental applied inside the restored LV, which `xfs_repair -n` finds
+/// clean.
+#[test]
+fn xfs_root_in_a_logical_volume() {
+    let _turn = LVM_TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = Tmp::new("lvm-xfs");
+    let vg = format!("bmrx{}", std::process::id());
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "truncate -s 400M {d} && sgdisk -o -n 1:0:0 -t 1:8e00 {d} >/dev/null",
+        d = disk.display()
+    ));
+    let (_, parts) = sfdisk_parts(&disk);
+    let (_, pv_start, pv_len) = parts[0];
+    let pv = Loop::new(&disk, pv_start, pv_len, false);
+    lvm(&format!("pvcreate -ff -y {}", pv.0));
+    lvm(&format!("vgcreate -s 4M {vg} {}", pv.0));
+    add_lvs(&tmp, &vg, &[("root", 0, 80)]);
+    let pe = pe_start(&pv.0);
+    drop(pv);
+    let root_off = pv_start + pe;
+    let root_len = 320 * MIB;
+    let mnt = tmp.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let d = disk.display().to_string();
+    let m = mnt.display().to_string();
+    {
+        let lv = Loop::new(&disk, root_off, root_len, false);
+        sh(&format!("mkfs.xfs -q -f {}", lv.0));
+        sh(&format!("mount {} {m}", lv.0));
+        populate(&mnt.join("data"), 9);
+        sh(&format!(
+            "mkdir -p {m}/etc && echo '/dev/mapper/{vg}-root / xfs defaults 0 0' > {m}/etc/fstab && umount {m}"
+        ));
+    }
+    let repo = tmp.s("repo");
+    bmr_ok(&["backup", "--repo", &repo, "--host", "r1", &d]);
+    let ls = bmr_ok(&[
+        "ls",
+        "--repo",
+        &repo,
+        "--host",
+        "r1",
+        "--part",
+        &format!("{vg}/root"),
+        "/data/other",
+    ]);
+    assert!(ls.contains("\"hello.txt\""), "{ls}");
+
+    sh(&format!(
+        "mount -o loop,offset={root_off},sizelimit={root_len} {d} {m}"
+    ));
+    sh(&format!(
+        "cd {m}/data && rm -r sub && echo changed > other/hello.txt"
+    ));
+    let inc = bmr(&[
+        "backup",
+        "--incremental",
+        "--repo",
+        &repo,
+        "--host",
+        "r1",
+        &m,
+    ]);
+    let expected = state(&mnt);
+    sh(&format!("umount {m}"));
+    assert!(
+        inc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inc.stderr)
+    );
+
+    let target = tmp.path("target.img");
+    let t = target.display().to_string();
+    let out = bmr_ok(&[
+        "restore", "--repo", &repo, "--host", "r1", "--target", &t, "--yes",
+    ]);
+    assert!(
+        out.contains(&format!("to logical volume {vg}/root: ")),
+        "{out}"
+    );
+    assert!(out.contains("fix-up boot check: "), "{out}");
+    let lv = Loop::new(&target, root_off, root_len, false);
+    sh(&format!("xfs_repair -n {} >/dev/null 2>&1", lv.0));
+    sh(&format!("mount -o ro,nouuid {} {m}", lv.0));
+    let got = state(&mnt);
+    sh(&format!("umount {m}"));
+    assert_eq!(got, expected);
 }

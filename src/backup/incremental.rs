@@ -539,6 +539,19 @@ pub fn run(
             .iter()
             .find(|t| t.uuid.as_deref() == Some(uuid.as_str()))
         else {
+            let lv = base
+                .areas
+                .iter()
+                .flat_map(|a| &a.volumes)
+                .find(|v| v.fs.as_ref().and_then(|f| f.uuid.as_deref()) == Some(uuid.as_str()));
+            if let Some(lv) = lv {
+                bail!(
+                    "{} is logical volume {} of image {} of host {host}, which has no file list of it (an image from an older bmr, or its tree could not be read: see its warnings in bmr list --json): take a new image backup of the disk, then incrementals work",
+                    mp.display(),
+                    lv.name,
+                    base.id
+                );
+            }
             bail!(
                 "{} holds filesystem {uuid}, which has no file list in image {} of host {host}: take a new image backup",
                 mp.display(),

@@ -124,6 +124,64 @@ fn describe_fs(f: &FsMeta) -> String {
     )
 }
 
+/// The disk's stack as the image holds it: each area, and the logical volumes inside a PV,
+/// with what is stored of each (for the restore plan and `bmr list --at`).
+pub fn area_lines(m: &Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ai, a) in m.areas.iter().enumerate() {
+        let what = match (a.kind, a.partition) {
+            (AreaKind::Boot, _) => "boot area".to_string(),
+            (AreaKind::Partition, Some(n)) => format!("partition {n}"),
+            (AreaKind::Partition, None) => "whole disk".to_string(),
+        };
+        let fs = match (&a.fs, a.volumes.as_slice()) {
+            // Whether single files can come back from it without this restore.
+            (Some(f), _) if f.fstype == "swap" => format!("{}, header only", describe_fs(f)),
+            (Some(f), _)
+                if m.tocs
+                    .iter()
+                    .any(|t| t.area == ai as u32 && t.volume.is_none()) =>
+            {
+                format!("{}, file list", describe_fs(f))
+            }
+            (Some(f), _) => format!("{}, no file list", describe_fs(f)),
+            (None, []) => "stored whole".to_string(),
+            (None, lvs) => {
+                let mut vgs: Vec<&str> = lvs
+                    .iter()
+                    .filter_map(|l| l.name.split('/').next())
+                    .collect();
+                vgs.dedup();
+                format!("LVM PV of {}", vgs.join(", "))
+            }
+        };
+        out.push(format!(
+            "  {what:<13} at {:>12} size {:>10}  {fs}, {} to write",
+            a.start,
+            human_bytes(a.len),
+            human_bytes(a.used_bytes)
+        ));
+        for lv in &a.volumes {
+            let listed = m
+                .tocs
+                .iter()
+                .any(|t| t.area == ai as u32 && t.volume.as_ref() == Some(&lv.name));
+            let fs = match &lv.fs {
+                None => "no filesystem bmr maps, stored whole".into(),
+                Some(f) if f.fstype == "swap" => format!("{}, header only", describe_fs(f)),
+                Some(f) if listed => format!("{}, file list", describe_fs(f)),
+                Some(f) => format!("{}, no file list", describe_fs(f)),
+            };
+            out.push(format!(
+                "    LV {:<22} size {:>10}  {fs}",
+                lv.name,
+                human_bytes(lv.size)
+            ));
+        }
+    }
+    out
+}
+
 /// Longest name of one directory entry, and of a path or symlink target, Linux accepts.
 const NAME_MAX: usize = 255;
 const PATH_MAX: usize = 4095;
@@ -394,47 +452,7 @@ impl<'r> RestorePlan<'r> {
         if let Some(what) = &t.holds {
             out.push(format!("            holds {what}: it will be overwritten"));
         }
-        for (ai, a) in m.areas.iter().enumerate() {
-            let what = match (a.kind, a.partition) {
-                (AreaKind::Boot, _) => "boot area".to_string(),
-                (AreaKind::Partition, Some(n)) => format!("partition {n}"),
-                (AreaKind::Partition, None) => "whole disk".to_string(),
-            };
-            let fs = match (&a.fs, a.volumes.as_slice()) {
-                // Whether single files can come back from it without this restore.
-                (Some(f), _) if m.tocs.iter().any(|t| t.area == ai as u32) => {
-                    format!("{}, file list", describe_fs(f))
-                }
-                (Some(f), _) => format!("{}, no file list", describe_fs(f)),
-                (None, []) => "stored whole".to_string(),
-                (None, lvs) => {
-                    let lvs: Vec<String> = lvs
-                        .iter()
-                        .map(|lv| {
-                            let listed = m.tocs.iter().any(|t| {
-                                t.area == ai as u32 && t.volume.as_ref() == Some(&lv.name)
-                            });
-                            let fs = match &lv.fs {
-                                None => "no filesystem bmr maps, stored whole".into(),
-                                Some(f) if f.fstype == "swap" => {
-                                    format!("{}, header only", describe_fs(f))
-                                }
-                                Some(f) if listed => format!("{}, file list", describe_fs(f)),
-                                Some(f) => format!("{}, no file list", describe_fs(f)),
-                            };
-                            format!("{} ({fs}, {})", lv.name, human_bytes(lv.size))
-                        })
-                        .collect();
-                    format!("LVM PV with {}", lvs.join(", "))
-                }
-            };
-            out.push(format!(
-                "  {what:<13} at {:>12} size {:>10}  {fs}, {} to write",
-                a.start,
-                human_bytes(a.len),
-                human_bytes(a.used_bytes)
-            ));
-        }
+        out.extend(area_lines(m));
         if t.size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
             out.push("  the target is bigger: the GPT backup header moves to its end".to_string());
         }
