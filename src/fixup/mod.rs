@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use crate::device::Disk;
 use crate::device::layout::{DiskLayout, Partition, Table};
 use crate::device::mount::{PartDev, mount_range, partition_node};
-use crate::repo::manifest::Manifest;
+use crate::repo::manifest::{LvMeta, Manifest};
 use crate::util::progress::human_bytes;
 
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -190,6 +190,8 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     if o.no_fixups {
         return Ok(());
     }
+    // What the steps after grow see: a grown logical volume where it lies now.
+    let mut now = m.clone();
     if o.grow || o.grow_lv.is_some() {
         match grow::grow_table(disk)? {
             None => step(
@@ -215,7 +217,15 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                 wait_for_size(disk, &p);
                 let fstype = crate::fs::id::identify_at(&disk.file, p.start).map(|f| f.fstype);
                 match fstype.as_deref() {
-                    Some("LVM2_member") => grow_lvm(m, disk, &p, o)?,
+                    Some("LVM2_member") => {
+                        if let Some(lv) = grow_lvm(m, disk, &p, o)? {
+                            for v in now.areas.iter_mut().flat_map(|a| a.volumes.iter_mut()) {
+                                if v.name == lv.name {
+                                    *v = lv.clone();
+                                }
+                            }
+                        }
+                    }
                     Some(t) if is_ext(t) => {
                         let dev = PartDev::open(disk, &p)?;
                         step("grow", &grow::grow_ext(&dev.path)?);
@@ -239,14 +249,14 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)
         .context("cannot read the restored partition table")?;
     let parts = layout.data_partitions();
-    device_names(m, disk, &parts)?;
+    device_names(&now, disk, &parts)?;
     if let Some(esp) = parts.iter().find(|p| p.type_desc == efiboot::ESP_TYPE) {
-        uefi(m, disk, esp, &layout, o)?;
+        uefi(&now, disk, esp, &layout, o)?;
     }
     if o.reinstall_bootloader {
         reinstall_bootloader(disk, &parts)?;
     }
-    boot_check(m, disk, &layout)
+    boot_check(&now, disk, &layout)
 }
 
 /// Would the restored system find every filesystem its fstab mounts? One that is missing (and
@@ -361,14 +371,14 @@ fn root_lv(m: &Manifest) -> Option<String> {
 
 /// The grown last partition is an LVM physical volume: give the new space to the PV, then to
 /// the logical volume holding the root (or `--grow-lv`), then to its filesystem.
-fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Result<()> {
+fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Result<Option<LvMeta>> {
     use crate::device::lvm::{field, lvm, num, parse_pe_range, report};
     let Some(name) = o.grow_lv.clone().or_else(|| root_lv(m)) else {
         step(
             "grow",
             "the physical volume's logical volumes keep their sizes (none holds a root; name one with --grow-lv VG/LV or bmr.grow-lv=)",
         );
-        return Ok(());
+        return Ok(None);
     };
     let dev = PartDev::open(disk, p)?;
     let pv = dev.path.display().to_string();
@@ -441,7 +451,7 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
         name: name.clone(),
         place: volumes::Place::Lv {
             part_start: p.start,
-            lv: meta,
+            lv: meta.clone(),
         },
     };
     drop(dev);
@@ -465,7 +475,7 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
             ),
         ),
     }
-    Ok(())
+    Ok(Some(meta))
 }
 
 fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
