@@ -36,7 +36,7 @@ pub struct Missing {
 }
 
 /// `/dev/mapper/` names escape a dash inside a VG or LV name by doubling it.
-fn mapper_to_lv(name: &str) -> Option<String> {
+pub fn mapper_to_lv(name: &str) -> Option<String> {
     let b = name.as_bytes();
     let mut i = 0;
     while i < b.len() {

@@ -82,15 +82,25 @@ fn chroot(root: &Path, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-/// Reinstall GRUB from inside the restored root mounted at `root`, onto `disk`; `esp` is the
-/// restored ESP's device when the system boots by UEFI.
-pub fn reinstall(root: &Path, disk: &Path, esp: Option<&Path>, uefi: bool) -> Result<Vec<String>> {
+/// Reinstall GRUB from inside the restored root mounted at `root`, onto `disk`; `boot` is a
+/// separate /boot's device and type, `esp` the restored ESP's device when the system boots by
+/// UEFI.
+pub fn reinstall(
+    root: &Path,
+    disk: &Path,
+    boot: Option<(&Path, &str)>,
+    esp: Option<&Path>,
+    uefi: bool,
+) -> Result<Vec<String>> {
     let Some((install, mkconfig, cfg)) = grub_tools(root) else {
         bail!(
             "--reinstall-bootloader: the restored system has no grub-install or grub2-install; reinstall its boot loader by hand"
         );
     };
     let mut m = Mounts(Vec::new());
+    if let Some((dev, fstype)) = boot {
+        m.fs(dev, &root.join("boot"), fstype)?;
+    }
     for d in ["/dev", "/proc", "/sys", "/run"] {
         m.bind(d, &root.join(d.trim_start_matches('/')))?;
     }

@@ -254,7 +254,7 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
         uefi(&now, disk, esp, &layout, o)?;
     }
     if o.reinstall_bootloader {
-        reinstall_bootloader(disk, &parts)?;
+        reinstall_bootloader(&now, disk, &parts)?;
     }
     boot_check(&now, disk, &layout)
 }
@@ -478,27 +478,131 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
     Ok(Some(meta))
 }
 
-fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
-    let root = parts.iter().find_map(|p| {
-        let f = crate::fs::id::identify_at(&disk.file, p.start)?;
+/// A volume group activated by lvm for the chroot (GRUB's tools must see a root LV as LVM);
+/// deactivated on drop.
+struct ActiveVg {
+    vg: String,
+    pv: String,
+}
+
+impl ActiveVg {
+    fn activate(vg: &str, pv: &str) -> Result<ActiveVg> {
+        crate::device::lvm::lvm(&["vgchange", "-ay", vg, "--devices", pv])
+            .with_context(|| format!("cannot activate the restored volume group {vg}"))?;
+        Ok(ActiveVg {
+            vg: vg.into(),
+            pv: pv.into(),
+        })
+    }
+}
+
+impl Drop for ActiveVg {
+    fn drop(&mut self) {
+        if let Err(e) =
+            crate::device::lvm::lvm(&["vgchange", "-an", &self.vg, "--devices", &self.pv])
+        {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// The volume an fstab device names, among the restored disk's (UUID=, LABEL=, a partition's
+/// path, /dev/mapper/VG-LV, /dev/VG/LV).
+fn volume_named<'a>(
+    spec: &str,
+    vols: &'a [volumes::Volume],
+    disk: &Disk,
+) -> Option<&'a volumes::Volume> {
+    let id = |v: &volumes::Volume| v.identify(disk);
+    if let Some(u) = spec.strip_prefix("UUID=") {
+        return vols
+            .iter()
+            .find(|v| id(v).is_some_and(|f| f.uuid.eq_ignore_ascii_case(u.trim_matches('"'))));
+    }
+    if let Some(l) = spec.strip_prefix("LABEL=") {
+        return vols
+            .iter()
+            .find(|v| id(v).is_some_and(|f| f.label == l.trim_matches('"')));
+    }
+    if let Some((_, n)) = devnames::parse_partition(spec) {
+        return vols
+            .iter()
+            .find(|v| v.partition().is_some_and(|p| p.number == n));
+    }
+    let lv = match spec.strip_prefix("/dev/mapper/") {
+        Some(m) => bootcheck::mapper_to_lv(m)?,
+        None => spec.strip_prefix("/dev/")?.to_string(),
+    };
+    vols.iter().find(|v| v.name == lv)
+}
+
+fn reinstall_bootloader(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Result<()> {
+    let vols = volumes::list(m, parts);
+    let root = vols.iter().find_map(|v| {
+        let f = v.identify(disk)?;
         // btrfs roots live in subvolumes that a chroot would have to mount as /.
         if !is_ext(&f.fstype) && f.fstype != "xfs" {
             return None;
         }
-        let tag = format!("root{}", p.number);
-        let is_root = mount_range(disk, p.start, p.len, Some(p.number), &tag, true)
-            .ok()?
-            .dir
-            .join("etc/fstab")
-            .is_file();
-        is_root
-            .then(|| mount_range(disk, p.start, p.len, Some(p.number), &tag, false).ok())
-            .flatten()
+        let mnt = v.mount(disk, &volumes::tag("root", &v.name), true).ok()?;
+        let fstab = std::fs::read_to_string(mnt.dir.join("etc/fstab")).ok()?;
+        Some((v, f.fstype, fstab))
     });
-    let Some(root) = root else {
+    let Some((root, fstype, fstab)) = root else {
         bail!(
             "--reinstall-bootloader: no root filesystem (ext2/3/4 or XFS with /etc/fstab) on the restored disk (on btrfs: boot the restored system and run grub-install there)"
         );
+    };
+    // A root LV is mounted through LVM itself, so that grub-mkconfig finds it as one.
+    let mut _vg = None;
+    let root_dev = match &root.place {
+        volumes::Place::Partition(p) => partition_node(&disk.path, p.number)?,
+        volumes::Place::Lv { part_start, lv } => {
+            let pv = parts
+                .iter()
+                .find(|p| p.start == *part_start)
+                .context("internal error: the root LV's PV vanished")?;
+            let pv = partition_node(&disk.path, pv.number)?.display().to_string();
+            let vg = lv.name.split('/').next().unwrap_or_default().to_string();
+            _vg = Some(ActiveVg::activate(&vg, &pv)?);
+            PathBuf::from(format!("/dev/{}", lv.name))
+        }
+    };
+    let mnt = crate::device::mount::mount_device(
+        &root_dev,
+        Some(&fstype),
+        None,
+        &volumes::tag("chroot", &root.name),
+        false,
+    )
+    .with_context(|| {
+        format!(
+            "--reinstall-bootloader: cannot mount the restored root {}",
+            root.name
+        )
+    })?;
+    // A separate /boot (Ubuntu's and RHEL's installs), as its fstab names it.
+    let boot = fstab
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 2 && !f[0].starts_with('#') && f[1] == "/boot")
+        .map(|f| f[0].to_string());
+    let boot = match boot {
+        None => None,
+        Some(spec) => {
+            let v = volume_named(&spec, &vols, disk).with_context(|| {
+                format!("--reinstall-bootloader: /boot ({spec}) is not on the restored disk")
+            })?;
+            let t = v
+                .identify(disk)
+                .map(|f| f.fstype)
+                .with_context(|| format!("--reinstall-bootloader: no filesystem on {}", v.name))?;
+            let dev = match v.partition() {
+                Some(p) => partition_node(&disk.path, p.number)?,
+                None => PathBuf::from(format!("/dev/{}", v.name)),
+            };
+            Some((dev, t))
+        }
     };
     let esp = parts
         .iter()
@@ -506,7 +610,8 @@ fn reinstall_bootloader(disk: &Disk, parts: &[Partition]) -> Result<()> {
         .map(|p| partition_node(&disk.path, p.number))
         .transpose()?;
     let uefi = efiboot::firmware_is_uefi();
-    for line in bootloader::reinstall(&root.dir, &disk.path, esp.as_deref(), uefi)? {
+    let boot = boot.as_ref().map(|(d, t)| (d.as_path(), t.as_str()));
+    for line in bootloader::reinstall(&mnt.dir, &disk.path, boot, esp.as_deref(), uefi)? {
         step("bootloader", &line);
     }
     Ok(())
