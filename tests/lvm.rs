@@ -220,6 +220,24 @@ fn lvm_refusals() {
     // Nothing was stored.
     let (_, snaps) = sh_status(&format!("ls {repo}/hosts/h1/snapshots/ 2>&1"));
     assert!(!snaps.contains(".json"), "{snaps}");
+    // Offline, such a PV is stored whole, and the warning names where the rest of the VG is.
+    let out = bmr(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "h2",
+        &disk.display().to_string(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "volume group {vg} also has physical volumes on other disks ({})",
+            there.0
+        )) && err.contains("stored whole"),
+        "{err}"
+    );
 }
 
 /// An Ubuntu-like disk imaged offline (no --snapshot; bmr makes the loop device lvm needs):

@@ -245,8 +245,19 @@ impl Snapshots {
             }
             let here = pvs.iter().filter(|p| p.2 == name).count() as u64;
             if num(r, "pv_count")? != here {
+                let elsewhere: Vec<&str> = pv_rows
+                    .iter()
+                    .filter(|r| field(r, "vg_name").is_ok_and(|v| v == name))
+                    .filter_map(|r| field(r, "pv_name").ok())
+                    .filter(|n| !pvs.iter().any(|p| p.0 == *n))
+                    .collect();
                 bail!(
-                    "volume group {name} has physical volumes on other disks: bmr images one disk, so back up from the rescue system, or move the VG onto this disk"
+                    "volume group {name} also has physical volumes on other disks ({}): bmr images one disk at a time, and maps a volume group only when all of it is on that disk; move the VG onto one disk, or back up each of its disks (their PVs are then stored whole)",
+                    if elsewhere.is_empty() {
+                        "not found: missing".to_string()
+                    } else {
+                        elsewhere.join(", ")
+                    }
                 );
             }
             vg_info.insert(
