@@ -1,11 +1,42 @@
 #!/bin/bash
 # A real Debian bookworm machine with its root on LVM, laid out like Ubuntu Server's guided
-# install, as a DR drill's source machine. Sourced by qemu-tests/drill.sh; run alone for a
-# self-test:
+# install: the DR drill's source machine when the drill must prove a distribution's own boot
+# (GRUB reading a separate /boot, Debian's initramfs-tools + lvm2 hook activating the root LV,
+# systemd mounting fstab). Built on the host without device-mapper or vfat: LVM metadata by
+# vgcfgrestore on a loop device, the LVs' ext4 and swap written at their byte offsets, the ESP
+# with mtools. Sourced by qemu-tests/drill.sh (after or instead of machine.sh, whose helpers it
+# uses); run alone:
 #
-#   qemu-tests/debian.sh selftest
+#   qemu-tests/debian.sh selftest      build, fsck, boot 5 ways, check the reports (~10 min, TCG)
+#   qemu-tests/debian.sh build [DIR]   just build (default $WORK/debian-lvm)
 #
-# (interface: see the comment above make_debian_machine)
+#   make_debian_machine DIR [lvm]   DIR/disk.img, DIR/tree (the root LV's files; /boot empty),
+#       DIR/boot-tree (/boot's), DIR/grubx64.efi, DIR/info (see the comment above the function)
+#   debian_info DIR VAR             one variable of DIR/info
+#   boot_disk NAME bios|uefi BUS:FILE   (machine.sh) boots it; log $WORK/NAME.log
+#   machine_report LOG              (machine.sh) the BMR-MACHINE/BMR-FILE lines it printed
+#   debian_expected_report DIR [STEP_EXIT [TREE]]   what a clean boot prints
+#   debian_put DIR SRC DEST [MODE [IMG]]   a host file into the root LV (e.g. /etc/bmr-drill-step)
+#   debian_usage DIR                sizes: disk, allocated, used by the root LV and /boot
+#
+# At boot, instead of a login prompt, bmr-report.service (after local-fs.target and
+# swap.target) runs /etc/bmr-drill-step if it is executable, then prints on ttyS0 what the
+# busybox machine's init prints, plus the LVM stack's lines, and powers off:
+#   BMR-MACHINE: up debian-lvm
+#   BMR-MACHINE: fstab ok                   (or: fstab failed NAME...)
+#   BMR-MACHINE: step exit N                (only when /etc/bmr-drill-step ran)
+#   BMR-MACHINE: root /dev/mapper/vg0-root  (findmnt -no SOURCE /)
+#   BMR-MACHINE: lv vg0 root -wi-ao----     (lvs: one line per LV)
+#   BMR-MACHINE: lv vg0 swap -wi-ao----
+#   BMR-MACHINE: swap /dev/mapper/vg0-swap  (one line per active swap)
+#   BMR-FILE: SHA256 PATH                   (each file under /data, then /home/PATH)
+#   BMR-MACHINE: end N files
+# When an fstab device never shows up systemd gives up after DefaultDeviceTimeoutSec (60 s
+# here, not the stock 90 s) and enters emergency mode; bmr-report-emergency.service then prints
+# the same report with `BMR-MACHINE: emergency mode` after `up` and `fstab failed ...` (the step
+# does not run), and powers off, so a drill sees the failure without waiting for its timeout.
+# fstab names /boot/efi /dev/sda2 as old installs do: only a SATA disk comes up cleanly;
+# on virtio or NVMe the root LV is found (root/lv lines) but fstab fails until bmr rewrites it.
 # shellcheck source=qemu-tests/machine.sh
 declare -F make_machine >/dev/null || source "$(dirname "${BASH_SOURCE[0]}")/machine.sh"
 
@@ -525,6 +556,9 @@ debian_selftest() {
     local t0=$SECONDS
     make_debian_machine "$dir" lvm
     log "built $dir in $((SECONDS - t0)) s: $(debian_usage "$dir")"
+    fsck_clean() { e2fsck -fn "$dir/disk.img?offset=$1" >&2 || { log "e2fsck: problems at offset $1"; return 1; }; }
+    CASE=debian-fsck-root; check fsck_clean "$(debian_info "$dir" ROOT_LV_OFFSET)" 2>/dev/null
+    CASE=debian-fsck-boot; check fsck_clean "$(debian_info "$dir" PART3_START)" 2>/dev/null
     CASE=debian-bios-sata; timed_boot "$CASE" bios "sata:$dir/disk.img"
     check same "$CASE"
     # Under OVMF with an empty NVRAM only the removable path boots: add it to a copy.
