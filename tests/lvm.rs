@@ -423,6 +423,9 @@ fn files_inside_logical_volumes() {
     );
     let inc_out = String::from_utf8_lossy(&inc.stdout);
     assert!(inc_out.contains("deleted"), "{inc_out}");
+    // verify reads the LV's file lists (image and incremental) like any other.
+    let v = bmr_ok(&["verify", "--repo", &repo, "--host", "u1", "-q"]);
+    assert!(!v.contains("damaged"), "{v}");
     // bmr list shows the stack of a point: the PV, its LVs, what the incremental covers.
     let l = bmr_ok(&["list", "--repo", &repo, "--host", "u1", "--at", "latest"]);
     assert!(
