@@ -41,6 +41,34 @@ fn add_lvs(tmp: &Tmp, vg: &str, lvs: &[(&str, u64, u64)]) {
     lvm(&format!("vgcfgrestore -f {} {vg}", cfg.display()));
 }
 
+/// A GPT disk of `mib` MiB, random bytes everywhere first (a free extent or free block that
+/// came back would not be zero): partition 1 (8 MiB), then an LVM PV to the end holding `vg`
+/// with `lvs` (1 MiB extents). Returns the disk, partition 1's start, the PV's start and
+/// length, pe_start, and the PV's loop device: drop it before bmr reads the disk (two PVs with
+/// one UUID confuse lvm).
+fn pv_disk(
+    tmp: &Tmp,
+    vg: &str,
+    mib: u64,
+    lvs: &[(&str, u64, u64)],
+) -> (std::path::PathBuf, u64, u64, u64, u64, Loop) {
+    let disk = tmp.path("disk.img");
+    sh(&format!(
+        "head -c {} /dev/urandom > {d} && sgdisk -o -n 1:0:+8M -t 1:8300 -n 2:0:0 -t 2:8e00 {d} >/dev/null",
+        mib * MIB,
+        d = disk.display()
+    ));
+    let (_, parts) = sfdisk_parts(&disk);
+    let (_, first, _) = parts[0];
+    let (_, pv_start, pv_len) = parts[1];
+    let pv = Loop::new(&disk, pv_start, pv_len, false);
+    lvm(&format!("pvcreate -ff -y {}", pv.0));
+    lvm(&format!("vgcreate -s 1M {vg} {}", pv.0));
+    add_lvs(tmp, vg, lvs);
+    let pe = pe_start(&pv.0);
+    (disk, first, pv_start, pv_len, pe, pv)
+}
+
 /// The restore plan's line for logical volume `name`.
 fn lv_line(plan: &str, name: &str) -> String {
     plan.lines()
@@ -72,21 +100,8 @@ fn lvm_physical_volume_round_trip() {
     let vg = format!("bmrt{}", std::process::id());
     let tree = tmp.path("tree");
     populate(&tree, 7);
-    // Random everywhere first: a free extent or free block that came back would not be zero.
-    let disk = tmp.path("disk.img");
-    sh(&format!(
-        "head -c {} /dev/urandom > {d} && sgdisk -o -n 1:0:+8M -t 1:8300 -n 2:0:0 -t 2:8e00 {d} >/dev/null",
-        64 * MIB,
-        d = disk.display()
-    ));
-    let (_, parts) = sfdisk_parts(&disk);
-    let (_, pv_start, pv_len) = parts[1];
-
-    let pv = Loop::new(&disk, pv_start, pv_len, false);
-    lvm(&format!("pvcreate -ff -y {}", pv.0));
-    lvm(&format!("vgcreate -s 1M {vg} {}", pv.0));
-    add_lvs(&tmp, &vg, &[("data", 2, 12), ("raw", 20, 3)]);
-    let pe = pe_start(&pv.0);
+    let (disk, _, pv_start, pv_len, pe, pv) =
+        pv_disk(&tmp, &vg, 64, &[("data", 2, 12), ("raw", 20, 3)]);
     let data_off = pv_start + pe + 2 * MIB;
     let raw_off = pv_start + pe + 20 * MIB;
     let fs = tmp.path("data.img");
@@ -266,20 +281,8 @@ fn files_inside_logical_volumes() {
     let boot = tmp.path("boot");
     populate(&boot, 4);
 
-    let disk = tmp.path("disk.img");
-    sh(&format!(
-        "head -c {} /dev/urandom > {d} && sgdisk -o -n 1:0:+8M -t 1:8300 -n 2:0:0 -t 2:8e00 {d} >/dev/null",
-        96 * MIB,
-        d = disk.display()
-    ));
-    let (_, parts) = sfdisk_parts(&disk);
-    let (_, boot_start, _) = parts[0];
-    let (_, pv_start, pv_len) = parts[1];
-    let pv = Loop::new(&disk, pv_start, pv_len, false);
-    lvm(&format!("pvcreate -ff -y {}", pv.0));
-    lvm(&format!("vgcreate -s 1M {vg} {}", pv.0));
-    add_lvs(&tmp, &vg, &[("root", 1, 40), ("swap", 45, 8)]);
-    let pe = pe_start(&pv.0);
+    let (disk, boot_start, pv_start, _, pe, pv) =
+        pv_disk(&tmp, &vg, 96, &[("root", 1, 40), ("swap", 45, 8)]);
     drop(pv);
     let root_off = pv_start + pe + MIB;
     let swap_off = pv_start + pe + 45 * MIB;
