@@ -509,18 +509,7 @@ fn xfs_root_in_a_logical_volume() {
     let _turn = LVM_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = Tmp::new("lvm-xfs");
     let vg = format!("bmrx{}", std::process::id());
-    let disk = tmp.path("disk.img");
-    sh(&format!(
-        "truncate -s 400M {d} && sgdisk -o -n 1:0:0 -t 1:8e00 {d} >/dev/null",
-        d = disk.display()
-    ));
-    let (_, parts) = sfdisk_parts(&disk);
-    let (_, pv_start, pv_len) = parts[0];
-    let pv = Loop::new(&disk, pv_start, pv_len, false);
-    lvm(&format!("pvcreate -ff -y {}", pv.0));
-    lvm(&format!("vgcreate -s 4M {vg} {}", pv.0));
-    add_lvs(&tmp, &vg, &[("root", 0, 80)]);
-    let pe = pe_start(&pv.0);
+    let (disk, _, pv_start, _, pe, pv) = pv_disk(&tmp, &vg, 400, &[("root", 0, 320)]);
     drop(pv);
     let root_off = pv_start + pe;
     let root_len = 320 * MIB;
