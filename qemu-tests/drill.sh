@@ -557,7 +557,7 @@ debian_restore() {
     local cmp=-eq
     [ -z "$GROW" ] || cmp=-gt
     sed -e "s/@ROOT_LV_SIZE@/$root_size/g" -e "s/@SIZE_TEST@/$cmp/g" \
-        -e "s/@SWAP_UUID@/$(debian_info "$D/src" SWAP_UUID)/g" \
+        -e "s/@SWAP_HEX@/$(debian_info "$D/src" SWAP_UUID | tr -d -)/g" \
         "$ROOT/qemu-tests/debian-lvm-check.guest" >"$D/check.guest"
     rm -f "$WORK/$NAME-rescue.sock"
     python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-rescue.sock" "$WORK/$NAME-rescue.log" \
@@ -572,9 +572,13 @@ debian_restore() {
     while IFS= read -r line; do
         STEPS+=("  $line")
     done < <(tr -d '\r' <"$rlog" | grep -a -E '^(applied incremental|fix-up [^ ])' || true)
+    local esp
+    esp=$(debian_info "$D/src" ESP_ID)
     local want=(
         "^applied incremental $THURSDAY to logical volume vg0/root: "
         '^fix-up device names: vg0/root /etc/fstab: /dev/sdaN -> UUID='
+        "^ +-/dev/sda2 /boot/efi vfat "
+        "^ +\\+UUID=${esp:0:4}-${esp:4} /boot/efi vfat "
         '^fix-up boot check: vg0/root /etc/fstab: every filesystem it mounts is on the restored disk$'
     )
     [ -z "$GROW" ] || want+=(
@@ -590,7 +594,7 @@ debian_restore() {
     wait "$driver" || fail "the restored volume group: $(tail -n 1 "$D/check-driver.err") (log: $rlog)"
     local grown
     grown=$(tr -d '\r' <"$rlog" | sed -n -E 's/^BMR-ROOT-LV ([0-9]+)$/\1/p' | tail -n 1)
-    step "restored volume group in the rescue system: vgchange -ay vg0, LVs root and swap, root $(mib "$root_size") -> $(mib "${grown:-0}"), e2fsck -fn /dev/vg0/root clean, /dev/vg0/swap has its UUID $(debian_info "$D/src" SWAP_UUID), vgchange -an vg0"
+    step "restored volume group in the rescue system: vgchange -ay vg0, LVs root and swap, root $(mib "$root_size") -> $(mib "${grown:-0}"), e2fsck -fn /dev/vg0/root clean, /dev/vg0/swap a swap header with its UUID $(debian_info "$D/src" SWAP_UUID), vgchange -an vg0"
     if [ -n "$GROW" ]; then
         local end total
         end=$(sfdisk -J "$t" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][3]; print(p['start'] + p['size'])")
