@@ -8,7 +8,8 @@
 #
 #   qemu-tests/drill.sh [--layout gpt|mbr] [--rootfs ext4|xfs|btrfs] [--rescue-firmware bios|uefi]
 #                       [--bus virtio|sata|nvme] [--delivery cd|usb|pxe] [--grow] [--tui]
-#                       [--reinstall-bootloader] [--lvm] [--name NAME]
+#                       [--reinstall-bootloader] [--lvm] [--machine busybox|debian-lvm]
+#                       [--name NAME]
 #
 # --rootfs xfs|btrfs gives the machine an XFS root, or a btrfs root in subvolume @ with /home in
 # subvolume @home (machine.sh). Each day's incremental names both mount points of the btrfs,
@@ -25,13 +26,22 @@
 # `bmr backup --snapshot lvm`. After the restore it activates the restored volume group and
 # checks the LV's files are exactly those of the snapshot's moment (qemu-tests/lvm-*.guest).
 #
+# --machine debian-lvm (GPT, ext4) drills a real distribution's LVM install instead of the busybox
+# machine: qemu-tests/debian.sh's Debian bookworm (BIOS boot, ESP, /boot, a PV with vg0/root and
+# vg0/swap; Debian's initramfs activates the root LV, systemd mounts fstab, whose /boot/efi is
+# /dev/sda2). Monday's image is taken offline on the host; Tuesday's to Thursday's incrementals
+# in the running guest (booted on SATA, the one bus its fstab suits), by its own bmr onto a
+# repository disk, from /etc/bmr-drill-step. The restored volume group is checked in the rescue
+# system (qemu-tests/debian-lvm-check.guest), and the restored disk must boot with Thursday's
+# files, its fstab rewritten and both LVs up.
+#
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
 # shellcheck source=qemu-tests/lib.sh
 source "$(dirname "$0")/lib.sh"
 # shellcheck source=qemu-tests/machine.sh
 source "$(dirname "$0")/machine.sh"
 
-LAYOUT=gpt ROOTFS=ext4 FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME='' REINSTALL='' LVM=''
+LAYOUT=gpt ROOTFS=ext4 FW=bios BUS=virtio DELIVERY=cd GROW='' TUI='' NAME='' REINSTALL='' LVM='' MACHINE=busybox
 while [ $# -gt 0 ]; do
     case $1 in
     --layout) LAYOUT=$2; shift ;;
@@ -43,6 +53,7 @@ while [ $# -gt 0 ]; do
     --tui) TUI=1 ;;
     --reinstall-bootloader) REINSTALL=1 ;;
     --lvm) LVM=1 ;;
+    --machine) MACHINE=$2; shift ;;
     --name) NAME=$2; shift ;;
     *) log "drill.sh: unknown option $1 (see the comment at the top)"; exit 2 ;;
     esac
@@ -57,6 +68,18 @@ if [ -n "$LVM" ] && { [ "$LAYOUT" != gpt ] || [ -n "$TUI$GROW$REINSTALL" ]; }; t
     log "drill.sh: --lvm drills a GPT disk, without --tui, --grow or --reinstall-bootloader"
     exit 2
 fi
+case $MACHINE in
+busybox) ;;
+debian-lvm)
+    if [ "$LAYOUT/$ROOTFS" != gpt/ext4 ] || [ -n "$TUI$REINSTALL$LVM" ]; then
+        log "drill.sh: --machine debian-lvm is a GPT disk with an ext4 root LV: not with --layout mbr, --rootfs, --tui, --reinstall-bootloader or --lvm"
+        exit 2
+    fi
+    # shellcheck source=qemu-tests/debian.sh
+    source "$(dirname "$0")/debian.sh"
+    ;;
+*) log "drill.sh: --machine busybox or debian-lvm, not $MACHINE"; exit 2 ;;
+esac
 case $ROOTFS in
 ext4) ;;
 xfs | btrfs)
@@ -70,9 +93,12 @@ xfs | btrfs)
 esac
 # The ext4 drills keep their names and hosts; the others carry their root's type.
 FS_TAG=${ROOTFS#ext4}
+# The Debian machine's drill carries it in its name and host.
+[ "$MACHINE" = busybox ] || FS_TAG=lvm-debian
 NAME=${NAME:-drill-$LAYOUT${FS_TAG:+-$FS_TAG}-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}${REINSTALL:+-reinstall}${LVM:+-lvm}}
 D=$WORK/$NAME
 HOST=drill-$LAYOUT${FS_TAG:+-$FS_TAG}${LVM:+-lvm}
+[ "$MACHINE" = busybox ] || HOST=drill-debian-lvm
 STEPS=()
 step() { STEPS+=("$*"); log "[$NAME] $*"; }
 fail() {
@@ -81,6 +107,11 @@ fail() {
     exit 1
 }
 report() {
+    if [ "$MACHINE" = debian-lvm ]; then
+        echo "== drill $NAME: Debian bookworm on LVM ($LAYOUT disk: BIOS boot, ESP, /boot, PV with vg0/root ext4 and vg0/swap), incrementals taken in the running guest, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}"
+        printf '   %s\n' "${STEPS[@]}"
+        return
+    fi
     echo "== drill $NAME: $LAYOUT disk, $ROOTFS root${HOME_MNT:+ (subvolumes @ and @home)}, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}${TUI:+, through the TUI}${REINSTALL:+, boot code lost and reinstalled}${LVM:+, LVM volume imaged through a snapshot}"
     printf '   %s\n' "${STEPS[@]}"
 }
@@ -354,9 +385,262 @@ check_root_fs() {
     fi
 }
 
+# ---- --machine debian-lvm: qemu-tests/debian.sh's Debian bookworm with its root on LVM ----
+
+# The /data changes of a day as shell commands on $DATA: day()'s TSM scenario, run by the host
+# on Monday and for the expected trees, and by the guest's /etc/bmr-drill-step on the other days.
+# shellcheck disable=SC2016 # expanded where they run
+day_sh() {
+    case $1 in
+    monday) echo 'rm -rf "${DATA:?}"/* && echo "file 1, Monday" >"$DATA/file1" && echo "file 2, Monday" >"$DATA/file2" && echo "file 3, Monday" >"$DATA/file3"' ;;
+    tuesday) echo 'echo "file 4, Tuesday" >"$DATA/file4"' ;;
+    wednesday) echo 'rm "$DATA/file2" && echo "file 3, changed on Wednesday" >"$DATA/file3"' ;;
+    thursday) echo 'rm "$DATA/file1"' ;;
+    esac
+}
+
+REPO_LABEL=bmrrepo
+# The guest's /etc/bmr-drill-step for a day: the day's changes, then `bmr backup --incremental /`
+# onto the repository disk (found by its label), which it unmounts; exits with bmr's status. It
+# makes itself non-executable first, so the incremental, and the system restored from it, keep
+# it disarmed (the restored machine must boot without a repository disk).
+debian_step() {
+    cat <<STEP
+#!/bin/sh
+# drill $NAME, ${1^}: written by qemu-tests/drill.sh.
+chmod -x /etc/bmr-drill-step
+DATA=/data
+$(day_sh "$1") || exit 90
+i=0
+until dev=\$(blkid -L $REPO_LABEL); do
+    i=\$((i + 1))
+    [ \$i -le 60 ] || { echo "drill step: no disk labelled $REPO_LABEL"; exit 91; }
+    sleep 1
+done
+mkdir -p /mnt/repo && mount "\$dev" /mnt/repo || exit 92
+bmr backup --incremental --repo /mnt/repo/R --host $HOST /
+rc=\$?
+umount /mnt/repo || rc=93
+exit \$rc
+STEP
+}
+
+# The root LV of the source disk, mounted on the host (a loop device at its offset).
+debian_mount_root() {
+    ROOT_MNT=$D/root-mnt
+    mkdir -p "$ROOT_MNT"
+    mount -t ext4 -o "loop,offset=$(debian_info "$D/src" ROOT_LV_OFFSET),sizelimit=$(debian_info "$D/src" ROOT_LV_SIZE)" \
+        "$D/src/disk.img" "$ROOT_MNT"
+}
+
+mib() { echo "$(( ($1 + 524288) >> 20 )) MiB"; }
+
+# Monday: the machine gets bmr and Monday's files, and is imaged offline on the host. The
+# manifest must map the PV: a file list of vg0/root (the system), vg0/swap as a header, and no
+# byte of free extents or free ext4 blocks.
+debian_monday() {
+    local t0=$SECONDS src=$D/src
+    # The guest runs the host's release bmr: it must load with the guest's own libraries.
+    debian_put "$src" "$BMR" /usr/local/bin/bmr 0755 || fail "copying bmr into the guest"
+    cp "$BMR" "$src/tree/usr/local/bin/bmr"
+    local v
+    v=$(chroot "$src/tree" /usr/local/bin/bmr --version 2>&1) ||
+        fail "the release bmr does not run with the Debian guest's libraries: $v ($(ldd "$BMR" | xargs))"
+    debian_mount_root || fail "mounting the root LV on the host"
+    DATA=$ROOT_MNT/data sh -c "$(day_sh monday)" || { umount "$ROOT_MNT"; fail "Monday's changes"; }
+    umount "$ROOT_MNT"
+    # The expected trees, day by day, by the same commands.
+    rm -rf "$D/week" && mkdir -p "$D/week/data"
+    local today
+    for today in monday tuesday wednesday thursday; do
+        DATA=$D/week/data sh -c "$(day_sh "$today")"
+        rm -rf "$D/expected-$today" && cp -a "$D/week" "$D/expected-$today"
+    done
+    local repo=$D/repo-top/R
+    rm -rf "$D/repo-top" && mkdir -p "$D/repo-top"
+    "$BMR" backup --repo "$repo" --host "$HOST" "$src/disk.img" >"$D/backup.log" 2>&1 ||
+        fail "Monday's image backup (log: $D/backup.log)"
+    local root_used pv
+    root_used=$(fs_used "$src/disk.img" "$(debian_info "$src" ROOT_LV_OFFSET)" "$(debian_info "$src" ROOT_LV_SIZE)")
+    pv=$(python3 - "$repo" "$(debian_info "$src" PART4_START)" "$(debian_info "$src" SWAP_UUID)" <<'PY'
+import glob, json, sys
+repo, pv_start, swap_uuid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+m = json.load(open(glob.glob(repo + "/hosts/*/snapshots/*.json")[0]))
+def bad(why):
+    print(why)
+    sys.exit(1)
+area = [i for i, a in enumerate(m["areas"]) if a["start"] == pv_start]
+if not area:
+    bad("no area at the PV's offset")
+a = m["areas"][area[0]]
+vols = {v["name"]: v for v in a.get("volumes", [])}
+if sorted(vols) != ["vg0/root", "vg0/swap"]:
+    bad("the PV area's volumes are %s, not vg0/root and vg0/swap" % sorted(vols))
+if vols["vg0/swap"]["fs"]["fstype"] != "swap" or vols["vg0/swap"]["fs"]["uuid"] != swap_uuid:
+    bad("vg0/swap is %s" % vols["vg0/swap"]["fs"])
+if vols["vg0/root"]["fs"]["fstype"] != "ext4":
+    bad("vg0/root is %s" % vols["vg0/root"]["fs"])
+tocs = [t for t in m.get("tocs", []) if t.get("volume") == "vg0/root"]
+if len(tocs) != 1 or not tocs[0].get("system") or tocs[0]["area"] != area[0]:
+    bad("the file lists of vg0/root: %s" % tocs)
+print(a["len"], a["used_bytes"], vols["vg0/root"]["size"], vols["vg0/swap"]["size"], tocs[0]["entries"],
+      m["stats"]["stored_bytes"])
+PY
+) || fail "Monday's manifest: $pv"
+    local len used root_size swap_size entries stored pe_start
+    read -r len used root_size swap_size entries stored <<<"$pv"
+    pe_start=$(debian_info "$src" PE_START)
+    # What the PV holds besides the root's used blocks: the label and metadata (pe_start) and
+    # the swap's header page; a MiB of slack, but neither the 64 MiB swap nor the free space.
+    [ "$used" -le $((root_used + pe_start + 1048576)) ] ||
+        fail "Monday: the PV area stores $used bytes, more than the root LV's used $root_used + $pe_start of metadata"
+    local names
+    names=$("$BMR" ls --repo "$repo" --host "$HOST" --part vg0/root /data 2>/dev/null | grep -o 'file[0-9]' | sort | xargs) || true
+    [ "$names" = "file1 file2 file3" ] || fail "Monday: bmr ls --part vg0/root /data lists '$names', not file1 file2 file3"
+    MONDAY_REPO=$(du -sb "$repo" | cut -f1)
+    step "Monday: image backup of disk.img on the host, offline, in $((SECONDS - t0)) s: vg0/root has a file list ($entries entries, the system's; bmr ls --part vg0/root /data: file1 file2 file3), vg0/swap stored as its header"
+    step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used ext4 blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
+}
+
+# Tuesday to Thursday: the machine boots on SATA under SeaBIOS with the repository disk on
+# virtio; its drill step makes the day's changes and takes the incremental; its report must be
+# the day's files exactly.
+debian_days() {
+    local rdisk=$D/repo-disk.img today t0 log r
+    # Room for the image and the week's incrementals.
+    rm -f "$rdisk"
+    mke2fs -q -t ext4 -L "$REPO_LABEL" -d "$D/repo-top" "$rdisk" 1G >/dev/null || fail "making the repository disk"
+    for today in tuesday wednesday thursday; do
+        t0=$SECONDS
+        debian_step "$today" | debian_put "$D/src" - /etc/bmr-drill-step 0755 || fail "$today: writing the drill step"
+        MACHINE_TIMEOUT=${BMR_DEBIAN_TIMEOUT:-1200} timed_boot "$NAME-$today" bios "sata:$D/src/disk.img" "virtio:$rdisk"
+        log=$WORK/$NAME-$today.log
+        r=$(machine_report "$log")
+        grep -qx 'BMR-MACHINE: step exit 0' <<<"$r" ||
+            fail "$today: the drill step: $(grep 'step exit\|emergency\|fstab failed' <<<"$r" | xargs) $(tr -d '\r' <"$log" | grep -a -i 'error' | tail -n 3 | xargs) (serial log: $log)"
+        debian_expected_report "$D/src" 0 "$D/expected-$today" >"$D/expected-$today.txt"
+        printf '%s\n' "$r" >"$D/got-$today.txt"
+        diff -u "$D/expected-$today.txt" "$D/got-$today.txt" >"$D/diff-$today.txt" ||
+            fail "$today: the machine's report: $(head -c 600 "$D/diff-$today.txt") (serial log: $log)"
+        local summary
+        summary=$(tr -d '\r' <"$log" | grep -a -E '^incremental [0-9]+T[0-9]+Z-[0-9a-f]+: ' | tail -n 1 || true)
+        step "${today^}: booted on sata under bios (report after ${BOOT_SECONDS:-?} s), the drill step made the day's changes and bmr backup --incremental / in the guest: ${summary:-(no summary line)}; $((SECONDS - t0)) s; report: $(grep -c '^BMR-FILE' "$D/got-$today.txt") files, exactly the day's"
+    done
+    # Thursday's report after its step, less that line: what the restored machine must print.
+    grep -vx 'BMR-MACHINE: step exit 0' "$D/got-thursday.txt" >"$D/expected.txt"
+    local mnt=$D/repo-mnt
+    rm -rf "$D/repo" && mkdir -p "$mnt"
+    mount -o ro,loop "$rdisk" "$mnt" || fail "mounting the repository disk on the host"
+    cp -a "$mnt/R" "$D/repo"
+    umount "$mnt"
+    local kinds
+    kinds=$("$BMR" list --repo "$D/repo" --host "$HOST" --json |
+        python3 -c 'import json,sys; print(" ".join(s["kind"] for s in json.load(sys.stdin)[0]["snapshots"]))')
+    [ "$kinds" = "image incremental incremental incremental" ] ||
+        fail "the repository holds '$kinds', not an image and three incrementals"
+    THURSDAY=$("$BMR" list --repo "$D/repo" --host "$HOST" --json |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["snapshots"][-1]["id"])')
+    step "  repository after Thursday: $(mib "$(du -sb "$D/repo" | cut -f1)") (Monday's image $(mib "$MONDAY_REPO"))"
+}
+
+# The restore: Thursday, unattended, from the rescue system onto a blank disk half as big again;
+# then the restored volume group in the rescue system's shell (qemu-tests/debian-lvm-check.guest).
+debian_restore() {
+    local t=$D/target.img size t0=$SECONDS
+    size=$(( $(stat -c %s "$D/src/disk.img") * 3 / 2 ))
+    rm -f "$t" && truncate -s "$size" "$t"
+    local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=auto bmr.verify"
+    kargs+="${GROW:+ bmr.grow} bmr.report=http://10.0.2.2:$PORT/report bmr.after=shell"
+    local root_size
+    root_size=$(debian_info "$D/src" ROOT_LV_SIZE)
+    # Grown: the root LV must be bigger than it was; else the same size.
+    local cmp=-eq
+    [ -z "$GROW" ] || cmp=-gt
+    sed -e "s/@ROOT_LV_SIZE@/$root_size/g" -e "s/@SIZE_TEST@/$cmp/g" \
+        -e "s/@SWAP_HEX@/$(debian_info "$D/src" SWAP_UUID | tr -d -)/g" \
+        "$ROOT/qemu-tests/debian-lvm-check.guest" >"$D/check.guest"
+    rm -f "$WORK/$NAME-rescue.sock"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-rescue.sock" "$WORK/$NAME-rescue.log" \
+        "$D/check.guest" --after-result 2>"$D/check-driver.err" &
+    local driver=$!
+    SERIAL=unix BOOT_TIMEOUT=${BMR_BOOT_TIMEOUT:-1800} boot "$NAME-rescue" "$FW" "$DELIVERY" "$kargs" "$BUS:$t"
+    local r rlog=$WORK/$NAME-rescue.log
+    r=$(result_of "$NAME-rescue" || true)
+    [[ $r == "BMR-RESULT: ok "* ]] || fail "rescue: ${r:-no result line} (log: $rlog)"
+    step "rescue ($FW, $DELIVERY), $((SECONDS - t0)) s in all: ${r#BMR-RESULT: }"
+    local line
+    while IFS= read -r line; do
+        STEPS+=("  $line")
+    done < <(tr -d '\r' <"$rlog" | grep -a -E '^(applied incremental|fix-up [^ ])' || true)
+    local esp
+    esp=$(debian_info "$D/src" ESP_ID)
+    local want=(
+        "^applied incremental $THURSDAY to logical volume vg0/root: "
+        '^fix-up device names: vg0/root /etc/fstab: /dev/sdaN -> UUID='
+        "^ +-/dev/sda2 /boot/efi vfat "
+        "^ +\\+UUID=${esp:0:4}-${esp:4} /boot/efi vfat "
+        '^fix-up boot check: vg0/root /etc/fstab: every filesystem it mounts is on the restored disk$'
+    )
+    [ -z "$GROW" ] || want+=(
+        '^fix-up grow: partition 4 grown from '
+        '^fix-up grow: physical volume on partition 4 resized: '
+        '^fix-up grow: vg0/root extended to '
+        '^fix-up grow: vg0/root: .*(resize2fs|is now|blocks long)'
+    )
+    local w
+    for w in "${want[@]}"; do
+        tr -d '\r' <"$rlog" | grep -a -q -E -- "$w" || fail "rescue: no line like '$w' in $rlog"
+    done
+    wait "$driver" || fail "the restored volume group: $(tail -n 1 "$D/check-driver.err") (log: $rlog)"
+    local grown
+    grown=$(tr -d '\r' <"$rlog" | sed -n -E 's/^BMR-ROOT-LV ([0-9]+)$/\1/p' | tail -n 1)
+    step "restored volume group in the rescue system: vgchange -ay vg0, LVs root and swap, root $(mib "$root_size") -> $(mib "${grown:-0}"), e2fsck -fn /dev/vg0/root clean, /dev/vg0/swap a swap header with its UUID $(debian_info "$D/src" SWAP_UUID), vgchange -an vg0"
+    if [ -n "$GROW" ]; then
+        local end total
+        end=$(sfdisk -J "$t" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][3]; print(p['start'] + p['size'])")
+        total=$(( $(stat -c %s "$t") / 512 ))
+        [ "$end" -ge $((total - 33)) ] || fail "--grow: partition 4 ends at sector $end of $total"
+        step "restored disk: partition 4 (the PV) ends at the disk's end ($(mib "$(stat -c %s "$t")") disk)"
+    fi
+}
+
+# The restored disk boots by itself: its report must be Thursday's (as the source machine
+# printed it after Thursday's step, that line aside), not emergency mode.
+debian_boot_restored() {
+    local fw=$1 what=${2:-} log=$WORK/$NAME-$1.log
+    MACHINE_TIMEOUT=${BMR_DEBIAN_TIMEOUT:-1200} timed_boot "$NAME-$fw" "$fw" "$BUS:$D/target.img"
+    machine_report "$log" >"$D/got-$fw.txt"
+    diff -u "$D/expected.txt" "$D/got-$fw.txt" >"$D/diff-$fw.txt" ||
+        fail "restored disk under $fw: $(head -c 600 "$D/diff-$fw.txt") (serial log: $log)"
+    diff -u <(debian_expected_report "$D/src" "" "$D/expected-thursday") "$D/got-$fw.txt" >"$D/diff-$fw.txt" ||
+        fail "restored disk under $fw: not the expected tree: $(head -c 600 "$D/diff-$fw.txt") (serial log: $log)"
+    step "restored disk booted under $fw${what:+ $what} on $BUS (report after ${BOOT_SECONDS:-?} s): up, fstab ok (/boot/efi's /dev/sda2 rewritten), root /dev/mapper/vg0-root, LVs root and swap active, swap on vg0-swap, exactly Thursday's $(grep -c '^BMR-FILE' "$D/expected.txt") files"
+}
+
+debian_main() {
+    local t0=$SECONDS
+    rm -rf "$D" && mkdir -p "$D"
+    make_debian_machine "$D/src" lvm >"$D/machine.log" 2>&1 ||
+        fail "building the Debian machine (log: $D/machine.log)"
+    step "source machine built in $((SECONDS - t0)) s: Debian bookworm, $(debian_usage "$D/src"); fstab names /boot/efi /dev/sda2"
+    debian_monday
+    debian_days
+    start_server "$D/repo"
+    trap stop_server EXIT
+    debian_restore
+    debian_boot_restored bios
+    [ "$LAYOUT" != gpt ] || debian_boot_restored uefi "with an empty NVRAM"
+    step "PASSED in $((SECONDS - t0)) s"
+    report
+}
+
 main() {
     [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
     [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
+    if [ "$MACHINE" = debian-lvm ]; then
+        debian_main
+        return
+    fi
     rm -rf "$D" && mkdir -p "$D"
     make_machine "$D/src" "$LAYOUT" "${REINSTALL:+grub}" "$ROOTFS" >"$D/machine.log" 2>&1 ||
         fail "building the source machine (log: $D/machine.log)"

@@ -7,7 +7,10 @@
 # Debian root with GRUB's tools, from debootstrap); one whose image is taken inside a guest
 # through an LVM snapshot of a mounted, busy logical volume; one with an XFS root and one with a
 # btrfs root in subvolume @ (and /home in @home, Wednesday's incremental through --snapshot
-# btrfs), both grown with --grow (xfs_growfs, btrfs filesystem resize).
+# btrfs), both grown with --grow (xfs_growfs, btrfs filesystem resize); and one of a real Debian
+# install with its root on LVM (GPT, separate /boot, vg0/root and vg0/swap), whose incrementals
+# are taken in the running guest by its own bmr, restored onto NVMe with the PV, the root LV and
+# its ext4 grown, and booted under both firmwares.
 #
 #   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
 #   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
@@ -29,8 +32,11 @@ declare -A DRILLS=(
     # they boot only once bmr has rewritten the names in fstab and grub.cfg (inside @ on btrfs).
     [gpt-xfs-nvme-cd-grow]="--layout gpt --rootfs xfs --rescue-firmware bios --bus nvme --delivery cd --grow"
     [gpt-btrfs-virtio-usb-uefi-grow]="--layout gpt --rootfs btrfs --rescue-firmware uefi --bus virtio --delivery usb --grow"
+    # A Debian install laid out like Ubuntu Server's (qemu-tests/debian.sh): its fstab names
+    # /boot/efi /dev/sda2, so the restored NVMe disk boots only once bmr rewrote it in the root LV.
+    [gpt-lvm-debian-nvme-usb-uefi-grow]="--machine debian-lvm --layout gpt --rescue-firmware uefi --bus nvme --delivery usb --grow"
 )
-ORDER=(gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-btrfs-virtio-usb-uefi-grow gpt-xfs-nvme-cd-grow
+ORDER=(gpt-lvm-debian-nvme-usb-uefi-grow gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-btrfs-virtio-usb-uefi-grow gpt-xfs-nvme-cd-grow
        gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe
        mbr-sata-cd)
 
