@@ -565,7 +565,7 @@ debian_restore() {
     local driver=$!
     SERIAL=unix BOOT_TIMEOUT=${BMR_BOOT_TIMEOUT:-1800} boot "$NAME-rescue" "$FW" "$DELIVERY" "$kargs" "$BUS:$t"
     local r rlog=$WORK/$NAME-rescue.log
-    r=$(result_of "$NAME-rescue" || true)
+    r=$(result_of "$NAME-rescue")
     [[ $r == "BMR-RESULT: ok "* ]] || fail "rescue: ${r:-no result line} (log: $rlog)"
     step "rescue ($FW, $DELIVERY), $((SECONDS - t0)) s in all: ${r#BMR-RESULT: }"
     local line
