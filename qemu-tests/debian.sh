@@ -263,17 +263,7 @@ UNIT
     # The report stands in for a login prompt.
     ln -sf /dev/null "$unit/getty.target"
     ln -sf /lib/systemd/system/multi-user.target "$unit/default.target"
-    cat >"$t/etc/default/grub" <<GRUB
-GRUB_DEFAULT=0
-GRUB_TIMEOUT=0
-GRUB_DISTRIBUTOR=Debian
-GRUB_TERMINAL="serial console"
-GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
-GRUB_CMDLINE_LINUX_DEFAULT=""
-GRUB_CMDLINE_LINUX="${DEBIAN_KARGS#ro }"
-GRUB_DISABLE_RECOVERY=true
-GRUB_DISABLE_OS_PROBER=true
-GRUB
+    grub_defaults "$t/etc/default/grub" "${DEBIAN_KARGS#ro }"
     echo "created with the Debian machine" >"$t/data/readme.txt"
     echo "one level down" >"$t/data/sub/nested.txt"
     head -c 300000 /dev/zero | tr '\0' 'x' >"$t/data/sub/bigger.txt"

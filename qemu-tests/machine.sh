@@ -54,6 +54,21 @@ MODULES="virtio_pci virtio_blk ahci sd_mod nvme crc32c_generic ext4 vfat nls_cp4
 HOME_SUBVOL=@home
 GRUB_COMMON="part_gpt part_msdos ext2 search search_fs_uuid normal linux configfile echo test serial terminal"
 
+# grub_defaults FILE KARGS: a Debian /etc/default/grub for a machine on the serial console.
+grub_defaults() {
+    cat >"$1" <<EOF
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=0
+GRUB_DISTRIBUTOR=Debian
+GRUB_TERMINAL="serial console"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="$2"
+GRUB_DISABLE_RECOVERY=true
+GRUB_DISABLE_OS_PROBER=true
+EOF
+}
+
 # debian_root: the cached Debian tree (debootstrap on first use); prints its path.
 debian_root() {
     local key dir
@@ -216,17 +231,7 @@ menuentry '$MACHINE_HOST' {
 }
 EOF
     # What grub-mkconfig reads (the kernel and initrd carry Debian's names, which it looks for).
-    cat >"$t/etc/default/grub" <<EOF
-GRUB_DEFAULT=0
-GRUB_TIMEOUT=0
-GRUB_DISTRIBUTOR=Debian
-GRUB_TERMINAL="serial console"
-GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
-GRUB_CMDLINE_LINUX_DEFAULT=""
-GRUB_CMDLINE_LINUX="$MACHINE_KARGS$(root_kargs "$rootfs")"
-GRUB_DISABLE_RECOVERY=true
-GRUB_DISABLE_OS_PROBER=true
-EOF
+    grub_defaults "$t/etc/default/grub" "$MACHINE_KARGS$(root_kargs "$rootfs")"
     cp "$VMLINUZ" "$t/boot/vmlinuz-$KVER"
     echo "created with the machine" >"$t/data/readme.txt"
     echo "one level down" >"$t/data/sub/nested.txt"
