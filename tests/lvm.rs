@@ -499,6 +499,25 @@ fn files_inside_logical_volumes() {
             )),
         "{e}"
     );
+    // --grow-lv naming no LV of the snapshot: refused before the target exists.
+    let t3 = tmp.path("target3.img");
+    let e = bmr_fails(&[
+        "restore",
+        "--repo",
+        &repo,
+        "--host",
+        "u1",
+        "--target",
+        &t3.display().to_string(),
+        "--yes",
+        "--grow-lv",
+        &format!("{vg}/nope"),
+    ]);
+    assert!(
+        e.contains(&format!("--grow-lv \"{vg}/nope\"")) && e.contains(&format!("{vg}/root")),
+        "{e}"
+    );
+    assert!(!t3.exists());
 }
 
 /// RHEL's layout: an XFS root in a logical volume. Its file list, an incremental of it

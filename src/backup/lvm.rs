@@ -192,7 +192,13 @@ impl Snapshots {
     /// which the caller has checked is not mounted read-write) and work out what to read from
     /// where. `Ok(None)`: no PV on the disk.
     pub fn take(disk: &File, parts: &[Partition], snapshot: bool) -> Result<Option<Snapshots>> {
-        Self::take_held(disk, parts, snapshot, HeldSignals::hold())
+        // Only snapshots need a signal held until they are removed.
+        let held = if snapshot {
+            HeldSignals::hold()
+        } else {
+            HeldSignals(Vec::new())
+        };
+        Self::take_held(disk, parts, snapshot, held)
     }
 
     fn take_held(

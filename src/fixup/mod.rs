@@ -98,7 +98,10 @@ fn system_dirs(mnt: &Path, btrfs: bool) -> Vec<PathBuf> {
 }
 
 /// Refuse, before anything is written, what the fix-ups cannot do on this target.
-pub fn preflight(o: &FixupOptions, target: &std::path::Path) -> Result<()> {
+pub fn preflight(m: &Manifest, o: &FixupOptions, target: &std::path::Path) -> Result<()> {
+    if let Some(name) = &o.grow_lv {
+        grown_lv(m, name)?;
+    }
     use std::os::unix::fs::FileTypeExt;
     let is_block = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
     if o.reinstall_bootloader && !is_block {
@@ -369,6 +372,25 @@ fn root_lv(m: &Manifest) -> Option<String> {
         .find_map(|t| t.volume.clone())
 }
 
+/// The logical volume `--grow-lv` names, as the image records it.
+fn grown_lv<'a>(m: &'a Manifest, name: &str) -> Result<&'a LvMeta> {
+    let lvs: Vec<&LvMeta> = m.areas.iter().flat_map(|a| &a.volumes).collect();
+    lvs.iter()
+        .find(|v| v.name == name)
+        .copied()
+        .with_context(|| {
+            format!(
+                "--grow-lv {}: the snapshot has no such logical volume (it has: {}); nothing was written",
+                crate::util::text::elide_path(name.as_bytes()),
+                if lvs.is_empty() {
+                    "none".to_string()
+                } else {
+                    lvs.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                }
+            )
+        })
+}
+
 /// The grown last partition is an LVM physical volume: give the new space to the PV, then to
 /// the logical volume holding the root (or `--grow-lv`), then to its filesystem.
 fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Result<Option<LvMeta>> {
@@ -380,6 +402,8 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
         );
         return Ok(None);
     };
+    let mut meta = grown_lv(m, &name)?.clone();
+    let vg = name.split('/').next().unwrap_or_default();
     let dev = PartDev::open(disk, p)?;
     let pv = dev.path.display().to_string();
     let only = ["--devices", pv.as_str()];
@@ -394,9 +418,6 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
             p.number
         )
     })?;
-    let Some((vg, _)) = name.split_once('/') else {
-        bail!("--grow-lv {name}: give the logical volume as VG/LV");
-    };
     let vgs = report(
         "vgs",
         "vg_name,vg_extent_size,vg_free_count",
@@ -429,13 +450,6 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
         "lv_size,seg_start,seg_pe_ranges",
         &[&only[..], &["--segments", &name]].concat(),
     )?;
-    let mut meta = m
-        .areas
-        .iter()
-        .flat_map(|a| &a.volumes)
-        .find(|v| v.name == name)
-        .cloned()
-        .with_context(|| format!("grow: the image has no logical volume {name}"))?;
     meta.extents.clear();
     for r in &segs {
         meta.size = num(r, "lv_size")?;

@@ -379,7 +379,7 @@ impl<'r> RestorePlan<'r> {
             Some(i) => plan_apply(src, m, i)?,
             None => (Vec::new(), Vec::new()),
         };
-        crate::fixup::preflight(&how.fixups, target)?;
+        crate::fixup::preflight(m, &how.fixups, target)?;
         let target = probe_target(m, target, src.local_path())?;
         Ok(RestorePlan {
             src,
@@ -529,7 +529,7 @@ impl<'r> RestorePlan<'r> {
             .threads
             .unwrap_or_else(crate::util::pool::default_threads)
             .max(1);
-        crate::fixup::preflight(&how.fixups, &self.target.path)?;
+        crate::fixup::preflight(self.manifest(), &how.fixups, &self.target.path)?;
         let read_all = !how.no_precheck && src.local_path().is_some();
         blocks::precheck(src, l, read_all, threads, how.quiet)?;
         if let Some(i) = &self.point.inc {
