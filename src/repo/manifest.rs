@@ -404,6 +404,12 @@ impl Manifest {
         }
         for (i, a) in self.areas.iter().enumerate() {
             for v in &a.volumes {
+                if !is_lv_name(&v.name) {
+                    return Err(bad(format!(
+                        "area {i} names a logical volume {}, which is not VG/LV as lvm names them",
+                        crate::util::text::elide_path(v.name.as_bytes())
+                    )));
+                }
                 for &(off, len, lv_off) in &v.extents {
                     if off.checked_add(len).is_none_or(|e| e > a.len)
                         || lv_off.checked_add(len).is_none_or(|e| e > v.size)
@@ -440,6 +446,22 @@ impl Manifest {
             (None, None) => "the whole disk".into(),
         }
     }
+}
+
+/// `vg/lv` with the characters lvm allows in both names: the restore builds device paths
+/// (`/dev/vg/lv`) and lvm arguments from it.
+fn is_lv_name(name: &str) -> bool {
+    let ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 127
+            && !n.starts_with('-')
+            && n != "."
+            && n != ".."
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+_.-".contains(&b))
+    };
+    name.split_once('/')
+        .is_some_and(|(vg, lv)| ok(vg) && ok(lv))
 }
 
 pub fn check_snapshot_id(id: &str) -> Result<()> {
@@ -681,4 +703,19 @@ pub fn select<'a>(idx: &'a HostIndex, at: &str) -> Result<&'a SnapshotSummary> {
                 idx.host
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lv_names() {
+        for ok in ["vg0/root", "ubuntu-vg/ubuntu-lv", "rhel_x/swap", "a.b/c+d"] {
+            assert!(super::is_lv_name(ok), "{ok}");
+        }
+        for bad in [
+            "root", "vg0/", "/root", "vg0/../x", "../etc/x", "vg0/a/b", "-vg/x", "vg 0/x",
+        ] {
+            assert!(!super::is_lv_name(bad), "{bad}");
+        }
+    }
 }
