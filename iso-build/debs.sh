@@ -23,6 +23,7 @@ TOOL_DEBS=(
     libuuid1=2.38.1-5+deb12u3
     mtools=4.0.33-1+really4.0.32-1
     lvm2=2.03.16-2
+    mdadm=4.2-5
     dmsetup=2:1.02.185-2
     xfsprogs=6.1.0-1
     liburcu8=0.13.2-1

@@ -5,7 +5,8 @@
 # clear `BMR-RESULT: failed` line; the TUI driven over the serial console; an incremental
 # of a FAT filesystem made and restored in the rescue shell (the host has no vfat); and the XFS
 # and btrfs tools (xfs_growfs, xfs_repair, xfs_db, btrfs) run in the rescue shell; restores onto
-# failing disks (device-mapper faults in the guest) and a guest killed in mid-restore.
+# failing disks (device-mapper faults in the guest), a guest killed in mid-restore, and md
+# RAID1 mirrors imaged and restored onto two disks and onto one.
 #
 #   qemu-tests/rescue.sh            all cases (two at a time)
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
@@ -16,7 +17,7 @@ source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
        tui-serial fat-incremental xfs-btrfs-tools dm-faults killed-restore no-network wrong-host
-       unreachable two-disks not-blank)
+       unreachable two-disks not-blank raid)
 
 # A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
 happy() {
@@ -159,6 +160,31 @@ case_dm-faults() {
         "$WORK/dm-faults.log" "$ROOT/qemu-tests/dm-faults.guest" &
     local driver=$!
     SERIAL=unix NET=none boot dm-faults bios cd "bmr.break" "virtio:$src" "virtio:$t"
+    wait "$driver"  # its last line on stderr says which step failed
+}
+
+# md RAID1 in the rescue shell (qemu-tests/raid.guest): a mirror made by mdadm over two disks,
+# imaged from one member, restored onto two bigger disks (grown, then checked by md itself)
+# and onto one (degraded).
+case_raid() {
+    local d f
+    rm -f "$WORK/raid.sock"
+    for d in a b; do
+        f=$WORK/raid-$d.img
+        rm -f "$f" && truncate -s 160M "$f"
+        sgdisk -o -n 1:0:+1M -t 1:ef02 -n 2:0:0 -t 2:fd00 "$f" >/dev/null || return 1
+    done
+    # Partition 1 stands for GRUB's core image in a BIOS boot partition: bytes to copy.
+    head -c 1M /dev/urandom | dd of="$WORK/raid-a.img" bs=1M seek=1 conv=notrunc status=none
+    mke2fs -q -F -t ext4 "$WORK/raid-repo.img" 256M || return 1
+    for d in d e; do rm -f "$WORK/raid-$d.img" && truncate -s 256M "$WORK/raid-$d.img"; done
+    rm -f "$WORK/raid-f.img" && truncate -s 192M "$WORK/raid-f.img"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/raid.sock" \
+        "$WORK/raid.log" "$ROOT/qemu-tests/raid.guest" &
+    local driver=$!
+    SERIAL=unix NET=none boot raid bios cd "bmr.break" "virtio:$WORK/raid-a.img" \
+        "virtio:$WORK/raid-b.img" "virtio:$WORK/raid-repo.img" "virtio:$WORK/raid-d.img" \
+        "virtio:$WORK/raid-e.img" "virtio:$WORK/raid-f.img"
     wait "$driver"  # its last line on stderr says which step failed
 }
 

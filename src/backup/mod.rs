@@ -136,6 +136,7 @@ fn plan_areas(
             used_bytes: len,
             note: None,
             volumes: Vec::new(),
+            raid: None,
         },
         used: None,
     };
@@ -181,10 +182,27 @@ fn plan_areas(
                         lvs.join(", ")
                     )),
                     volumes: pv.volumes.clone(),
+                    raid: None,
                 },
                 used: Some(pv.used.clone()),
             });
             continue;
+        }
+        match crate::device::md::probe(&disk.file, start, len) {
+            Ok(None) => {}
+            Ok(Some(sb)) => {
+                plans.push(md_member(disk, num, start, len, &sb, warnings));
+                continue;
+            }
+            Err(e) => {
+                let msg = format!("{what}: {e:#}; stored whole instead, with no file list");
+                eprintln!("warning: {msg}");
+                warnings.push(msg.clone());
+                let mut p = whole(AreaKind::Partition, start, len, num);
+                p.area.note = Some(msg);
+                plans.push(p);
+                continue;
+            }
         }
         match crate::fs::map::probe(&disk.file, start, len) {
             Ok(Some(fs)) => {
@@ -211,6 +229,7 @@ fn plan_areas(
                         used_bytes,
                         note: None,
                         volumes: Vec::new(),
+                        raid: None,
                     },
                     used: Some(fs.used),
                 });
@@ -228,6 +247,111 @@ fn plan_areas(
     }
     plans.sort_by_key(|p| p.area.start);
     Ok(plans)
+}
+
+/// An md RAID member partition. A RAID1 member holds the whole array: its content is mapped
+/// as one volume (`md/NAME`) at the data offset, the filesystem in it like any other, and the
+/// rest of the member (superblock, bitmap, reserved space) is stored whole. A member of any
+/// other level holds only part of the array: stored whole, with a warning.
+fn md_member(
+    disk: &Disk,
+    num: Option<u32>,
+    start: u64,
+    len: u64,
+    sb: &crate::device::md::MdSuper,
+    warnings: &mut Vec<String>,
+) -> AreaPlan {
+    let what = num.map_or("disk".to_string(), |n| format!("partition {n}"));
+    let meta = crate::repo::manifest::MdMeta::from_super(sb);
+    let mut warn = |msg: String| {
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    };
+    let mut area = Area {
+        kind: AreaKind::Partition,
+        start,
+        len,
+        partition: num,
+        content: Content::Whole,
+        fs: None,
+        used_bytes: len,
+        note: None,
+        volumes: Vec::new(),
+        raid: Some(meta.clone()),
+    };
+    let array = format!("md array {} ({})", meta.volume_name(), meta.level);
+    if sb.level != 1 {
+        let msg = format!(
+            "{what}: a member of {array}, whose data is spread over {} disks: stored whole, with no file list (bmr maps RAID1 members; back up the array device's filesystems with --incremental)",
+            sb.raid_disks
+        );
+        warn(msg.clone());
+        area.note = Some(msg);
+        return AreaPlan { area, used: None };
+    }
+    if sb.role.is_none() {
+        let msg = format!(
+            "{what}: a spare or faulty member of {array}: stored whole (back up an active member)"
+        );
+        warn(msg.clone());
+        area.note = Some(msg);
+        return AreaPlan { area, used: None };
+    }
+    let mut used = crate::fs::map::UsedMap::new(4096, len);
+    used.mark_range(0, sb.data_offset);
+    let tail = sb.data_offset + sb.size;
+    used.mark_range(tail, len - tail);
+    let fs = match crate::fs::map::probe(&disk.file, start + sb.data_offset, sb.size) {
+        Ok(fs) => fs,
+        Err(e) => {
+            warn(format!(
+                "{what}: the filesystem in {array}: {e:#}; its content is stored whole"
+            ));
+            None
+        }
+    };
+    match &fs {
+        Some(f) => {
+            for w in &f.warnings {
+                warn(format!("{what}: {array}: {w}"));
+            }
+            for (o, l) in f.used.used_ranges(0, sb.size) {
+                used.mark_range(sb.data_offset + o, l);
+            }
+        }
+        None => used.mark_range(sb.data_offset, sb.size),
+    }
+    area.content = Content::UsedBlocks;
+    area.used_bytes = used.used_bytes();
+    area.fs = None;
+    let fsm = fs.map(|f| FsMeta {
+        fstype: f.fstype,
+        variant: f.variant,
+        uuid: f.uuid,
+        label: f.label,
+        block_size: f.block_size,
+    });
+    area.note = Some(format!(
+        "{} member {} of {} ({} of {} active){}",
+        meta.level,
+        sb.role.unwrap_or(0),
+        meta.volume_name(),
+        sb.active,
+        sb.raid_disks,
+        fsm.as_ref()
+            .map_or(String::new(), |f| format!(": {}", f.fstype))
+    ));
+    area.volumes = vec![crate::repo::manifest::LvMeta {
+        name: meta.volume_name(),
+        size: sb.size,
+        fs: fsm,
+        extents: vec![(sb.data_offset, sb.size, 0)],
+        snapshot: false,
+    }];
+    AreaPlan {
+        area,
+        used: Some(used),
+    }
 }
 
 struct Job {

@@ -6,6 +6,7 @@
 pub mod disks;
 pub mod layout;
 pub mod lvm;
+pub mod md;
 pub mod mount;
 pub mod names;
 pub mod safety;
@@ -125,6 +126,17 @@ impl Disk {
             // SAFETY: argument-less ioctl on an owned fd.
             let _ = unsafe { blk_rrpart(self.file.as_raw_fd()) };
         }
+    }
+
+    /// Forget cached pages of `[offset, offset+len)` (0: to the end): another device (an md
+    /// array, a partition node) wrote there behind this handle's page cache.
+    pub fn forget_cached(&self, offset: u64, len: u64) {
+        let _ = nix::fcntl::posix_fadvise(
+            &self.file,
+            offset as i64,
+            len as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
     }
 
     /// Make `len` bytes at `offset` read back as zeros, cheaply where possible.

@@ -14,7 +14,7 @@ pub struct Known {
     pub labels: BTreeSet<String>,
     /// GPT partition GUIDs, lower case.
     pub partuuids: BTreeSet<String>,
-    /// `vg/lv` of the logical volumes.
+    /// `vg/lv` of the logical volumes, `md/NAME` of the md arrays.
     pub lvs: BTreeSet<String>,
     /// Whether every volume's filesystem is known: else a UUID or label not found may be
     /// inside a volume bmr cannot look into (LUKS, md), and is only a warning.
@@ -104,6 +104,14 @@ fn found(spec: &str, k: &Known, is_ours: &dyn Fn(&str) -> Option<bool>) -> Optio
                 };
             }
             let rest = spec.strip_prefix("/dev/")?;
+            // /dev/mdN: numbers are handed out at assembly, not recorded; /dev/md/NAME is
+            // judged below with the arrays' names.
+            if rest
+                .strip_prefix("md")
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return None;
+            }
             let parts: Vec<&str> = rest.split('/').collect();
             if let [vg, lv] = parts[..]
                 && k.lvs.iter().any(|l| l.split('/').next() == Some(vg))

@@ -104,6 +104,17 @@ pub fn preflight(m: &Manifest, o: &FixupOptions, target: &std::path::Path) -> Re
     }
     use std::os::unix::fs::FileTypeExt;
     let is_block = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if o.reinstall_bootloader
+        && let Some(t) = m.tocs.iter().find(|t| t.system && t.volume.is_some())
+        && m.areas
+            .get(t.area as usize)
+            .is_some_and(|a| a.raid.is_some())
+    {
+        bail!(
+            "--reinstall-bootloader: the root is on md array {}: bmr reinstalls GRUB for roots on partitions and LVM only; nothing was written (restore without it, then run grub-install on each disk in the restored system)",
+            m.fs_name(t)
+        );
+    }
     if o.reinstall_bootloader && !is_block {
         bail!(
             "--reinstall-bootloader runs grub-install on the target disk: give a disk (/dev/...), not an image file"
@@ -125,6 +136,12 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
             .filter(|a| a.partition.is_some())
             .max_by_key(|a| a.start);
         v.push(match last {
+            Some(a) if a.raid.as_ref().is_some_and(|r| r.level == "raid1") => {
+                let name = a.raid.as_ref().map(|r| r.volume_name()).unwrap_or_default();
+                format!(
+                    "fix-up    grow the last partition (an md RAID1 member) to the end of the disk, then {name} (mdadm --grow --size=max) and its filesystem"
+                )
+            }
             Some(a) if !a.volumes.is_empty() => {
                 let lv = o
                     .grow_lv
@@ -219,7 +236,23 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                 };
                 wait_for_size(disk, &p);
                 let fstype = crate::fs::id::identify_at(&disk.file, p.start).map(|f| f.fstype);
+                let md = crate::device::md::probe(&disk.file, p.start, p.len)
+                    .ok()
+                    .flatten();
                 match fstype.as_deref() {
+                    _ if md.is_some() => {
+                        if let Some(v) = grow_md(disk, &p)? {
+                            for a in now.areas.iter_mut().filter(|a| a.start == p.start) {
+                                if let Some(r) = a.raid.as_mut() {
+                                    r.size = v.size;
+                                }
+                                for lv in a.volumes.iter_mut() {
+                                    lv.size = v.size;
+                                    lv.extents = vec![(v.data_offset, v.size, 0)];
+                                }
+                            }
+                        }
+                    }
                     Some("LVM2_member") => {
                         if let Some(lv) = grow_lvm(m, disk, &p, o)? {
                             for v in now.areas.iter_mut().flat_map(|a| a.volumes.iter_mut()) {
@@ -374,7 +407,12 @@ fn root_lv(m: &Manifest) -> Option<String> {
 
 /// The logical volume `--grow-lv` names, as the image records it.
 fn grown_lv<'a>(m: &'a Manifest, name: &str) -> Result<&'a LvMeta> {
-    let lvs: Vec<&LvMeta> = m.areas.iter().flat_map(|a| &a.volumes).collect();
+    let lvs: Vec<&LvMeta> = m
+        .areas
+        .iter()
+        .filter(|a| a.raid.is_none())
+        .flat_map(|a| &a.volumes)
+        .collect();
     lvs.iter()
         .find(|v| v.name == name)
         .copied()
@@ -492,6 +530,69 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
     Ok(Some(meta))
 }
 
+/// The grown last partition is an md RAID1 member: assemble the array from it, let md take
+/// the new space (`mdadm --grow --size=max`), then grow the filesystem inside. The member's
+/// superblock as it is now.
+fn grow_md(disk: &Disk, p: &Partition) -> Result<Option<crate::device::md::MdSuper>> {
+    use crate::device::md::{Array, mdadm, probe};
+    let Some(sb) = probe(&disk.file, p.start, p.len)? else {
+        return Ok(None);
+    };
+    let name = crate::repo::manifest::MdMeta::from_super(&sb).volume_name();
+    if sb.level != 1 {
+        step(
+            "grow",
+            &format!(
+                "{name} ({}) keeps its size: bmr grows RAID1 arrays",
+                sb.level_name()
+            ),
+        );
+        return Ok(None);
+    }
+    let dev = PartDev::open(disk, p)?;
+    let arr = Array::assemble(&[&dev.path])?;
+    mdadm(&["--grow", &arr.path.display().to_string(), "--size=max"])
+        .with_context(|| format!("grow: cannot grow {name} over the grown partition"))?;
+    let fs = crate::fs::id::identify(&arr.path).map(|f| f.fstype);
+    match fs.as_deref() {
+        Some(t) if is_ext(t) => step("grow", &format!("{name}: {}", grow::grow_ext(&arr.path)?)),
+        Some(t @ ("xfs" | "btrfs")) => {
+            let mnt = crate::device::mount::mount_device(
+                &arr.path,
+                Some(t),
+                None,
+                &volumes::tag("grow", &name),
+                false,
+            )?;
+            step(
+                "grow",
+                &format!("{name}: {}", grow::grow_mounted(t, &mnt.dir)?),
+            );
+        }
+        other => step(
+            "grow",
+            &format!(
+                "{name}: its {} keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
+                other.map_or("content".to_string(), |t| format!("{t} filesystem"))
+            ),
+        ),
+    }
+    drop(arr);
+    drop(dev);
+    disk.forget_cached(p.start, p.len);
+    let now = probe(&disk.file, p.start, p.len)?
+        .context("grow: the md superblock is gone after growing the array")?;
+    step(
+        "grow",
+        &format!(
+            "{name} grown from {} to {}",
+            human_bytes(sb.size),
+            human_bytes(now.size)
+        ),
+    );
+    Ok(Some(now))
+}
+
 /// A volume group activated by lvm for the chroot (GRUB's tools must see a root LV as LVM);
 /// deactivated on drop.
 struct ActiveVg {
@@ -571,6 +672,16 @@ fn reinstall_bootloader(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Resul
     let mut _vg = None;
     let root_dev = match &root.place {
         volumes::Place::Partition(p) => partition_node(&disk.path, p.number)?,
+        volumes::Place::Lv { part_start, lv }
+            if m.areas
+                .iter()
+                .any(|a| a.start == *part_start && a.raid.is_some()) =>
+        {
+            bail!(
+                "--reinstall-bootloader: the root is on md array {}: bmr reinstalls GRUB for roots on partitions and LVM only; restore without it, boot the restored system and run grub-install on each disk there",
+                lv.name
+            );
+        }
         volumes::Place::Lv { part_start, lv } => {
             let pv = parts
                 .iter()

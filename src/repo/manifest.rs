@@ -84,9 +84,78 @@ pub struct Area {
     pub used_bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// For an LVM physical volume: its logical volumes and where their extents lie.
+    /// For an LVM physical volume: its logical volumes and where their extents lie. For an md
+    /// RAID1 member: the array's content, one volume named `md/NAME`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<LvMeta>,
+    /// For an md RAID member: its superblock's record of the array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raid: Option<MdMeta>,
+}
+
+/// What the manifest records of an md RAID member (its superblock is in the image too).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MdMeta {
+    /// The array's UUID as mdadm prints it.
+    pub uuid: String,
+    /// As stored: `homehost:name` (1.x), `mdN` (0.90).
+    pub name: String,
+    /// "1.0", "1.1", "1.2", "0.90".
+    pub metadata: String,
+    /// "raid1", "raid5", "linear", ...
+    pub level: String,
+    pub raid_disks: u32,
+    /// Members the superblock records as active, this one included.
+    pub active: u32,
+    /// This member's slot, if active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<u32>,
+    pub chunk: u64,
+    /// Byte offsets in the member.
+    pub super_offset: u64,
+    pub data_offset: u64,
+    /// Bytes of data per member.
+    pub size: u64,
+    pub bitmap: bool,
+}
+
+impl MdMeta {
+    pub fn from_super(sb: &crate::device::md::MdSuper) -> MdMeta {
+        MdMeta {
+            uuid: sb.uuid.clone(),
+            name: sb.name.clone(),
+            metadata: sb.metadata.clone(),
+            level: sb.level_name(),
+            raid_disks: sb.raid_disks,
+            active: sb.active,
+            role: sb.role,
+            chunk: sb.chunk,
+            super_offset: sb.super_offset,
+            data_offset: sb.data_offset,
+            size: sb.size,
+            bitmap: sb.bitmap,
+        }
+    }
+
+    /// The volume name of the array's content: `md/NAME`.
+    pub fn volume_name(&self) -> String {
+        let short = self
+            .name
+            .rsplit_once(':')
+            .map_or(self.name.as_str(), |(_, n)| n);
+        let clean: String = short
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_.+-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(32)
+            .collect();
+        format!("md/{}", if clean.is_empty() { "0".into() } else { clean })
+    }
 }
 
 /// What the manifest records about one logical volume in a PV area.
@@ -403,8 +472,20 @@ impl Manifest {
             }
         }
         for (i, a) in self.areas.iter().enumerate() {
+            if let Some(md) = &a.raid {
+                let ok = md.level == "raid1"
+                    && a.volumes.len() == 1
+                    && a.volumes[0].name == md.volume_name()
+                    && a.volumes[0].extents == [(md.data_offset, md.size, 0)]
+                    && a.volumes[0].size == md.size;
+                if !ok && !a.volumes.is_empty() {
+                    return Err(bad(format!(
+                        "area {i} is an md member whose content is not recorded as one volume of its data"
+                    )));
+                }
+            }
             for v in &a.volumes {
-                if !is_lv_name(&v.name) {
+                if a.raid.is_none() && !is_lv_name(&v.name) {
                     return Err(bad(format!(
                         "area {i} names a logical volume {}, which is not VG/LV as lvm names them",
                         crate::util::text::elide_path(v.name.as_bytes())

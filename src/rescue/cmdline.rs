@@ -35,6 +35,8 @@ pub struct Params {
     pub grow: bool,
     /// `bmr.grow-lv=VG/LV`: the logical volume the grow extends (default: the root's).
     pub grow_lv: Option<String>,
+    /// `bmr.mirror-disk=/dev/sdb`: the second disk of a RAID1 (restore --mirror-disk).
+    pub mirror_disk: Option<String>,
     /// `bmr.bootloader=reinstall`: run the restored system's grub-install in a chroot.
     pub reinstall_bootloader: bool,
     pub after: After,
@@ -58,6 +60,7 @@ impl Default for Params {
             verify: false,
             grow: false,
             grow_lv: None,
+            mirror_disk: None,
             reinstall_bootloader: false,
             after: After::Poweroff,
             report: None,
@@ -144,6 +147,7 @@ pub fn parse(cmdline: &str) -> Params {
                 "verify" => p.verify = flag(key, value)?,
                 "grow" => p.grow = flag(key, value)?,
                 "grow-lv" => p.grow_lv = Some(text(key, value)?),
+                "mirror-disk" => p.mirror_disk = Some(text(key, value)?),
                 "bootloader" => match value {
                     Some("reinstall") => p.reinstall_bootloader = true,
                     Some("keep") => p.reinstall_bootloader = false,

@@ -280,6 +280,7 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
     o.target = Some(target.path.display().to_string());
     let how = RestoreHow {
         verify: p.verify,
+        mirror_disk: p.mirror_disk.as_ref().map(std::path::PathBuf::from),
         fixups: crate::fixup::FixupOptions {
             grow: p.grow || p.grow_lv.is_some(),
             grow_lv: p.grow_lv.clone(),
@@ -302,12 +303,38 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
             target.path.display()
         );
     }
+    if let Some(mt) = &plan.mirror
+        && let Some(what) = &mt.holds
+        && !p.yes
+    {
+        bail!(
+            "mirror disk {} holds {what}: add bmr.yes to the kernel command line to overwrite it",
+            mt.path.display()
+        );
+    }
+    let arrays: Vec<String> = plan
+        .manifest()
+        .areas
+        .iter()
+        .filter_map(|a| a.raid.as_ref())
+        .filter(|r| r.level == "raid1" && r.raid_disks > 1)
+        .map(|r| r.volume_name())
+        .collect();
+    let stack = match (&plan.mirror, arrays.is_empty()) {
+        (_, true) => String::new(),
+        (Some(mt), false) => format!(
+            ", {} mirrored onto {}",
+            arrays.join(", "),
+            mt.path.display()
+        ),
+        (None, false) => format!(", {} degraded (1 disk)", arrays.join(", ")),
+    };
     let s = plan.execute(true)?;
     crate::restore::print_summary(&s);
     o.bytes_written = s.written;
     o.verified = s.verified;
     Ok(format!(
-        "restored host {host} snapshot {id} ({}) to {}: {} written in {:.0} s{}",
+        "restored host {host} snapshot {id} ({}) to {}: {} written in {:.0} s{}{stack}",
         crate::util::timefmt::display(when),
         target.path.display(),
         human_bytes(s.written),

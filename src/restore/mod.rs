@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod blocks;
 pub mod files;
+pub mod mirror;
 pub mod plan;
 
 use std::path::PathBuf;
@@ -51,13 +52,20 @@ pub struct RestoreOptions {
 /// Ask before overwriting a disk that holds data: on a terminal the user types the disk's
 /// name; without one, `--yes` is required.
 fn confirm_overwrite(plan: &RestorePlan, yes: bool) -> Result<bool> {
-    let t = &plan.target;
-    let Some(what) = &t.holds else {
-        return Ok(true);
-    };
     if yes {
         return Ok(true);
     }
+    for t in std::iter::once(&plan.target).chain(&plan.mirror) {
+        confirm_one(t)?;
+    }
+    Ok(true)
+}
+
+/// The typed confirmation for one disk (the target, or `--mirror-disk`).
+fn confirm_one(t: &crate::restore::plan::Target) -> Result<()> {
+    let Some(what) = &t.holds else {
+        return Ok(());
+    };
     let name = t
         .path
         .file_name()
@@ -80,7 +88,7 @@ fn confirm_overwrite(plan: &RestorePlan, yes: bool) -> Result<bool> {
     if answer.trim() != name {
         bail!("not confirmed: nothing was written to {}", t.path.display());
     }
-    Ok(true)
+    Ok(())
 }
 
 /// `bmr restore`.

@@ -44,6 +44,11 @@ pub struct RestoreHow {
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
+    /// The second disk of an md RAID1 in the snapshot: it gets the target's partition table
+    /// and boot partitions, and its member partitions join the restored arrays (without it,
+    /// each array comes back degraded, on the target alone).
+    #[arg(long, value_name = "DISK")]
+    pub mirror_disk: Option<PathBuf>,
     #[command(flatten)]
     pub fixups: FixupOptions,
 }
@@ -78,6 +83,8 @@ pub struct RestorePlan<'r> {
     /// Every chunk the file lists of `apply` name, once: pre-checked with the image's.
     pub file_chunks: Vec<FileChunk>,
     pub target: Target,
+    /// `--mirror-disk`, as probed.
+    pub mirror: Option<Target>,
     pub how: RestoreHow,
 }
 
@@ -135,6 +142,24 @@ pub fn area_lines(m: &Manifest) -> Vec<String> {
             (AreaKind::Partition, None) => "whole disk".to_string(),
         };
         let fs = match (&a.fs, a.volumes.as_slice()) {
+            (None, _) if let Some(md) = &a.raid => {
+                let role = md
+                    .role
+                    .map_or("spare".to_string(), |r| format!("member {r}"));
+                format!(
+                    "md {} {role} of {} (metadata {}, {} of {} active){}",
+                    md.level,
+                    md.volume_name(),
+                    md.metadata,
+                    md.active,
+                    md.raid_disks,
+                    if a.volumes.is_empty() {
+                        ", stored whole"
+                    } else {
+                        ""
+                    }
+                )
+            }
             // Whether single files can come back from it without this restore.
             (Some(f), _) if f.fstype == "swap" => format!("{}, header only", describe_fs(f)),
             (Some(f), _)
@@ -173,7 +198,8 @@ pub fn area_lines(m: &Manifest) -> Vec<String> {
                 Some(f) => format!("{}, no file list", describe_fs(f)),
             };
             out.push(format!(
-                "    LV {:<22} size {:>10}  {fs}",
+                "    {} {:<22} size {:>10}  {fs}",
+                if a.raid.is_some() { "array" } else { "LV" },
                 lv.name,
                 human_bytes(lv.size)
             ));
@@ -380,13 +406,40 @@ impl<'r> RestorePlan<'r> {
             None => (Vec::new(), Vec::new()),
         };
         crate::fixup::preflight(m, &how.fixups, target)?;
+        let mirror = match &how.mirror_disk {
+            Some(d) => {
+                super::mirror::preflight(m, target, d)?;
+                let t = probe_target(m, d, src.local_path())
+                    .with_context(|| format!("--mirror-disk {}", d.display()))?;
+                if t.create {
+                    bail!(
+                        "--mirror-disk {}: no such disk; nothing was written",
+                        d.display()
+                    );
+                }
+                Some(t)
+            }
+            None => None,
+        };
         let target = probe_target(m, target, src.local_path())?;
+        if let Some(mt) = &mirror
+            && (how.fixups.grow || how.fixups.grow_lv.is_some())
+            && mt.size < target.size
+        {
+            bail!(
+                "--mirror-disk {} ({}) is smaller than the target ({}), which --grow fills: give a disk at least as big, or restore without --grow; nothing was written",
+                mt.path.display(),
+                human_bytes(mt.size),
+                human_bytes(target.size)
+            );
+        }
         Ok(RestorePlan {
             src,
             point,
             apply,
             file_chunks,
             target,
+            mirror,
             how,
         })
     }
@@ -452,7 +505,27 @@ impl<'r> RestorePlan<'r> {
         if let Some(what) = &t.holds {
             out.push(format!("            holds {what}: it will be overwritten"));
         }
+        if let Some(mt) = &self.mirror {
+            out.extend(super::mirror::plan_line(
+                m,
+                &mt.path,
+                mt.size,
+                mt.holds.as_deref(),
+            ));
+        }
         out.extend(area_lines(m));
+        if self.mirror.is_none() {
+            for md in m.areas.iter().filter_map(|a| a.raid.as_ref()) {
+                if md.level == "raid1" && md.raid_disks > 1 {
+                    out.push(format!(
+                        "  {} comes back degraded: 1 of its {} disks (give the second with --mirror-disk, or add one after boot: mdadm /dev/{} --add DEVICE)",
+                        md.volume_name(),
+                        md.raid_disks,
+                        md.volume_name()
+                    ));
+                }
+            }
+        }
         if t.size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
             out.push("  the target is bigger: the GPT backup header moves to its end".to_string());
         }
@@ -501,8 +574,15 @@ impl<'r> RestorePlan<'r> {
                 "len": a.len,
                 "content": a.content,
                 "fs": a.fs,
+                "volumes": a.volumes,
+                "raid": a.raid,
                 "bytes_to_write": a.used_bytes,
             })).collect::<Vec<_>>(),
+            "mirror": self.mirror.as_ref().map(|mt| serde_json::json!({
+                "path": mt.path.display().to_string(),
+                "size": mt.size,
+                "holds": mt.holds,
+            })),
             "bytes_to_write": self.total(),
             "verify": self.how.verify,
             "fixups": crate::fixup::plan_lines(m, &self.how.fixups),
@@ -517,13 +597,15 @@ impl<'r> RestorePlan<'r> {
         let l = &self.point.image;
         let m = &l.manifest;
         let how = &self.how;
-        if let Some(what) = &self.target.holds
-            && !overwrite
-        {
-            bail!(
-                "target {} holds {what}: nothing was written; confirm overwriting it",
-                self.target.path.display()
-            );
+        for t in std::iter::once(&self.target).chain(&self.mirror) {
+            if let Some(what) = &t.holds
+                && !overwrite
+            {
+                bail!(
+                    "target {} holds {what}: nothing was written; confirm overwriting it",
+                    t.path.display()
+                );
+            }
         }
         let threads = how
             .threads
@@ -624,10 +706,12 @@ impl<'r> RestorePlan<'r> {
                             },
                         };
                         let tag = crate::fixup::volumes::tag("apply", v);
-                        (
-                            vol.mount(&disk, &tag, false)?,
-                            format!("logical volume {v}"),
-                        )
+                        let kind = if area.raid.is_some() {
+                            "md array"
+                        } else {
+                            "logical volume"
+                        };
+                        (vol.mount(&disk, &tag, false)?, format!("{kind} {v}"))
                     }
                 };
                 let st = super::apply::apply(src, &i.id, &mnt.dir, &f.current, &f.desired, None)?;
@@ -642,6 +726,11 @@ impl<'r> RestorePlan<'r> {
             }
         }
         crate::fixup::run(m, &disk, &how.fixups)?;
+        if let Some(mt) = &self.mirror {
+            for line in super::mirror::run(m, &disk, &mt.path)? {
+                println!("{line}");
+            }
+        }
         if !not_applied.is_empty() {
             bail!("{}", not_applied.join("; "));
         }
