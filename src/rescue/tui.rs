@@ -225,10 +225,19 @@ impl Ui {
     }
 
     fn choose_target(&self, need: u64, repo_disks: &[String]) -> Result<Step<PathBuf>> {
+        self.choose_disk(
+            "Target disk (everything on it will be replaced)",
+            need,
+            repo_disks,
+        )
+    }
+
+    /// A disk from this machine's, except the rescue medium and `exclude` (kernel names).
+    fn choose_disk(&self, prompt: &str, need: u64, exclude: &[String]) -> Result<Step<PathBuf>> {
         loop {
             let all: Vec<DiskInfo> = disks::list()
                 .into_iter()
-                .filter(|d| !d.rescue_medium && !repo_disks.contains(&d.name))
+                .filter(|d| !d.rescue_medium && !exclude.contains(&d.name))
                 .collect();
             let fs = media::blkid();
             let mut items: Vec<String> = all
@@ -263,9 +272,7 @@ impl Ui {
                 .collect();
             items.push("Enter a device path (or an image file)".into());
             items.push("Look for disks again".into());
-            let Some(i) =
-                self.select("Target disk (everything on it will be replaced)", &items, 0)?
-            else {
+            let Some(i) = self.select(prompt, &items, 0)? else {
                 return Ok(Step::Back);
             };
             if i == all.len() + 1 {
@@ -310,7 +317,44 @@ impl Ui {
         else {
             return Ok(false);
         };
+        // A mirror in the snapshot: its second disk, or a degraded array on the target alone.
+        let m = &point.image.manifest;
+        let arrays: Vec<String> = m
+            .areas
+            .iter()
+            .filter_map(|a| a.raid.as_ref())
+            .filter(|r| r.level == "raid1" && r.raid_disks > 1)
+            .map(|r| r.volume_name())
+            .collect();
+        let mut mirror_disk = None;
+        if !arrays.is_empty() {
+            let q = format!(
+                "The snapshot holds the md RAID1 {}. Restore its mirror onto a second disk too?",
+                arrays.join(", ")
+            );
+            let items = vec![
+                "Yes: choose the second disk".to_string(),
+                "No: the array comes back degraded, on the target alone".to_string(),
+            ];
+            if self.select(&q, &items, 0)? == Some(0) {
+                let mut exclude = repo_disks.clone();
+                if let Some(n) = target.file_name() {
+                    exclude.push(n.to_string_lossy().into_owned());
+                }
+                let need = crate::restore::min_target_size(m);
+                let Step::Go(d) = self.choose_disk(
+                    "Mirror disk (everything on it will be replaced)",
+                    need,
+                    &exclude,
+                )?
+                else {
+                    return Ok(false);
+                };
+                mirror_disk = Some(d);
+            }
+        }
         let how = RestoreHow {
+            mirror_disk: mirror_disk.clone(),
             fixups: crate::fixup::FixupOptions {
                 efi_boot_entry: self.rescue,
                 ..Default::default()
@@ -347,9 +391,12 @@ impl Ui {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
+        let disks = match &mirror_disk {
+            Some(d) => format!("{} and {}", target.display(), d.display()),
+            None => target.display().to_string(),
+        };
         let typed = self.input(&format!(
-            "Everything on {} will be replaced. Type {name} to start (empty: start over)",
-            target.display()
+            "Everything on {disks} will be replaced. Type {name} to start (empty: start over)"
         ))?;
         if typed != name {
             self.say("Not confirmed: nothing was written.");

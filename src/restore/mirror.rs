@@ -23,7 +23,7 @@ const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";
 /// What `run` did, one line each, for the restore's output.
 pub fn run(m: &Manifest, target: &Disk, mirror: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    let disk = Disk::open_write(mirror)?;
+    let mut disk = Disk::open_write(mirror)?;
     let mut layout = DiskLayout::read(&target.file, target.size, target.sector_size)
         .context("--mirror-disk: cannot read the restored partition table")?;
     if disk.size < layout.min_target_size() {
@@ -47,15 +47,20 @@ pub fn run(m: &Manifest, target: &Disk, mirror: &Path) -> Result<Vec<String>> {
         Table::None => bail!("--mirror-disk: the restored disk has no partition table"),
     }
     let parts = layout.data_partitions();
-    // Boot code: the MBR's first 440 bytes, and on MBR disks the gap GRUB embeds its core in.
-    let first = parts.iter().map(|p| p.start).min().unwrap_or(0);
-    let head = if matches!(layout.table, Table::Mbr(_)) {
-        vec![(0, 440), (512, first.saturating_sub(512))]
-    } else {
-        vec![(0, 440)]
-    };
-    for (at, len) in head {
-        copy(target, &disk, at, len)?;
+    // The bytes outside the partitions up to the last one's end: boot code, the MBR and its
+    // extended boot records (the partition table of an MBR disk is in them), GRUB's core in the
+    // gap of an MBR disk. A GPT is written afresh below; the target's tail (its backup GPT)
+    // is no use on another disk.
+    let end = parts.iter().map(|p| p.start + p.len).max().unwrap_or(0);
+    for r in layout.raw_areas().iter().filter(|r| r.start < end) {
+        copy(target, &disk, r.start, r.len.min(end - r.start))?;
+    }
+    if let Table::Mbr(t) = &layout.table {
+        let sig = u32::from_str_radix(t.disk_signature.trim_start_matches("0x"), 16)
+            .context("internal error: a disk signature that is not hex")?;
+        disk.file
+            .write_all_at(&sig.to_le_bytes(), 440)
+            .map_err(|e| disk.io_error("write", 440, 4, e))?;
     }
     let mut members = Vec::new();
     for p in &parts {
@@ -89,6 +94,9 @@ pub fn run(m: &Manifest, target: &Disk, mirror: &Path) -> Result<Vec<String>> {
         .write_table(&disk.file, disk.size)
         .with_context(|| format!("cannot write the partition table to {}", mirror.display()))?;
     disk.flush()?;
+    // The kernel reads the new table only once nobody holds the disk exclusively, and mdadm
+    // claims the member partition for itself.
+    disk.release_exclusive()?;
     disk.reread_partitions();
     for (p, name) in members {
         let src = PartDev::open(target, &p)?;
