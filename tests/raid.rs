@@ -354,3 +354,99 @@ fn other_levels_and_damaged_superblocks_are_stored_whole() {
     assert_eq!(a["content"], "whole");
     assert_eq!(a["used_bytes"], len);
 }
+
+/// The TUI asks for the mirror's second disk: chosen, the plan names it (and nothing is
+/// written when the typed name is wrong); declined, the plan says the array comes back
+/// degraded and the restore runs on the target alone.
+#[test]
+fn tui_offers_the_mirror_disk() {
+    let tmp = Tmp::new("raid-tui");
+    let tree = tmp.path("tree");
+    populate(&tree, 5);
+    let (disk, start, _) = member_disk(&tmp, 48, 1, &tree);
+    let repo = tmp.s("repo");
+    bmr_ok(&[
+        "backup",
+        "--repo",
+        &repo,
+        "--host",
+        "web1",
+        &disk.display().to_string(),
+    ]);
+    let target = tmp.path("t.img");
+    let mirror = tmp.path("m.img");
+    sh(&format!("truncate -s 48M {}", mirror.display()));
+    let name = format!("bmr-tui-raid-{}", std::process::id());
+    let t = Tmux::start(
+        &name,
+        &format!(
+            "{} rescue --cmdline 'console=tty0'; echo EXIT=$?; sleep 600",
+            env!("CARGO_BIN_EXE_bmr")
+        ),
+    );
+    for pass in 0..2 {
+        t.wait("Repository");
+        t.keys("Down Enter");
+        t.wait("Repository path");
+        t.text(&repo);
+        t.keys("Enter");
+        t.wait("Point in time for web1");
+        t.keys("Enter");
+        t.wait("Target disk");
+        t.keys("Up Up Enter");
+        t.wait("Device path");
+        t.text(&target.display().to_string());
+        t.keys("Enter");
+        t.wait("Restore its mirror onto a second disk too?");
+        if pass == 0 {
+            t.keys("Enter");
+            t.wait("Mirror disk");
+            t.keys("Up Up Enter");
+            t.wait("Device path");
+            t.text(&mirror.display().to_string());
+            t.keys("Enter");
+            let s = t.wait("Read everything back");
+            assert!(
+                s.contains(&format!("mirror    {} (48.0 MiB)", mirror.display())),
+                "{s}"
+            );
+            t.keys("Enter");
+            let s = t.wait("Type t.img to start");
+            assert!(
+                s.contains(&format!("and {} will be replaced", mirror.display())),
+                "{s}"
+            );
+            t.text("m.img");
+            t.keys("Enter");
+            t.wait("Not confirmed: nothing was written");
+            assert!(!target.exists());
+            assert_eq!(
+                std::fs::read(&mirror)
+                    .unwrap()
+                    .iter()
+                    .filter(|&&b| b != 0)
+                    .count(),
+                0
+            );
+            t.wait("Next");
+            t.keys("Up Enter");
+        } else {
+            t.keys("Down Enter");
+            let s = t.wait("Read everything back");
+            assert!(
+                s.contains("md/r1 comes back degraded: 1 of its 2 disks"),
+                "{s}"
+            );
+            t.keys("Enter");
+            t.wait("Type t.img to start");
+            t.text("t.img");
+            t.keys("Enter");
+        }
+    }
+    let s = t.wait("Done:");
+    assert!(s.contains("BMR-RESULT: ok"), "{s}");
+    assert_eq!(
+        read_range(&target, start, MIB),
+        read_range(&disk, start, MIB)
+    );
+}
