@@ -65,15 +65,15 @@ safe_rm() {
 # modules, no initramfs yet); prints its path.
 debian_lvm_root() {
     kernel_tree
-    local kdeb=$DEB key dir
-    key=$(echo "$DEBIAN_SUITE $DEBIAN_MIRROR $DEBIAN_LVM_PKGS $(basename "$kdeb") $DEBIAN_PRUNE $DEBIAN_RECIPE" |
+    local kdeb=$DEB key dir pkgs=$DEBIAN_LVM_PKGS${DEBIAN_EXTRA_PKGS:+,$DEBIAN_EXTRA_PKGS}
+    key=$(echo "$DEBIAN_SUITE $DEBIAN_MIRROR $pkgs $(basename "$kdeb") $DEBIAN_PRUNE $DEBIAN_RECIPE" |
         sha256sum | cut -c1-12)
     dir=$CACHE/debian-lvm-$key
     if [ ! -f "$dir/.done" ]; then
         command -v debootstrap >/dev/null || die "debootstrap missing: apt-get install debootstrap"
         safe_rm "$dir"
-        log "debootstrap $DEBIAN_SUITE (minbase + $DEBIAN_LVM_PKGS) into $dir"
-        debootstrap --variant=minbase --include="$DEBIAN_LVM_PKGS" "$DEBIAN_SUITE" "$dir" \
+        log "debootstrap $DEBIAN_SUITE (minbase + $pkgs) into $dir"
+        debootstrap --variant=minbase --include="$pkgs" "$DEBIAN_SUITE" "$dir" \
             "$DEBIAN_MIRROR" >"$CACHE/debootstrap-lvm.log" 2>&1 ||
             die "debootstrap failed (log: $CACHE/debootstrap-lvm.log)"
         # No docs, man pages or translations, now and for anything installed later.
@@ -115,6 +115,7 @@ DEBIAN_VG_UUID=bmrVG0-0000-0000-0000-0000-0000-000001
 DEBIAN_ROOTLV_UUID=bmrLV0-0000-0000-0000-0000-0000-000001
 DEBIAN_SWAPLV_UUID=bmrLV0-0000-0000-0000-0000-0000-000002
 DEBIAN_VG=vg0
+DEBIAN_MD_UUID=d3b1a0a1:5e1d0c2b:3a494f58:8e67d0c1
 DEBIAN_EXTENT_MIB=4
 DEBIAN_SWAP_MIB=64
 DEBIAN_KARGS="ro console=tty0 console=ttyS0,115200n8 panic=-1"
@@ -204,11 +205,26 @@ CFG
 # The machine's configuration, on a copy of the cached tree: hostname, fstab, initramfs-tools
 # (every storage driver, the lvm2 hook), the report units, GRUB's defaults, /data.
 debian_configure() {
-    local t=$1 unit=$1/etc/systemd/system
+    local t=$1 kind=${2:-lvm} unit=$1/etc/systemd/system
     echo "$DEBIAN_HOST" >"$t/etc/hostname"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$DEBIAN_HOST" >"$t/etc/hosts"
     # As the installer writes it, with the ESP by its old kernel name, as real machines have it.
-    cat >"$t/etc/fstab" <<FSTAB
+    if [ "$kind" = raid ]; then
+        # As Debian's installer writes a root on md: by the filesystem's UUID.
+        cat >"$t/etc/fstab" <<FSTAB
+# /etc/fstab: static file system information.
+# <file system> <mount point> <type> <options> <dump> <pass>
+# / was on /dev/md0 during installation
+UUID=$DEBIAN_ROOT_UUID / ext4 errors=remount-ro 0 1
+# /boot was on /dev/sda3 during installation
+UUID=$DEBIAN_BOOT_UUID /boot ext4 defaults 0 2
+/dev/sda2 /boot/efi vfat umask=0077 0 1
+FSTAB
+        mkdir -p "$t/etc/mdadm"
+        printf 'HOMEHOST <system>\nARRAY /dev/md/root metadata=1.2 UUID=%s name=%s:root\n' \
+            "$DEBIAN_MD_UUID" "$DEBIAN_HOST" >"$t/etc/mdadm/mdadm.conf"
+    else
+        cat >"$t/etc/fstab" <<FSTAB
 # /etc/fstab: static file system information.
 # <file system> <mount point> <type> <options> <dump> <pass>
 /dev/mapper/$DEBIAN_VG-root / ext4 errors=remount-ro 0 1
@@ -217,6 +233,7 @@ UUID=$DEBIAN_BOOT_UUID /boot ext4 defaults 0 2
 /dev/sda2 /boot/efi vfat umask=0077 0 1
 /dev/mapper/$DEBIAN_VG-swap none swap sw 0 0
 FSTAB
+    fi
     mkdir -p "$t/boot/efi" "$t/data/sub" "$t/etc/initramfs-tools/conf.d" "$t/etc/systemd/system.conf.d"
     # MODULES=most (Debian's default) takes every storage driver: the root must be found on
     # virtio, SATA and NVMe alike. Name the ones the drill's buses need anyway.
@@ -225,6 +242,7 @@ FSTAB
     printf 'MODULES=most\nCOMPRESS=zstd\nFSTYPE=ext4\n' >"$t/etc/initramfs-tools/conf.d/bmr.conf"
     printf '%s\n' dm_mod virtio_pci virtio_blk virtio_scsi ahci sd_mod nvme ext4 crc32c_generic \
         >>"$t/etc/initramfs-tools/modules"
+    [ "$kind" != raid ] || printf '%s\n' md_mod raid1 >>"$t/etc/initramfs-tools/modules"
     printf 'RESUME=none\n' >"$t/etc/initramfs-tools/conf.d/resume"
     printf '[Manager]\nDefaultDeviceTimeoutSec=%s\n' "$DEBIAN_DEVICE_TIMEOUT" \
         >"$t/etc/systemd/system.conf.d/bmr-drill.conf"
@@ -313,6 +331,41 @@ debian_lvm_metadata() {
         host_lvm "$dev" pvs --noheadings --units b --nosuffix -o pe_start "$dev" 2>>"$dir/lvm.log" | tr -d ' '
 }
 
+# debian_raid_disks DIR TREE START SIZE LEN: the md mirror of the raid machine: DIR/disk-b.img
+# with disk.img's table (new GUIDs), the root's ext4 of LEN bytes made from TREE, and the array
+# over both partitions 4 (at START, SIZE bytes) made by the real mdadm in the rescue system
+# (the host has no md driver): metadata 1.2, data 1 MiB in, then the ext4 written through md
+# onto both members.
+debian_raid_disks() {
+    local dir=$1 t=$2 len=$5 disk=$1/disk.img b=$1/disk-b.img img=$1/root.img
+    rm -f "$b" "$img" && truncate -s "$(stat -c %s "$disk")" "$b"
+    sgdisk -R "$b" "$disk" >/dev/null && sgdisk -G "$b" >/dev/null || return 1
+    E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$DEBIAN_ROOT_UUID" \
+        -E root_owner=0:0 -d "$t" "$img" "$((len / 1024))k" || return 1
+    cat >"$dir/make-md.guest" <<GUEST
+mdadm --create /dev/md/root --run --level=1 --raid-devices=2 --metadata=1.2 --homehost=$DEBIAN_HOST --name=root --uuid=$DEBIAN_MD_UUID --data-offset=1M --assume-clean /dev/vda4 /dev/vdb4
+[ "\$(blockdev --getsize64 /dev/md/root)" -ge $len ]
+dd if=/dev/vdc of=/dev/md/root bs=1M conv=fsync
+mdadm --detail /dev/md/root
+mdadm --stop /dev/md/root
+GUEST
+    rm -f "$WORK/$DEBIAN_HOST-md.sock"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$DEBIAN_HOST-md.sock" "$WORK/$DEBIAN_HOST-md.log" \
+        "$dir/make-md.guest" &
+    local driver=$!
+    SERIAL=unix NET=none boot "$DEBIAN_HOST-md" bios cd "bmr.break" "virtio:$disk" "virtio:$b" "virtio:$img"
+    wait "$driver" || { log "making the md mirror: see $WORK/$DEBIAN_HOST-md.log"; return 1; }
+    rm -f "$img"
+}
+
+# make_debian_raid_machine DIR: make_debian_machine's layout with partition 4 an md RAID1
+# member (type FD00) of /dev/md/root, the root's ext4 (by UUID in fstab and root=), its twin
+# partition 4 on DIR/disk-b.img; no swap. Its own host, debian-raid, with mdadm and an
+# mdadm.conf naming the array (Debian's initramfs assembles it).
+make_debian_raid_machine() {
+    DEBIAN_HOST=debian-raid DEBIAN_EXTRA_PKGS=mdadm make_debian_machine "$1" raid
+}
+
 # make_debian_machine DIR [lvm]
 #   DIR/disk.img: GPT, 1 BIOS boot (1 MiB), 2 ESP (FAT32, 64 MiB: EFI/debian/grubx64.efi only,
 #   no EFI/BOOT fallback), 3 /boot (ext4, 256 MiB, GRUB's grub.cfg in /grub), 4 LVM PV holding
@@ -326,7 +379,12 @@ debian_lvm_metadata() {
 #   /boot/efi as /dev/sda2 (only SATA disks come up cleanly until bmr rewrites it), vg0-swap.
 make_debian_machine() {
     local dir=$1 kind=${2:-lvm}
-    [ "$kind" = lvm ] || die "make_debian_machine: only the lvm layout exists, not $kind"
+    case $kind in
+    lvm) ;;
+    # The raid machine is another host, with mdadm in its tree (make_debian_raid_machine).
+    raid) [ "$DEBIAN_HOST" = debian-raid ] || die "make_debian_machine raid: use make_debian_raid_machine" ;;
+    *) die "make_debian_machine: the layouts are lvm and raid, not $kind" ;;
+    esac
     local need
     for need in debootstrap:debootstrap grub-mkimage:grub-common /usr/lib/grub/i386-pc/boot.img:grub-pc-bin \
         /usr/lib/grub/x86_64-efi/linux.mod:grub-efi-amd64-bin mcopy:mtools mkfs.fat:dosfstools \
@@ -342,13 +400,15 @@ make_debian_machine() {
     log "copying the Debian tree"
     cp -a "$base/." "$t/"
     rm -f "$t/.done"
-    debian_configure "$t"
+    debian_configure "$t" "$kind"
     log "update-initramfs -c -k $KVER (chroot)"
     debian_initramfs "$t" || die "no initramfs for $dir"
     # What the drill checks: the lvm2 hook and device-mapper are in.
     local listing
     listing=$(chroot "$t" lsinitramfs "/boot/initrd.img-$KVER") || die "lsinitramfs failed"
-    for need in sbin/lvm dm-mod.ko nvme.ko ahci.ko virtio_blk.ko; do
+    local needs="sbin/lvm dm-mod.ko nvme.ko ahci.ko virtio_blk.ko"
+    [ "$kind" != raid ] || needs+=" sbin/mdadm etc/mdadm/mdadm.conf raid1.ko"
+    for need in $needs; do
         grep -q "$need" <<<"$listing" || die "the initramfs lacks $need"
     done
     # GRUB's menu, by hand (grub-mkconfig probes through device-mapper, which this host lacks).
@@ -360,7 +420,7 @@ terminal_input serial console
 terminal_output serial console
 search --no-floppy --fs-uuid --set=root $DEBIAN_BOOT_UUID
 menuentry 'Debian GNU/Linux' {
-	linux /vmlinuz-$KVER root=/dev/mapper/$DEBIAN_VG-root $DEBIAN_KARGS
+	linux /vmlinuz-$KVER root=$([ "$kind" = raid ] && echo "UUID=$DEBIAN_ROOT_UUID" || echo "/dev/mapper/$DEBIAN_VG-root") $DEBIAN_KARGS
 	initrd /initrd.img-$KVER
 }
 GRUBCFG
@@ -379,14 +439,17 @@ GRUBCFG
     swap_ext=$(( DEBIAN_SWAP_MIB / DEBIAN_EXTENT_MIB ))
     pe=$((root_ext + swap_ext + 1)) # one free extent, as an installer leaves a little
     # MiB: 1 (alignment) + 1 + 64 + 256 + the PV (1 MiB of metadata + extents) + 1 (backup GPT).
-    local pv_mib=$((1 + pe * DEBIAN_EXTENT_MIB)) disk=$dir/disk.img
+    local pv_mib=$((1 + pe * DEBIAN_EXTENT_MIB)) disk=$dir/disk.img p4_type=8e00 p4_name=lvm
+    # RAID: the md member holds 1 MiB of superblock (the data offset), then the root's ext4
+    # (its size rounded to 4 MiB), and 1 MiB that md may keep.
+    [ "$kind" != raid ] || pv_mib=$((1 + root_ext * DEBIAN_EXTENT_MIB + 1)) p4_type=fd00 p4_name=raid
     local disk_mib=$((1 + 1 + 64 + 256 + pv_mib + 1))
     truncate -s "${disk_mib}M" "$disk"
     sgdisk -U "$DEBIAN_DISK_GUID" \
         -n 1:2048:+1M -t 1:ef02 -c 1:bios -u 1:D3B1A000-0000-4000-8000-000000000001 \
         -n 2:0:+64M -t 2:ef00 -c 2:esp -u 2:D3B1A000-0000-4000-8000-000000000002 \
         -n 3:0:+256M -t 3:8300 -c 3:boot -u 3:D3B1A000-0000-4000-8000-000000000003 \
-        -n 4:0:+"${pv_mib}M" -t 4:8e00 -c 4:lvm -u 4:D3B1A000-0000-4000-8000-000000000004 \
+        -n 4:0:+"${pv_mib}M" -t 4:$p4_type -c 4:$p4_name -u 4:D3B1A000-0000-4000-8000-000000000004 \
         "$disk" >/dev/null || die "sgdisk failed on $disk"
     local i start size
     local -a pstart psize
@@ -395,22 +458,25 @@ GRUBCFG
         pstart[i]=$((start * 512)) psize[i]=$((size * 512))
     done
 
+    [ "$kind" != raid ] || { debian_raid_disks "$dir" "$t" "${pstart[4]}" "${psize[4]}" $((root_ext * ext)) || die "making the md mirror failed"; }
     # The PV and VG, on a loop device over partition 4.
     local pe_start
-    pe_start=$(with_loop "$disk" "${pstart[4]}" "${psize[4]}" debian_lvm_metadata "$dir" "${psize[4]}" \
+    [ "$kind" = raid ] || pe_start=$(with_loop "$disk" "${pstart[4]}" "${psize[4]}" debian_lvm_metadata "$dir" "${psize[4]}" \
         "$root_ext" "$swap_ext") || die "writing the LVM metadata failed: $(cat "$dir/lvm.log")"
-    [ "$pe_start" = 1048576 ] || die "pe_start is $pe_start, not 1 MiB"
+    [ "$kind" = raid ] || [ "$pe_start" = 1048576 ] || die "pe_start is $pe_start, not 1 MiB"
+    # md's data offset stands where the PV's first extent would.
+    [ "$kind" != raid ] || pe_start=1048576
     local root_off=$((pstart[4] + pe_start)) root_len=$((root_ext * ext))
     local swap_off=$((root_off + root_len)) swap_len=$((swap_ext * ext))
 
-    log "mke2fs: root LV ($((root_len >> 20)) MiB, tree $((tree_kib >> 10)) MiB) and /boot"
-    E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$DEBIAN_ROOT_UUID" \
+    log "mke2fs: root ($((root_len >> 20)) MiB, tree $((tree_kib >> 10)) MiB) and /boot"
+    [ "$kind" = raid ] || E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$DEBIAN_ROOT_UUID" \
         -E "offset=$root_off,root_owner=0:0" -d "$t" "$disk" "$((root_len / 1024))k" ||
         die "mke2fs of the root LV failed"
     E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L boot -U "$DEBIAN_BOOT_UUID" \
         -E "offset=${pstart[3]},root_owner=0:0" -d "$b" "$disk" "$((psize[3] / 1024))k" ||
         die "mke2fs of /boot failed"
-    with_loop "$disk" "$swap_off" "$swap_len" mkswap -q -U "$DEBIAN_SWAP_UUID" -L swap || die "mkswap failed"
+    [ "$kind" = raid ] || with_loop "$disk" "$swap_off" "$swap_len" mkswap -q -U "$DEBIAN_SWAP_UUID" -L swap || die "mkswap failed"
 
     # GRUB: BIOS core.img in partition 1 (boot.img in the MBR), grubx64.efi in the ESP; both
     # find /boot by its UUID and read /grub/grub.cfg there.
@@ -446,7 +512,11 @@ GRUBCFG
         echo "SWAP_LV_OFFSET=$swap_off"
         echo "SWAP_LV_SIZE=$swap_len"
         echo "TREE_KIB=$tree_kib"
+        echo "KIND=$kind"
+        echo "MD_UUID=$DEBIAN_MD_UUID"
     } >"$dir/info"
+    # The mirror's second disk: the same table, new GUIDs, the md member and nothing else.
+    [ "$kind" != raid ] || [ -f "$dir/disk-b.img" ] || die "no second disk"
 }
 
 # debian_info DIR VAR: one variable of DIR/info.
@@ -458,6 +528,16 @@ debian_info() { sed -n "s/^$2=//p" "$1/info"; }
 # step ran).
 debian_expected_report() {
     local dir=$1 step=${2:-} tree=${3:-$1/tree} vg
+    if [ "$(debian_info "$dir" KIND)" = raid ]; then
+        MACHINE_HOST=$(debian_info "$dir" HOST) expected_report "$tree" | awk -v step="$step" -v degraded="${DEBIAN_DEGRADED:-0}" '
+            { print }
+            $0 == "BMR-MACHINE: fstab ok" {
+                if (step != "") print "BMR-MACHINE: step exit " step
+                print "BMR-MACHINE: root /dev/md127"
+                print "BMR-MACHINE: md md127 raid1 disks 2 degraded " degraded
+            }'
+        return
+    fi
     vg=$(debian_info "$dir" VG)
     MACHINE_HOST=$(debian_info "$dir" HOST) expected_report "$tree" | awk -v vg="$vg" -v step="$step" '
         { print }
@@ -485,7 +565,19 @@ debian_put() {
         mkdir -p "$mnt/$(dirname "$dest")"
         if [ "$src" = - ]; then cat >"$mnt/$dest"; else cat "$src" >"$mnt/$dest"; fi
         chmod "$mode" "$mnt/$dest"
-    )
+    ) || return 1
+    [ "$img" != "$dir/disk.img" ] || debian_sync_mirror "$dir"
+}
+
+# debian_sync_mirror DIR: after the host wrote into the raid machine's root on the first disk,
+# the second disk gets the same data (the members of a mirror must not differ; their
+# superblocks, before the data, stay as they are). Nothing for the LVM machine.
+debian_sync_mirror() {
+    local dir=$1 off len
+    [ -f "$dir/disk-b.img" ] || return 0
+    off=$(debian_info "$dir" ROOT_LV_OFFSET) len=$(debian_info "$dir" ROOT_LV_SIZE)
+    dd if="$dir/disk.img" of="$dir/disk-b.img" bs=1M skip="$off" seek="$off" count="$len" \
+        iflag=skip_bytes,count_bytes oflag=seek_bytes conv=notrunc status=none
 }
 
 # fs_used IMG OFFSET SIZE: the bytes an ext4 inside IMG uses (through a loop device).
@@ -586,6 +678,7 @@ STEP
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     case ${1:-} in
     build) make_debian_machine "${2:-$WORK/debian-lvm}" lvm ;;
+    build-raid) make_debian_raid_machine "${2:-$WORK/debian-raid}" ;;
     selftest) debian_selftest ;;
     *) echo "usage: $0 selftest | build [DIR] (or source it)"; exit 2 ;;
     esac

@@ -70,15 +70,15 @@ if [ -n "$LVM" ] && { [ "$LAYOUT" != gpt ] || [ -n "$TUI$GROW$REINSTALL" ]; }; t
 fi
 case $MACHINE in
 busybox) ;;
-debian-lvm)
+debian-lvm | debian-raid)
     if [ "$LAYOUT/$ROOTFS" != gpt/ext4 ] || [ -n "$TUI$REINSTALL$LVM" ]; then
-        log "drill.sh: --machine debian-lvm is a GPT disk with an ext4 root LV: not with --layout mbr, --rootfs, --tui, --reinstall-bootloader or --lvm"
+        log "drill.sh: --machine $MACHINE is a GPT disk with an ext4 root: not with --layout mbr, --rootfs, --tui, --reinstall-bootloader or --lvm"
         exit 2
     fi
     # shellcheck source=qemu-tests/debian.sh
     source "$(dirname "$0")/debian.sh"
     ;;
-*) log "drill.sh: --machine busybox or debian-lvm, not $MACHINE"; exit 2 ;;
+*) log "drill.sh: --machine busybox, debian-lvm or debian-raid, not $MACHINE"; exit 2 ;;
 esac
 case $ROOTFS in
 ext4) ;;
@@ -94,11 +94,11 @@ esac
 # The ext4 drills keep their names and hosts; the others carry their root's type.
 FS_TAG=${ROOTFS#ext4}
 # The Debian machine's drill carries it in its name and host.
-[ "$MACHINE" = busybox ] || FS_TAG=lvm-debian
+[ "$MACHINE" = busybox ] || FS_TAG=${MACHINE#debian-}-debian
 NAME=${NAME:-drill-$LAYOUT${FS_TAG:+-$FS_TAG}-$FW-$BUS-$DELIVERY${GROW:+-grow}${TUI:+-tui}${REINSTALL:+-reinstall}${LVM:+-lvm}}
 D=$WORK/$NAME
 HOST=drill-$LAYOUT${FS_TAG:+-$FS_TAG}${LVM:+-lvm}
-[ "$MACHINE" = busybox ] || HOST=drill-debian-lvm
+[ "$MACHINE" = busybox ] || HOST=drill-$MACHINE
 STEPS=()
 step() { STEPS+=("$*"); log "[$NAME] $*"; }
 fail() {
@@ -107,6 +107,11 @@ fail() {
     exit 1
 }
 report() {
+    if [ "$MACHINE" = debian-raid ]; then
+        echo "== drill $NAME: Debian bookworm on md RAID1 (two GPT disks: BIOS boot, ESP, /boot, and an md member each; the root ext4 on /dev/md/root), incrementals taken in the running guest, rescue by $FW from $DELIVERY, restored onto two disks on $BUS${GROW:+, grown}, then booted with both disks and from the first alone (degraded)"
+        printf '   %s\n' "${STEPS[@]}"
+        return
+    fi
     if [ "$MACHINE" = debian-lvm ]; then
         echo "== drill $NAME: Debian bookworm on LVM ($LAYOUT disk: BIOS boot, ESP, /boot, PV with vg0/root ext4 and vg0/swap), incrementals taken in the running guest, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}"
         printf '   %s\n' "${STEPS[@]}"
@@ -449,6 +454,7 @@ debian_monday() {
     debian_mount_root || fail "mounting the root LV on the host"
     DATA=$ROOT_MNT/data sh -c "$(day_sh monday)" || { umount "$ROOT_MNT"; fail "Monday's changes"; }
     umount "$ROOT_MNT"
+    debian_sync_mirror "$src"
     # The expected trees, day by day, by the same commands.
     rm -rf "$D/week" && mkdir -p "$D/week/data"
     local today
@@ -460,6 +466,10 @@ debian_monday() {
     rm -rf "$D/repo-top" && mkdir -p "$D/repo-top"
     "$BMR" backup --repo "$repo" --host "$HOST" "$src/disk.img" >"$D/backup.log" 2>&1 ||
         fail "Monday's image backup (log: $D/backup.log)"
+    if [ "$MACHINE" = debian-raid ]; then
+        raid_monday_check "$repo" "$src" "$t0"
+        return
+    fi
     local root_used pv
     root_used=$(fs_used "$src/disk.img" "$(debian_info "$src" ROOT_LV_OFFSET)" "$(debian_info "$src" ROOT_LV_SIZE)")
     pv=$(python3 - "$repo" "$(debian_info "$src" PART4_START)" "$(debian_info "$src" SWAP_UUID)" <<'PY'
@@ -502,6 +512,46 @@ PY
     step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used ext4 blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
 }
 
+# Monday's manifest of the raid machine: partition 4 an md RAID1 member of md/root with the
+# array's UUID, its ext4 a file list (the system's), and no byte of free ext4 blocks stored.
+raid_monday_check() {
+    local repo=$1 src=$2 t0=$3 root_used out
+    root_used=$(fs_used "$src/disk.img" "$(debian_info "$src" ROOT_LV_OFFSET)" "$(debian_info "$src" ROOT_LV_SIZE)")
+    out=$(python3 - "$repo" "$(debian_info "$src" PART4_START)" "$(debian_info "$src" MD_UUID)" <<'PY'
+import glob, json, sys
+repo, start, uuid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+m = json.load(open(glob.glob(repo + "/hosts/*/snapshots/*.json")[0]))
+def bad(why):
+    print(why)
+    sys.exit(1)
+area = [i for i, a in enumerate(m["areas"]) if a["start"] == start]
+if not area:
+    bad("no area at partition 4's offset")
+a = m["areas"][area[0]]
+r = a.get("raid") or bad("partition 4 is not recorded as an md member: %s" % a.get("note"))
+if (r["level"], r["uuid"], r["name"], r["raid_disks"], r["metadata"]) != ("raid1", uuid, "debian-raid:root", 2, "1.2"):
+    bad("partition 4's md record: %s" % r)
+vols = [v["name"] for v in a.get("volumes", [])]
+if vols != ["md/root"] or a["volumes"][0]["fs"]["fstype"] != "ext4":
+    bad("partition 4's volumes: %s" % a.get("volumes"))
+tocs = [t for t in m.get("tocs", []) if t.get("volume") == "md/root"]
+if len(tocs) != 1 or not tocs[0].get("system"):
+    bad("the file lists of md/root: %s" % tocs)
+print(a["len"], a["used_bytes"], r["data_offset"], r["size"], tocs[0]["entries"], m["stats"]["stored_bytes"])
+PY
+) || fail "Monday's manifest: $out"
+    local len used data_offset size entries stored names
+    read -r len used data_offset size entries stored <<<"$out"
+    # Besides the root's used blocks: the superblock MiB and the member's tail md keeps.
+    [ "$used" -le $((root_used + data_offset + len - data_offset - size + 1048576)) ] ||
+        fail "Monday: the md member stores $used bytes, more than the root's used $root_used + the superblock and tail"
+    names=$("$BMR" ls --repo "$repo" --host "$HOST" --part md/root /data 2>/dev/null | grep -o 'file[0-9]' | sort | xargs) || true
+    [ "$names" = "file1 file2 file3" ] || fail "Monday: bmr ls --part md/root /data lists '$names', not file1 file2 file3"
+    MONDAY_REPO=$(du -sb "$repo" | cut -f1)
+    step "Monday: image backup of the first disk on the host, offline, in $((SECONDS - t0)) s: partition 4 an md raid1 member of md/root (UUID $(debian_info "$src" MD_UUID)), md/root a file list ($entries entries, the system's; bmr ls --part md/root /data: file1 file2 file3)"
+    step "  member $(mib "$len") (array $(mib "$size") from offset $((data_offset >> 10)) KiB): stored $(mib "$used") = the root's used ext4 blocks $(mib "$root_used") + the superblock MiB and the member's tail; repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
+}
+
 # Tuesday to Thursday: the machine boots on SATA under SeaBIOS with the repository disk on
 # virtio; its drill step makes the day's changes and takes the incremental; its report must be
 # the day's files exactly.
@@ -513,7 +563,9 @@ debian_days() {
     for today in tuesday wednesday thursday; do
         t0=$SECONDS
         debian_step "$today" | debian_put "$D/src" - /etc/bmr-drill-step 0755 || fail "$today: writing the drill step"
-        MACHINE_TIMEOUT=${BMR_DEBIAN_TIMEOUT:-1200} timed_boot "$NAME-$today" bios "sata:$D/src/disk.img" "virtio:$rdisk"
+        # shellcheck disable=SC2046 # the mirror's second disk, one word or none
+        MACHINE_TIMEOUT=${BMR_DEBIAN_TIMEOUT:-1200} timed_boot "$NAME-$today" bios "sata:$D/src/disk.img" \
+            $([ ! -f "$D/src/disk-b.img" ] || echo "sata:$D/src/disk-b.img") "virtio:$rdisk"
         log=$WORK/$NAME-$today.log
         r=$(machine_report "$log")
         grep -qx 'BMR-MACHINE: step exit 0' <<<"$r" ||
@@ -604,6 +656,77 @@ debian_restore() {
     fi
 }
 
+# The raid machine's restore: Thursday, unattended, onto two blank disks half as big again
+# (bmr.target and bmr.mirror-disk), then both restored members assembled in the rescue shell
+# (qemu-tests/debian-raid-check.guest).
+raid_restore() {
+    local t=$D/target.img t2=$D/target-b.img size t0=$SECONDS
+    size=$(( $(stat -c %s "$D/src/disk.img") * 3 / 2 ))
+    rm -f "$t" "$t2" && truncate -s "$size" "$t" "$t2"
+    local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=/dev/nvme0n1"
+    kargs+=" bmr.mirror-disk=/dev/nvme1n1 bmr.verify${GROW:+ bmr.grow}"
+    kargs+=" bmr.report=http://10.0.2.2:$PORT/report bmr.after=shell"
+    local md_size cmp=-eq
+    md_size=$(debian_info "$D/src" ROOT_LV_SIZE)
+    [ -z "$GROW" ] || cmp=-gt
+    sed -e "s/@MD_SIZE@/$md_size/g" -e "s/@SIZE_TEST@/$cmp/g" -e "s/@MD_UUID@/$(debian_info "$D/src" MD_UUID)/g" \
+        "$ROOT/qemu-tests/debian-raid-check.guest" >"$D/check.guest"
+    rm -f "$WORK/$NAME-rescue.sock"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-rescue.sock" "$WORK/$NAME-rescue.log" \
+        "$D/check.guest" --after-result 2>"$D/check-driver.err" &
+    local driver=$!
+    SERIAL=unix BOOT_TIMEOUT=${BMR_BOOT_TIMEOUT:-1800} boot "$NAME-rescue" "$FW" "$DELIVERY" "$kargs" "nvme:$t" "nvme:$t2"
+    local r rlog=$WORK/$NAME-rescue.log
+    r=$(result_of "$NAME-rescue")
+    [[ $r == "BMR-RESULT: ok "* && $r == *"md/root mirrored onto /dev/nvme1n1"* ]] ||
+        fail "rescue: ${r:-no result line} (log: $rlog)"
+    step "rescue ($FW, $DELIVERY), $((SECONDS - t0)) s in all: ${r#BMR-RESULT: }"
+    local line
+    while IFS= read -r line; do
+        STEPS+=("  $line")
+    done < <(tr -d '\r' <"$rlog" | grep -a -E '^(applied incremental|fix-up [^ ]|mirror )' || true)
+    local esp
+    esp=$(debian_info "$D/src" ESP_ID)
+    local want=(
+        "^applied incremental $THURSDAY to md array md/root: "
+        '^fix-up device names: md/root /etc/fstab: /dev/sdaN -> UUID='
+        "^ +\\+UUID=${esp:0:4}-${esp:4} /boot/efi vfat "
+        '^fix-up boot check: md/root /etc/fstab: every filesystem it mounts is on the restored disk$'
+        '^mirror /dev/nvme1n1: partition 1 copied from the target \(BIOS boot partition\)'
+        '^mirror /dev/nvme1n1: partition 2 copied from the target \(EFI system partition\)'
+        '^mirror /dev/nvme1n1: partition 4 added to md/root'
+    )
+    [ -z "$GROW" ] || want+=(
+        '^fix-up grow: partition 4 grown from '
+        '^fix-up grow: md/root grown from '
+        '^fix-up grow: md/root: .*(resize2fs|is now|blocks long)'
+    )
+    local w
+    for w in "${want[@]}"; do
+        tr -d '\r' <"$rlog" | grep -a -q -E -- "$w" || fail "rescue: no line like '$w' in $rlog"
+    done
+    wait "$driver" || fail "the restored mirror: $(tail -n 1 "$D/check-driver.err") (log: $rlog)"
+    local grown
+    grown=$(tr -d '\r' <"$rlog" | sed -n -E 's/^BMR-MD-SIZE ([0-9]+)$/\1/p' | tail -n 1)
+    step "restored mirror in the rescue system: both partitions 4 assembled, UUID $(debian_info "$D/src" MD_UUID), 2 active devices and clean once md had copied the mirror, array $(mib "$md_size") -> $(mib "${grown:-0}"), e2fsck -fn clean"
+}
+
+# The restored mirror boots: with both disks its report must be Thursday's (as the source
+# machine printed it after Thursday's step, that line aside); from the first disk alone, the
+# same with the array degraded.
+raid_boot_restored() {
+    local fw=$1 what=$2 log=$WORK/$NAME-$1$3.log disks=("nvme:$D/target.img")
+    [ "$3" = -alone ] || disks+=("nvme:$D/target-b.img")
+    MACHINE_TIMEOUT=${BMR_DEBIAN_TIMEOUT:-1200} timed_boot "$NAME-$fw$3" "$fw" "${disks[@]}"
+    machine_report "$log" >"$D/got-$fw$3.txt"
+    local degraded=0
+    [ "$3" != -alone ] || degraded=1
+    DEBIAN_DEGRADED=$degraded debian_expected_report "$D/src" "" "$D/expected-thursday" >"$D/want-$fw$3.txt"
+    diff -u "$D/want-$fw$3.txt" "$D/got-$fw$3.txt" >"$D/diff-$fw$3.txt" ||
+        fail "restored mirror under $fw ($what): $(head -c 600 "$D/diff-$fw$3.txt") (serial log: $log)"
+    step "restored mirror booted under $fw $what (report after ${BOOT_SECONDS:-?} s): up, fstab ok (/boot/efi's /dev/sda2 rewritten), root /dev/md127, md127 raid1 of 2 disks, $degraded missing, exactly Thursday's $(grep -c '^BMR-FILE' "$D/want-$fw$3.txt") files"
+}
+
 # The restored disk boots by itself: its report must be Thursday's (as the source machine
 # printed it after Thursday's step, that line aside), not emergency mode.
 debian_boot_restored() {
@@ -620,13 +743,28 @@ debian_boot_restored() {
 debian_main() {
     local t0=$SECONDS
     rm -rf "$D" && mkdir -p "$D"
-    make_debian_machine "$D/src" lvm >"$D/machine.log" 2>&1 ||
-        fail "building the Debian machine (log: $D/machine.log)"
-    step "source machine built in $((SECONDS - t0)) s: Debian bookworm, $(debian_usage "$D/src"); fstab names /boot/efi /dev/sda2"
+    if [ "$MACHINE" = debian-raid ]; then
+        make_debian_raid_machine "$D/src" >"$D/machine.log" 2>&1 ||
+            fail "building the Debian machine (log: $D/machine.log)"
+        step "source machine built in $((SECONDS - t0)) s: Debian bookworm on an md RAID1 of two disks, made by mdadm in the rescue system; fstab names / by UUID and /boot/efi /dev/sda2"
+    else
+        make_debian_machine "$D/src" lvm >"$D/machine.log" 2>&1 ||
+            fail "building the Debian machine (log: $D/machine.log)"
+        step "source machine built in $((SECONDS - t0)) s: Debian bookworm, $(debian_usage "$D/src"); fstab names /boot/efi /dev/sda2"
+    fi
     debian_monday
     debian_days
     start_server "$D/repo"
     trap stop_server EXIT
+    if [ "$MACHINE" = debian-raid ]; then
+        raid_restore
+        raid_boot_restored bios "with both disks" ""
+        raid_boot_restored uefi "with both disks and an empty NVRAM" ""
+        raid_boot_restored bios "from the first disk alone" -alone
+        step "PASSED in $((SECONDS - t0)) s"
+        report
+        return
+    fi
     debian_restore
     debian_boot_restored bios
     [ "$LAYOUT" != gpt ] || debian_boot_restored uefi "with an empty NVRAM"
@@ -637,7 +775,7 @@ debian_main() {
 main() {
     [ -f "$RESCUE/bmr-rescue.iso" ] || { log "no rescue build: run iso-build/build.sh first"; exit 2; }
     [ -x "$BMR" ] || (cd "$ROOT" && cargo build --release -q)
-    if [ "$MACHINE" = debian-lvm ]; then
+    if [ "$MACHINE" != busybox ]; then
         debian_main
         return
     fi

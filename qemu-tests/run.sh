@@ -35,8 +35,12 @@ declare -A DRILLS=(
     # A Debian install laid out like Ubuntu Server's (qemu-tests/debian.sh): its fstab names
     # /boot/efi /dev/sda2, so the restored NVMe disk boots only once bmr rewrote it in the root LV.
     [gpt-lvm-debian-nvme-usb-uefi-grow]="--machine debian-lvm --layout gpt --rescue-firmware uefi --bus nvme --delivery usb --grow"
+    # The same Debian with its root on an md RAID1 of two disks (Debian's initramfs assembles
+    # it from mdadm.conf): imaged through one member, restored onto two bigger NVMe disks
+    # (bmr.mirror-disk), grown, booted with both and from the first alone (degraded).
+    [gpt-raid-debian-nvme-cd-grow]="--machine debian-raid --layout gpt --rescue-firmware bios --bus nvme --delivery cd --grow"
 )
-ORDER=(gpt-lvm-debian-nvme-usb-uefi-grow gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-btrfs-virtio-usb-uefi-grow gpt-xfs-nvme-cd-grow
+ORDER=(gpt-lvm-debian-nvme-usb-uefi-grow gpt-raid-debian-nvme-cd-grow gpt-sata-cd-reinstall gpt-sata-cd-uefi-lvm gpt-btrfs-virtio-usb-uefi-grow gpt-xfs-nvme-cd-grow
        gpt-nvme-usb-uefi-grow gpt-virtio-tui-uefi gpt-virtio-cd gpt-sata-pxe mbr-virtio-usb mbr-nvme-pxe
        mbr-sata-cd)
 
