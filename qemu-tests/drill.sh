@@ -35,6 +35,13 @@
 # system (qemu-tests/debian-lvm-check.guest), and the restored disk must boot with Thursday's
 # files, its fstab rewritten and both LVs up.
 #
+# --machine debian-raid: the same Debian with its root on an md RAID1 over partition 4 of two
+# disks (qemu-tests/debian.sh make_debian_raid_machine; the array made by mdadm in the rescue
+# system). Monday's image is of the first disk; the days boot with both; the restore goes onto
+# two NVMe disks (bmr.target, bmr.mirror-disk), the mirror is checked in the rescue system
+# (qemu-tests/debian-raid-check.guest), and the restored disks boot with both disks and from
+# the first alone, the array then degraded.
+#
 # Needs the rescue build (iso-build/build.sh) and a release bmr (cargo build --release).
 # shellcheck source=qemu-tests/lib.sh
 source "$(dirname "$0")/lib.sh"

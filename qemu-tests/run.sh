@@ -10,7 +10,9 @@
 # btrfs), both grown with --grow (xfs_growfs, btrfs filesystem resize); and one of a real Debian
 # install with its root on LVM (GPT, separate /boot, vg0/root and vg0/swap), whose incrementals
 # are taken in the running guest by its own bmr, restored onto NVMe with the PV, the root LV and
-# its ext4 grown, and booted under both firmwares.
+# its ext4 grown, and booted under both firmwares; and the same Debian with its root on an md
+# RAID1 of two disks, restored onto two NVMe disks (the second by bmr.mirror-disk), grown, and
+# booted with both disks and from the first alone (degraded).
 #
 #   qemu-tests/run.sh              the whole matrix; ends with "N passed, N failed"
 #   qemu-tests/run.sh NAME...      only these drills (names: see DRILLS)
