@@ -188,23 +188,17 @@ fn plan_areas(
             });
             continue;
         }
-        match crate::device::md::probe(&disk.file, start, len) {
-            Ok(None) => {}
+        // An md member first: a 1.0 or 0.90 superblock sits after a filesystem that starts
+        // at the member's first byte, and would be lost with the free space behind it.
+        let probed = match crate::device::md::probe(&disk.file, start, len) {
             Ok(Some(sb)) => {
                 plans.push(md_member(disk, num, start, len, &sb, warnings));
                 continue;
             }
-            Err(e) => {
-                let msg = format!("{what}: {e:#}; stored whole instead, with no file list");
-                eprintln!("warning: {msg}");
-                warnings.push(msg.clone());
-                let mut p = whole(AreaKind::Partition, start, len, num);
-                p.area.note = Some(msg);
-                plans.push(p);
-                continue;
-            }
-        }
-        match crate::fs::map::probe(&disk.file, start, len) {
+            Ok(None) => crate::fs::map::probe(&disk.file, start, len),
+            Err(e) => Err(e),
+        };
+        match probed {
             Ok(Some(fs)) => {
                 for w in &fs.warnings {
                     let msg = format!("{what}: {w}");

@@ -20,16 +20,7 @@ pub fn lvm(args: &[&str]) -> Result<String> {
                 args.first().unwrap_or(&"")
             )
         })?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        bail!("lvm {} failed: {}", args.join(" "), last.trim());
-    }
-    String::from_utf8(out.stdout).context("lvm printed something that is not UTF-8")
+    super::tool_output("lvm", args, out)
 }
 
 pub type Row = BTreeMap<String, String>;

@@ -223,16 +223,7 @@ pub fn mdadm(args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .context("cannot run mdadm: is it installed?")?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        bail!("mdadm {} failed: {}", args.join(" "), last.trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    super::tool_output("mdadm", args, out)
 }
 
 /// An array assembled from given members for the time of a restore step (`--run`: a mirror

@@ -18,6 +18,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+/// The output of a finished storage tool (lvm, mdadm): stdout on success, else an error with
+/// the command and the last line it printed on stderr (where these tools say why).
+pub(crate) fn tool_output(tool: &str, args: &[&str], out: std::process::Output) -> Result<String> {
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        bail!("{tool} {} failed: {}", args.join(" "), last.trim());
+    }
+    String::from_utf8(out.stdout)
+        .with_context(|| format!("{tool} printed something that is not UTF-8"))
+}
+
 // nix has no wrappers for the block-device ioctls we need.
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 nix::ioctl_read_bad!(blk_sszget, 0x1268, libc::c_int);

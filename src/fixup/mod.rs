@@ -507,26 +507,8 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
         },
     };
     drop(dev);
-    match vol.identify(disk).map(|f| f.fstype).as_deref() {
-        Some(t) if is_ext(t) => {
-            let d = vol.open(disk, false)?;
-            step("grow", &format!("{name}: {}", grow::grow_ext(d.path())?));
-        }
-        Some(t @ ("xfs" | "btrfs")) => {
-            let mnt = vol.mount(disk, &volumes::tag("grow", &name), false)?;
-            step(
-                "grow",
-                &format!("{name}: {}", grow::grow_mounted(t, &mnt.dir)?),
-            );
-        }
-        other => step(
-            "grow",
-            &format!(
-                "{name}: its {} keeps its size (bmr grows ext2/3/4, XFS and btrfs): grow it after boot",
-                other.map_or("content".to_string(), |t| format!("{t} filesystem"))
-            ),
-        ),
-    }
+    let dev = vol.open(disk, false)?;
+    grow_fs_on(&name, dev.path())?;
     Ok(Some(meta))
 }
 
@@ -553,15 +535,34 @@ fn grow_md(disk: &Disk, p: &Partition) -> Result<Option<crate::device::md::MdSup
     let arr = Array::assemble(&[&dev.path])?;
     mdadm(&["--grow", &arr.path.display().to_string(), "--size=max"])
         .with_context(|| format!("grow: cannot grow {name} over the grown partition"))?;
-    let fs = crate::fs::id::identify(&arr.path).map(|f| f.fstype);
-    match fs.as_deref() {
-        Some(t) if is_ext(t) => step("grow", &format!("{name}: {}", grow::grow_ext(&arr.path)?)),
+    grow_fs_on(&name, &arr.path)?;
+    drop(arr);
+    drop(dev);
+    disk.forget_cached(p.start, p.len);
+    let now = probe(&disk.file, p.start, p.len)?
+        .context("grow: the md superblock is gone after growing the array")?;
+    step(
+        "grow",
+        &format!(
+            "{name} grown from {} to {}",
+            human_bytes(sb.size),
+            human_bytes(now.size)
+        ),
+    );
+    Ok(Some(now))
+}
+
+/// Grow the filesystem on the block device `dev` (a logical volume, an md array) to its size:
+/// ext2/3/4 with resize2fs, XFS and btrfs mounted (the kernel does the work).
+fn grow_fs_on(name: &str, dev: &std::path::Path) -> Result<()> {
+    match crate::fs::id::identify(dev).map(|f| f.fstype).as_deref() {
+        Some(t) if is_ext(t) => step("grow", &format!("{name}: {}", grow::grow_ext(dev)?)),
         Some(t @ ("xfs" | "btrfs")) => {
             let mnt = crate::device::mount::mount_device(
-                &arr.path,
+                dev,
                 Some(t),
                 None,
-                &volumes::tag("grow", &name),
+                &volumes::tag("grow", name),
                 false,
             )?;
             step(
@@ -577,20 +578,7 @@ fn grow_md(disk: &Disk, p: &Partition) -> Result<Option<crate::device::md::MdSup
             ),
         ),
     }
-    drop(arr);
-    drop(dev);
-    disk.forget_cached(p.start, p.len);
-    let now = probe(&disk.file, p.start, p.len)?
-        .context("grow: the md superblock is gone after growing the array")?;
-    step(
-        "grow",
-        &format!(
-            "{name} grown from {} to {}",
-            human_bytes(sb.size),
-            human_bytes(now.size)
-        ),
-    );
-    Ok(Some(now))
+    Ok(())
 }
 
 /// A volume group activated by lvm for the chroot (GRUB's tools must see a root LV as LVM);

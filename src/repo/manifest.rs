@@ -506,6 +506,17 @@ impl Manifest {
         Ok(())
     }
 
+    /// The md RAID1 arrays of the snapshot that mirror over several disks (`md/NAME`): each
+    /// comes back degraded without `--mirror-disk`.
+    pub fn mirrors(&self) -> Vec<String> {
+        self.areas
+            .iter()
+            .filter_map(|a| a.raid.as_ref())
+            .filter(|r| r.level == "raid1" && r.raid_disks > 1)
+            .map(MdMeta::volume_name)
+            .collect()
+    }
+
     /// Logical volume `name` of area `area`, with its index there.
     pub fn volume(&self, area: u32, name: &str) -> Option<(usize, &LvMeta)> {
         self.areas

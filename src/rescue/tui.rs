@@ -319,13 +319,7 @@ impl Ui {
         };
         // A mirror in the snapshot: its second disk, or a degraded array on the target alone.
         let m = &point.image.manifest;
-        let arrays: Vec<String> = m
-            .areas
-            .iter()
-            .filter_map(|a| a.raid.as_ref())
-            .filter(|r| r.level == "raid1" && r.raid_disks > 1)
-            .map(|r| r.volume_name())
-            .collect();
+        let arrays = m.mirrors();
         let mut mirror_disk = None;
         if !arrays.is_empty() {
             let q = format!(

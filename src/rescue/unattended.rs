@@ -312,14 +312,7 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
             mt.path.display()
         );
     }
-    let arrays: Vec<String> = plan
-        .manifest()
-        .areas
-        .iter()
-        .filter_map(|a| a.raid.as_ref())
-        .filter(|r| r.level == "raid1" && r.raid_disks > 1)
-        .map(|r| r.volume_name())
-        .collect();
+    let arrays = plan.manifest().mirrors();
     let stack = match (&plan.mirror, arrays.is_empty()) {
         (_, true) => String::new(),
         (Some(mt), false) => format!(
