@@ -385,18 +385,7 @@ fn tui_offers_the_mirror_disk() {
         ),
     );
     for pass in 0..2 {
-        t.wait("Repository");
-        t.keys("Down Enter");
-        t.wait("Repository path");
-        t.text(&repo);
-        t.keys("Enter");
-        t.wait("Point in time for web1");
-        t.keys("Enter");
-        t.wait("Target disk");
-        t.keys("Up Up Enter");
-        t.wait("Device path");
-        t.text(&target.display().to_string());
-        t.keys("Enter");
+        tui_to_target(&t, &repo, "web1", &target);
         t.wait("Restore its mirror onto a second disk too?");
         if pass == 0 {
             t.keys("Enter");

@@ -267,19 +267,7 @@ fn tui_restore_through_a_pseudo_terminal() {
     );
     // Two passes: the first is not confirmed (nothing may change), the second restores.
     for pass in 0..2 {
-        t.wait("Repository");
-        t.keys("Down Enter");
-        t.wait("Repository path");
-        t.text(&repo);
-        t.keys("Enter");
-        t.wait("Point in time for web1");
-        t.keys("Enter");
-        t.wait("Target disk");
-        // The last two entries: "Enter a device path", "Look for disks again".
-        t.keys("Up Up Enter");
-        t.wait("Device path");
-        t.text(&target.display().to_string());
-        t.keys("Enter");
+        tui_to_target(&t, &repo, "web1", &target);
         let s = t.wait("Read everything back");
         assert!(
             s.contains("Restore plan") && s.contains("partition 1"),

@@ -560,6 +560,24 @@ impl Nginx {
     }
 }
 
+/// The TUI's first steps: a repository by its path, the newest point of `host`, a target by
+/// its path (the last two entries of the disk menu: "Enter a device path", "Look for disks
+/// again").
+pub fn tui_to_target(t: &Tmux, repo: &str, host: &str, target: &Path) {
+    t.wait("Repository");
+    t.keys("Down Enter");
+    t.wait("Repository path");
+    t.text(repo);
+    t.keys("Enter");
+    t.wait(&format!("Point in time for {host}"));
+    t.keys("Enter");
+    t.wait("Target disk");
+    t.keys("Up Up Enter");
+    t.wait("Device path");
+    t.text(&target.display().to_string());
+    t.keys("Enter");
+}
+
 /// A GPT disk image with an ext4 partition of files made from `seed`, backed up as host web1:
 /// (repository, disk).
 pub fn web1_image(tmp: &Tmp, seed: u32) -> (String, PathBuf) {
