@@ -317,7 +317,6 @@ fn md_member(
     }
     area.content = Content::UsedBlocks;
     area.used_bytes = used.used_bytes();
-    area.fs = None;
     let fsm = fs.map(|f| FsMeta {
         fstype: f.fstype,
         variant: f.variant,

@@ -54,11 +54,6 @@ impl MdSuper {
             l => format!("raid{l}"),
         }
     }
-
-    /// The name mdadm gives the array's device under /dev/md/: the part after `homehost:`.
-    pub fn short_name(&self) -> &str {
-        self.name.rsplit_once(':').map_or(&self.name, |(_, n)| n)
-    }
 }
 
 /// The md superblock of the member at `[start, start+len)` of `dev`, if there is one.
@@ -79,7 +74,7 @@ pub fn probe(dev: &File, start: u64, len: u64) -> Result<Option<MdSuper>> {
     let off = (len & !(RESERVED_090 - 1)) - RESERVED_090;
     let mut b = vec![0u8; 4096];
     read_at(dev, &mut b, start + off)?;
-    parse_v090(&b, off, len)
+    parse_v090(&b, off)
 }
 
 fn read_at(dev: &File, b: &mut [u8], off: u64) -> Result<()> {
@@ -166,7 +161,7 @@ pub fn csum_v1(sb: &[u8]) -> u32 {
 }
 
 /// Parse a 0.90 superblock (host byte order: little-endian on x86) read from byte `off`.
-pub fn parse_v090(b: &[u8], off: u64, len: u64) -> Result<Option<MdSuper>> {
+pub fn parse_v090(b: &[u8], off: u64) -> Result<Option<MdSuper>> {
     let w = |i: usize| le32(b, 4 * i);
     if w(0) != MAGIC || w(1) != 0 || w(2) != 90 {
         return Ok(None);
@@ -200,7 +195,6 @@ pub fn parse_v090(b: &[u8], off: u64, len: u64) -> Result<Option<MdSuper>> {
         .map(|&i| format!("{:08x}", w(i)))
         .collect::<Vec<_>>()
         .join(":");
-    let _ = len;
     Ok(Some(MdSuper {
         metadata: "0.90".into(),
         uuid,
@@ -306,7 +300,7 @@ mod tests {
             (1, 2, Some(0), 2)
         );
         assert_eq!((sb.data_offset, sb.size), (1 << 20, 63 << 20));
-        assert_eq!(sb.short_name(), "r1");
+        assert_eq!(sb.name, "host:r1");
         // Elsewhere than it says it is: another version's place, not this one.
         assert!(parse_v1(&b, "1.1", 0, 64 << 20).unwrap().is_none());
     }
@@ -327,7 +321,7 @@ mod tests {
             }
             let _ = parse_v1(&b, "1.2", 4096, 64 << 20);
             let _ = parse_v1(&b[..300], "1.2", 4096, 64 << 20);
-            let _ = parse_v090(&b, 60 << 20, 64 << 20);
+            let _ = parse_v090(&b, 60 << 20);
         }
     }
 

@@ -240,8 +240,8 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                     .ok()
                     .flatten();
                 match fstype.as_deref() {
-                    _ if md.is_some() => {
-                        if let Some(v) = grow_md(disk, &p)? {
+                    _ if let Some(sb) = &md => {
+                        if let Some(v) = grow_md(disk, &p, sb)? {
                             for a in now.areas.iter_mut().filter(|a| a.start == p.start) {
                                 if let Some(r) = a.raid.as_mut() {
                                     r.size = v.size;
@@ -515,12 +515,13 @@ fn grow_lvm(m: &Manifest, disk: &Disk, p: &Partition, o: &FixupOptions) -> Resul
 /// The grown last partition is an md RAID1 member: assemble the array from it, let md take
 /// the new space (`mdadm --grow --size=max`), then grow the filesystem inside. The member's
 /// superblock as it is now.
-fn grow_md(disk: &Disk, p: &Partition) -> Result<Option<crate::device::md::MdSuper>> {
+fn grow_md(
+    disk: &Disk,
+    p: &Partition,
+    sb: &crate::device::md::MdSuper,
+) -> Result<Option<crate::device::md::MdSuper>> {
     use crate::device::md::{Array, mdadm, probe};
-    let Some(sb) = probe(&disk.file, p.start, p.len)? else {
-        return Ok(None);
-    };
-    let name = crate::repo::manifest::MdMeta::from_super(&sb).volume_name();
+    let name = crate::repo::manifest::MdMeta::from_super(sb).volume_name();
     if sb.level != 1 {
         step(
             "grow",

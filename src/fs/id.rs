@@ -78,19 +78,11 @@ pub fn identify_bytes(head: &[u8]) -> Option<(String, String, String)> {
     // md RAID members with the superblock at the start (1.1) or 4 KiB in (1.2).
     for off in [0, 4096] {
         if le32(head, off) == 0xa92b_4efc && le32(head, off + 4) == 1 {
-            let u: String = at(head, off + 16, 16)
-                .iter()
-                .map(|x| format!("{x:02x}"))
-                .collect();
-            let u = format!(
-                "{}-{}-{}-{}-{}",
-                &u[0..8],
-                &u[8..12],
-                &u[12..16],
-                &u[16..20],
-                &u[20..32]
+            return r(
+                "linux_raid_member",
+                text(at(head, off + 32, 32)),
+                uuid(at(head, off + 16, 16)),
             );
-            return r("linux_raid_member", text(at(head, off + 32, 32)), u);
         }
     }
     if at(head, 65536 + 64, 8) == b"_BHRfS_M" {

@@ -508,12 +508,11 @@ impl Manifest {
 
     /// The md RAID1 arrays of the snapshot that mirror over several disks (`md/NAME`): each
     /// comes back degraded without `--mirror-disk`.
-    pub fn mirrors(&self) -> Vec<String> {
+    pub fn mirrors(&self) -> Vec<&MdMeta> {
         self.areas
             .iter()
             .filter_map(|a| a.raid.as_ref())
             .filter(|r| r.level == "raid1" && r.raid_disks > 1)
-            .map(MdMeta::volume_name)
             .collect()
     }
 

@@ -319,7 +319,7 @@ impl Ui {
         };
         // A mirror in the snapshot: its second disk, or a degraded array on the target alone.
         let m = &point.image.manifest;
-        let arrays = m.mirrors();
+        let arrays: Vec<String> = m.mirrors().into_iter().map(|r| r.volume_name()).collect();
         let mut mirror_disk = None;
         if !arrays.is_empty() {
             let q = format!(

@@ -312,7 +312,12 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
             mt.path.display()
         );
     }
-    let arrays = plan.manifest().mirrors();
+    let arrays: Vec<String> = plan
+        .manifest()
+        .mirrors()
+        .into_iter()
+        .map(|r| r.volume_name())
+        .collect();
     let stack = match (&plan.mirror, arrays.is_empty()) {
         (_, true) => String::new(),
         (Some(mt), false) => format!(

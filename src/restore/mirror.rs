@@ -14,10 +14,10 @@ use crate::device::Disk;
 use crate::device::layout::{DiskLayout, Table};
 use crate::device::md::{Array, mdadm};
 use crate::device::mount::PartDev;
+use crate::fixup::efiboot::ESP_TYPE as ESP;
 use crate::repo::manifest::Manifest;
 
-/// GPT types whose partitions are copied: the ESP and GRUB's BIOS boot partition.
-const ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
+/// GRUB's BIOS boot partition (GPT type): copied with the ESP.
 const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";
 
 /// What `run` did, one line each, for the restore's output.

@@ -515,15 +515,13 @@ impl<'r> RestorePlan<'r> {
         }
         out.extend(area_lines(m));
         if self.mirror.is_none() {
-            for md in m.areas.iter().filter_map(|a| a.raid.as_ref()) {
-                if md.level == "raid1" && md.raid_disks > 1 {
-                    out.push(format!(
-                        "  {} comes back degraded: 1 of its {} disks (give the second with --mirror-disk, or add one after boot: mdadm /dev/{} --add DEVICE)",
-                        md.volume_name(),
-                        md.raid_disks,
-                        md.volume_name()
-                    ));
-                }
+            for md in m.mirrors() {
+                out.push(format!(
+                    "  {} comes back degraded: 1 of its {} disks (give the second with --mirror-disk, or add one after boot: mdadm /dev/{} --add DEVICE)",
+                    md.volume_name(),
+                    md.raid_disks,
+                    md.volume_name()
+                ));
             }
         }
         if t.size > m.disk.size && matches!(m.disk.table, Table::Gpt(_)) {
