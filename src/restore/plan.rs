@@ -610,6 +610,17 @@ impl<'r> RestorePlan<'r> {
             .unwrap_or_else(crate::util::pool::default_threads)
             .max(1);
         crate::fixup::preflight(self.manifest(), &how.fixups, &self.target.path)?;
+        // Looked at again, as the target is below: the mirror disk is written last, long after
+        // the plan was shown.
+        if let Some(mt) = &self.mirror {
+            let now = probe_target(m, &mt.path, src.local_path())?;
+            if (now.holds.is_some(), now.size) != (mt.holds.is_some(), mt.size) {
+                bail!(
+                    "mirror disk {} changed since the restore plan was made: nothing was written; run the restore again",
+                    mt.path.display()
+                );
+            }
+        }
         let read_all = !how.no_precheck && src.local_path().is_some();
         blocks::precheck(src, l, read_all, threads, how.quiet)?;
         if let Some(i) = &self.point.inc {
