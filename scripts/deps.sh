@@ -5,7 +5,7 @@ set -euo pipefail
 
 PKGS=(gdisk fdisk dosfstools mtools e2fsprogs xfsprogs btrfs-progs zstd partclone bmap-tools util-linux
       time file udev kmod xxd attr acl python3 openssl tmux xorriso g++
-      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2 mdadm nginx-light)
+      qemu-system-x86 ovmf ipxe-qemu grub-common grub-pc-bin grub-efi-amd64-bin cpio debootstrap lvm2 mdadm nginx-light cryptsetup-bin qemu-utils)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -539,12 +539,23 @@ pub fn run(
             .iter()
             .find(|t| t.uuid.as_deref() == Some(uuid.as_str()))
         else {
-            let lv = base
-                .areas
-                .iter()
-                .flat_map(|a| &a.volumes)
-                .find(|v| v.fs.as_ref().and_then(|f| f.uuid.as_deref()) == Some(uuid.as_str()));
-            if let Some(lv) = lv {
+            let found = base.areas.iter().find_map(|a| {
+                a.volumes
+                    .iter()
+                    .find(|v| v.fs.as_ref().and_then(|f| f.uuid.as_deref()) == Some(uuid.as_str()))
+                    .map(|v| (a, v))
+            });
+            if let Some((a, lv)) = found
+                && a.luks.as_ref().is_some_and(|l| !l.plaintext)
+            {
+                bail!(
+                    "{} is in LUKS volume {}, whose file list image {} of host {host} did not store (it would be plaintext in the repository): take the image with --allow-plaintext-luks if the repository may hold this volume's files in the clear, then incrementals work",
+                    mp.display(),
+                    lv.name,
+                    base.id
+                );
+            }
+            if let Some((_, lv)) = found {
                 bail!(
                     "{} is logical volume {} of image {} of host {host}, which has no file list of it (an image from an older bmr, or its tree could not be read: see its warnings in bmr list --json): take a new image backup of the disk, then incrementals work",
                     mp.display(),

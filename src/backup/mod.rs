@@ -59,6 +59,17 @@ pub struct BackupOptions {
     /// fstab and GRUB files that use that name. The names this machine knows are recorded anyway.
     #[arg(long, value_name = "DEVICE")]
     pub source_name: Vec<String>,
+    /// A key file, or a file holding the passphrase, that opens the LUKS volumes on DISK
+    /// (read whole, as `cryptsetup --key-file`). bmr then maps the filesystem inside and
+    /// stores the header and the ciphertext of its used blocks only; without it, a LUKS
+    /// volume is stored whole. At a terminal, bmr asks for the passphrase instead.
+    #[arg(long, value_name = "FILE")]
+    pub luks_keyfile: Option<PathBuf>,
+    /// Store what only the opened LUKS volume shows: the file lists of the filesystems inside
+    /// (for `ls`, `restore-files`) and, with --incremental, their changed files. They are
+    /// plaintext in the repository: give it only for a repository as safe as the disk.
+    #[arg(long)]
+    pub allow_plaintext_luks: bool,
     /// zstd compression level (1 = fastest, 19 = smallest). Level 1 keeps backups of large
     /// disks fast; level 3 stores about 10% less.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=19))]
@@ -116,12 +127,15 @@ pub fn default_host() -> Result<String> {
 struct AreaPlan {
     area: Area,
     used: Option<UsedMap>,
+    /// A LUKS volume's key, for the file list of the filesystem inside.
+    key: Option<crate::device::luks::VolumeKey>,
 }
 
 fn plan_areas(
     disk: &Disk,
     layout: &DiskLayout,
     snaps: Option<&Snapshots>,
+    secret: &mut LuksSecret,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<AreaPlan>> {
     let mut plans = Vec::new();
@@ -137,8 +151,10 @@ fn plan_areas(
             note: None,
             volumes: Vec::new(),
             raid: None,
+            luks: None,
         },
         used: None,
+        key: None,
     };
     for raw in layout.raw_areas() {
         plans.push(whole(AreaKind::Boot, raw.start, raw.len, None));
@@ -183,8 +199,10 @@ fn plan_areas(
                     )),
                     volumes: pv.volumes.clone(),
                     raid: None,
+                    luks: None,
                 },
                 used: Some(pv.used.clone()),
+                key: None,
             });
             continue;
         }
@@ -195,7 +213,14 @@ fn plan_areas(
                 plans.push(md_member(disk, num, start, len, &sb, warnings));
                 continue;
             }
-            Ok(None) => crate::fs::map::probe(&disk.file, start, len),
+            Ok(None) => match crate::device::luks::probe(&disk.file, start, len) {
+                Ok(Some(h)) => {
+                    plans.push(luks_member(disk, num, start, len, &h, secret, warnings)?);
+                    continue;
+                }
+                Ok(None) => crate::fs::map::probe(&disk.file, start, len),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match probed {
@@ -224,8 +249,10 @@ fn plan_areas(
                         note: None,
                         volumes: Vec::new(),
                         raid: None,
+                        luks: None,
                     },
                     used: Some(fs.used),
+                    key: None,
                 });
             }
             Ok(None) => plans.push(whole(AreaKind::Partition, start, len, num)),
@@ -272,6 +299,7 @@ fn md_member(
         note: None,
         volumes: Vec::new(),
         raid: Some(meta.clone()),
+        luks: None,
     };
     let array = format!("md array {} ({})", meta.volume_name(), meta.level);
     if sb.level != 1 {
@@ -281,7 +309,11 @@ fn md_member(
         );
         warn(msg.clone());
         area.note = Some(msg);
-        return AreaPlan { area, used: None };
+        return AreaPlan {
+            area,
+            used: None,
+            key: None,
+        };
     }
     if sb.role.is_none() {
         let msg = format!(
@@ -289,7 +321,11 @@ fn md_member(
         );
         warn(msg.clone());
         area.note = Some(msg);
-        return AreaPlan { area, used: None };
+        return AreaPlan {
+            area,
+            used: None,
+            key: None,
+        };
     }
     let mut used = crate::fs::map::UsedMap::new(4096, len);
     used.mark_range(0, sb.data_offset);
@@ -344,7 +380,169 @@ fn md_member(
     AreaPlan {
         area,
         used: Some(used),
+        key: None,
     }
+}
+
+/// Where the key that opens a disk's LUKS volumes comes from: `--luks-keyfile`, or a
+/// passphrase asked at the terminal (once, on the first volume), or nowhere.
+pub struct LuksSecret {
+    file: Option<PathBuf>,
+    secret: Option<crate::device::luks::Secret>,
+    asked: bool,
+}
+
+impl LuksSecret {
+    pub fn new(file: Option<PathBuf>) -> LuksSecret {
+        LuksSecret {
+            file,
+            secret: None,
+            asked: false,
+        }
+    }
+
+    pub fn get(&mut self, what: &str) -> Result<Option<&crate::device::luks::Secret>> {
+        use std::io::IsTerminal;
+        if self.secret.is_none() {
+            if let Some(f) = &self.file {
+                self.secret = Some(crate::device::luks::Secret::from_file(f)?);
+            } else if !self.asked
+                && std::io::stdin().is_terminal()
+                && std::io::stderr().is_terminal()
+            {
+                self.asked = true;
+                let p = dialoguer::Password::new()
+                    .with_prompt(format!(
+                        "Passphrase of the LUKS volume on {what} (empty: go on without it)"
+                    ))
+                    .allow_empty_password(true)
+                    .interact()
+                    .context("cannot read the passphrase")?;
+                if !p.is_empty() {
+                    self.secret = Some(crate::device::luks::Secret::from_passphrase(&p));
+                }
+            }
+        }
+        Ok(self.secret.as_ref())
+    }
+}
+
+/// A LUKS volume. With its key, the filesystem inside is mapped: the header and keyslots are
+/// stored whole and, of the encrypted data, only the ciphertext of the used blocks, rounded
+/// out to whole encryption sectors (a part of one would not decrypt). Without a key, or with
+/// a cipher bmr cannot decrypt, the volume is stored whole, ciphertext and free space alike.
+fn luks_member(
+    disk: &Disk,
+    num: Option<u32>,
+    start: u64,
+    len: u64,
+    h: &crate::device::luks::LuksHeader,
+    secret: &mut LuksSecret,
+    warnings: &mut Vec<String>,
+) -> Result<AreaPlan> {
+    use crate::device::luks::{Decrypt, VolumeKey};
+    let what = num.map_or("disk".to_string(), |n| format!("partition {n}"));
+    let meta = crate::repo::manifest::LuksMeta::from_header(h, len);
+    let mut warn = |msg: String| {
+        eprintln!("warning: {msg}");
+        warnings.push(msg);
+    };
+    let vol = format!("LUKS{} volume {}", h.version, meta.volume_name());
+    let mut plan = AreaPlan {
+        area: Area {
+            kind: AreaKind::Partition,
+            start,
+            len,
+            partition: num,
+            content: Content::Whole,
+            fs: None,
+            used_bytes: len,
+            note: None,
+            volumes: Vec::new(),
+            raid: None,
+            luks: Some(meta.clone()),
+        },
+        used: None,
+        key: None,
+    };
+    let whole = |why: String| {
+        format!(
+            "{what}: {vol}: {why}: stored whole (ciphertext, free space included), with no file list"
+        )
+    };
+    if let Some(why) = &h.unsupported {
+        let msg = whole(format!("bmr cannot look inside it ({why})"));
+        warn(msg.clone());
+        plan.area.note = Some(msg);
+        return Ok(plan);
+    }
+    let Some(s) = secret.get(&what)? else {
+        let msg = whole("no key to open it (give --luks-keyfile)".into());
+        warn(msg.clone());
+        plan.area.note = Some(msg);
+        return Ok(plan);
+    };
+    // A key that opens nothing is the user's mistake: say so before anything is written.
+    let key = VolumeKey::unlock(&disk.file, start, h, s).with_context(|| what.clone())?;
+    let raw = crate::fs::read::FileRange {
+        file: &disk.file,
+        base: start,
+        len,
+    };
+    let dec = Decrypt::new(&raw, h, len, &key)?;
+    let dlen = dec.len();
+    let fs = match crate::fs::map::probe(&dec, 0, dlen) {
+        Ok(fs) => fs,
+        Err(e) => {
+            warn(format!(
+                "{what}: the filesystem in {vol}: {e:#}; its content is stored whole"
+            ));
+            None
+        }
+    };
+    let sector = u64::from(h.sector_size);
+    let mut used = UsedMap::new(4096, len);
+    used.mark_range(0, h.data_offset);
+    let tail = h.data_offset + dlen;
+    used.mark_range(tail, len - tail);
+    match &fs {
+        Some(f) => {
+            for w in &f.warnings {
+                warn(format!("{what}: {vol}: {w}"));
+            }
+            for (o, l) in f.used.used_ranges(0, dlen) {
+                let a = o / sector * sector;
+                let b = (o + l).div_ceil(sector) * sector;
+                used.mark_range(h.data_offset + a, b - a);
+            }
+        }
+        None => used.mark_range(h.data_offset, dlen),
+    }
+    let fsm = fs.map(|f| FsMeta {
+        fstype: f.fstype,
+        variant: f.variant,
+        uuid: f.uuid,
+        label: f.label,
+        block_size: f.block_size,
+    });
+    plan.area.note = Some(format!(
+        "{vol} ({}){}",
+        h.cipher,
+        fsm.as_ref()
+            .map_or(String::new(), |f| format!(": {}", f.fstype))
+    ));
+    plan.area.content = Content::UsedBlocks;
+    plan.area.used_bytes = used.used_bytes();
+    plan.area.volumes = vec![crate::repo::manifest::LvMeta {
+        name: meta.volume_name(),
+        size: dlen,
+        fs: fsm,
+        extents: vec![(h.data_offset, dlen, 0)],
+        snapshot: false,
+    }];
+    plan.used = Some(used);
+    plan.key = Some(key);
+    Ok(plan)
 }
 
 struct Job {
@@ -582,7 +780,14 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         None if opts.snapshot == Some(SnapshotMode::Lvm) => Consistency::Snapshot,
         None => Consistency::Offline,
     };
-    let plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut warnings)?;
+    let mut secret = LuksSecret::new(opts.luks_keyfile.clone());
+    let mut plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut secret, &mut warnings)?;
+    drop(secret);
+    for p in plans.iter_mut() {
+        if let Some(l) = p.area.luks.as_mut() {
+            l.plaintext = opts.allow_plaintext_luks && p.key.is_some();
+        }
+    }
 
     let repo = crate::repo::open_write(&opts.repo, true)?;
     let repo = repo.as_ref();
@@ -644,13 +849,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
     result?;
     drop(guard);
     // The file lists are read while the snapshots still hold the image's moment.
-    let tocs = write_tocs(
-        &w,
-        &disk,
-        snaps.as_ref(),
-        &plans_areas(&plans),
-        &mut warnings,
-    )?;
+    let tocs = write_tocs(&w, &disk, snaps.as_ref(), &plans, &mut warnings)?;
     if let Some(s) = &snaps {
         s.check_valid()?;
     }
@@ -776,10 +975,6 @@ fn offline_lvm(
     }
 }
 
-fn plans_areas(plans: &[AreaPlan]) -> Vec<Area> {
-    plans.iter().map(|p| p.area.clone()).collect()
-}
-
 /// A logical volume's bytes through the reads of the disk the backup sees (its snapshots).
 struct LvRead<'a> {
     read: &'a dyn Fn(&mut [u8], u64) -> std::io::Result<()>,
@@ -812,7 +1007,7 @@ fn write_tocs(
     w: &SnapshotWriter,
     disk: &Disk,
     snaps: Option<&Snapshots>,
-    areas: &[Area],
+    plans: &[AreaPlan],
     warnings: &mut Vec<String>,
 ) -> Result<Vec<crate::repo::manifest::TocRef>> {
     let read = |buf: &mut [u8], off: u64| match snaps {
@@ -820,7 +1015,8 @@ fn write_tocs(
         None => disk.file.read_exact_at(buf, off),
     };
     let mut out = Vec::new();
-    for (ai, a) in areas.iter().enumerate() {
+    for (ai, p) in plans.iter().enumerate() {
+        let a = &p.area;
         let what = a
             .partition
             .map_or("the disk".to_string(), |n| format!("partition {n}"));
@@ -828,12 +1024,34 @@ fn write_tocs(
             let Some(fs) = lv.fs.as_ref().filter(|f| f.fstype != "swap") else {
                 continue;
             };
+            let vol = Some((k, lv.name.as_str()));
+            if let Some(l) = &a.luks {
+                // Names and sizes of files are plaintext: only when the user allowed it.
+                let (Some(key), true) = (&p.key, l.plaintext) else {
+                    let msg = format!(
+                        "no file list for the {} filesystem in {}: it would be plaintext in the repository (add --allow-plaintext-luks to store it); the image holds only ciphertext",
+                        fs.fstype, lv.name
+                    );
+                    eprintln!("warning: {msg}");
+                    warnings.push(msg);
+                    continue;
+                };
+                let raw = crate::fs::read::FileRange {
+                    file: &disk.file,
+                    base: a.start,
+                    len: a.len,
+                };
+                let dec = crate::device::luks::Decrypt::new(&raw, &l.header(), a.len, key)?;
+                if let Some(t) = toc_of(w, &dec, ai as u32, vol, fs, &lv.name, warnings)? {
+                    out.push(t);
+                }
+                continue;
+            }
             let range = LvRead {
                 read: &read,
                 area_start: a.start,
                 lv,
             };
-            let vol = Some((k, lv.name.as_str()));
             if let Some(t) = toc_of(w, &range, ai as u32, vol, fs, &lv.name, warnings)? {
                 out.push(t);
             }

@@ -5,6 +5,7 @@
 
 pub mod disks;
 pub mod layout;
+pub mod luks;
 pub mod lvm;
 pub mod md;
 pub mod mount;

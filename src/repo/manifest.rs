@@ -91,6 +91,89 @@ pub struct Area {
     /// For an md RAID member: its superblock's record of the array.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raid: Option<MdMeta>,
+    /// For a LUKS volume: where its encrypted data lies (its header is in the image). The
+    /// filesystem inside, when bmr could map it, is its one volume `luks/UUID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luks: Option<LuksMeta>,
+}
+
+/// What the manifest records of a LUKS volume. The image holds its header as it was and the
+/// ciphertext of the used blocks: it is written back as it is, and opens with the old keys.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LuksMeta {
+    /// 1 or 2.
+    pub version: u16,
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// As dm-crypt names it: `aes-xts-plain64`.
+    pub cipher: String,
+    pub sector_size: u32,
+    /// Bytes from the partition's start to the encrypted data.
+    pub data_offset: u64,
+    /// Bytes of encrypted data in the backed-up partition.
+    pub data_size: u64,
+    /// The data reaches to the end of the partition, whatever its size (it grows with it).
+    pub dynamic: bool,
+    /// Added to the sector number for the IV (LUKS2; 0 for LUKS1).
+    #[serde(default)]
+    pub iv_tweak: u64,
+    /// The file lists of what is inside were stored: plaintext, by --allow-plaintext-luks.
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+impl LuksMeta {
+    pub fn from_header(h: &crate::device::luks::LuksHeader, part_len: u64) -> LuksMeta {
+        LuksMeta {
+            version: h.version,
+            uuid: h.uuid.clone(),
+            label: h.label.clone(),
+            cipher: h.cipher.clone(),
+            sector_size: h.sector_size,
+            data_offset: h.data_offset,
+            data_size: h.data_len(part_len),
+            dynamic: h.data_size.is_none(),
+            iv_tweak: h.iv_tweak,
+            plaintext: false,
+        }
+    }
+
+    /// The name of the filesystem inside: `luks/UUID`.
+    pub fn volume_name(&self) -> String {
+        let clean: String = self
+            .uuid
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        format!("luks/{clean}")
+    }
+
+    /// The header as `device::luks` reads it.
+    pub fn header(&self) -> crate::device::luks::LuksHeader {
+        crate::device::luks::LuksHeader {
+            version: self.version,
+            uuid: self.uuid.clone(),
+            label: self.label.clone(),
+            cipher: self.cipher.clone(),
+            sector_size: self.sector_size,
+            data_offset: self.data_offset,
+            data_size: if self.dynamic {
+                None
+            } else {
+                Some(self.data_size)
+            },
+            iv_tweak: self.iv_tweak,
+            unsupported: None,
+        }
+    }
 }
 
 /// What the manifest records of an md RAID member (its superblock is in the image too).
@@ -484,8 +567,24 @@ impl Manifest {
                     )));
                 }
             }
+            if let Some(l) = &a.luks {
+                let end = l.data_offset.checked_add(l.data_size);
+                let ok = a.raid.is_none()
+                    && end.is_some_and(|e| e <= a.len && (!l.dynamic || e == a.len))
+                    && a.volumes.iter().all(|v| {
+                        v.name == l.volume_name()
+                            && v.extents == [(l.data_offset, l.data_size, 0)]
+                            && v.size == l.data_size
+                    })
+                    && a.volumes.len() <= 1;
+                if !ok {
+                    return Err(bad(format!(
+                        "area {i} is a LUKS volume whose data or content does not fit it"
+                    )));
+                }
+            }
             for v in &a.volumes {
-                if a.raid.is_none() && !is_lv_name(&v.name) {
+                if a.raid.is_none() && a.luks.is_none() && !is_lv_name(&v.name) {
                     return Err(bad(format!(
                         "area {i} names a logical volume {}, which is not VG/LV as lvm names them",
                         crate::util::text::elide_path(v.name.as_bytes())

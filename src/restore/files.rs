@@ -40,6 +40,10 @@ pub struct RestoreFilesOptions {
     /// Directory to restore into (paths keep their place below it).
     #[arg(long)]
     pub to: PathBuf,
+    /// Key file (or passphrase file) of the LUKS volume the files are in: the image holds its
+    /// ciphertext only. At a terminal, bmr asks for the passphrase instead.
+    #[arg(long, value_name = "FILE")]
+    pub luks_keyfile: Option<PathBuf>,
     /// Files or directories (whole trees) to restore.
     #[arg(required = true)]
     pub paths: Vec<String>,
@@ -272,6 +276,8 @@ pub struct ImageReader<'a> {
     windows: BTreeMap<u64, Record>,
     cache: Option<(u64, Vec<u8>)>,
     chunks: ChunkReader,
+    /// A LUKS volume's cipher and data offset: the area holds ciphertext.
+    luks: Option<(crate::device::luks::Cipher, u64)>,
 }
 
 impl<'a> ImageReader<'a> {
@@ -290,6 +296,7 @@ impl<'a> ImageReader<'a> {
             windows,
             cache: None,
             chunks: ChunkReader::new()?,
+            luks: None,
         })
     }
 
@@ -342,6 +349,26 @@ impl ImageReader<'_> {
         self
     }
 
+    /// Decrypt the LUKS volume of the area (its header is in the image) with `secret`: reads
+    /// then go through its cipher.
+    pub fn unlock(
+        &mut self,
+        l: &crate::repo::manifest::LuksMeta,
+        secret: &crate::device::luks::Secret,
+    ) -> Result<()> {
+        let h = l.header();
+        let mut hdr = vec![0u8; h.data_offset.min(crate::device::luks::HEADER_MAX) as usize];
+        self.read_area(&mut hdr, 0)?;
+        let key = crate::device::luks::VolumeKey::unlock(
+            &crate::device::luks::Bytes(hdr),
+            0,
+            &h,
+            secret,
+        )?;
+        self.luks = Some((crate::device::luks::Cipher::new(&h, &key)?, h.data_offset));
+        Ok(())
+    }
+
     fn read_area(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
@@ -374,6 +401,11 @@ impl ImageReader<'_> {
 
 impl crate::restore::apply::ImageData for ImageReader<'_> {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some((cipher, base)) = self.luks.take() {
+            let r = cipher.read_with(buf, offset, |b, o| self.read_area(b, base + o));
+            self.luks = Some((cipher, base));
+            return r;
+        }
         let Some(lv) = &self.volume else {
             return self.read_area(buf, offset);
         };
@@ -429,6 +461,21 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         .collect();
     std::fs::create_dir_all(&o.to).with_context(|| format!("cannot create {}", o.to.display()))?;
     let mut reader = ImageReader::new(src, &s.image, &s.index, s.area)?.in_volume(s.volume.clone());
+    if let Some(l) = s
+        .image
+        .areas
+        .get(s.area as usize)
+        .and_then(|a| a.luks.as_ref())
+    {
+        let mut secret = crate::backup::LuksSecret::new(o.luks_keyfile.clone());
+        let what = s.volume.as_ref().map_or("the volume", |v| v.name.as_str());
+        let Some(key) = secret.get(what)? else {
+            bail!(
+                "{what} is a LUKS volume, whose image holds only ciphertext: give --luks-keyfile FILE (a key file or a file holding the passphrase)"
+            );
+        };
+        reader.unlock(l, key)?;
+    }
     let st =
         crate::restore::apply::apply(src, &s.snapshot, &o.to, &[], &desired, Some(&mut reader))?;
     println!(

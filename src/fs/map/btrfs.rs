@@ -4,9 +4,8 @@
 //! on every stripe of its chunk: dropping the second DUP copy leaves a filesystem that fails
 //! `btrfs scrub`. Single-device filesystems only.
 
+use crate::fs::read::ReadAt;
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest as _, Sha256};
@@ -670,12 +669,12 @@ pub(crate) fn load_chunks(r: &mut Reader, s: &Super, sb: &[u8]) -> Result<ChunkM
     Ok(chunks)
 }
 
-pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if len < SB_OFFSET + SB_SIZE as u64 {
         return Ok(None);
     }
     let mut sb = vec![0u8; SB_SIZE];
-    dev.read_exact_at(&mut sb, offset + SB_OFFSET)
+    dev.read_at(&mut sb, offset + SB_OFFSET)
         .with_context(|| format!("cannot read the partition at offset {offset}"))?;
     if &sb[0x40..0x48] != MAGIC {
         return Ok(None);
@@ -685,9 +684,9 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
         .with_context(|| format!("btrfs at offset {offset}"))
 }
 
-fn map(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
+fn map(dev: &dyn ReadAt, offset: u64, len: u64, sb: &[u8]) -> Result<FsInfo> {
     let s = parse_super(sb, len)?;
-    let read = |buf: &mut [u8], at: u64| dev.read_exact_at(buf, offset + at);
+    let read = |buf: &mut [u8], at: u64| dev.read_at(buf, offset + at);
     let mut r = Reader::new(&read, &s);
 
     let chunks = load_chunks(&mut r, &s, sb)?;

@@ -1,7 +1,6 @@
 //! ext2/3/4 allocation maps, read from the block bitmaps in the group descriptors.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::fs::read::ReadAt;
 
 use anyhow::{Context, Result, bail};
 
@@ -210,7 +209,7 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     })
 }
 
-pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsInfo>> {
     if sb.len() < 1024 || le16(sb, 56) != 0xef53 {
         return Ok(None);
     }
@@ -254,7 +253,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, sb: &[u8]) -> Result<Option<FsIn
                 "{name} at offset {offset}: {what} at block {block} lies outside the filesystem (damaged)"
             );
         }
-        dev.read_exact_at(buf, offset + block * bs)
+        dev.read_at(buf, offset + block * bs)
             .with_context(|| format!("{name} at offset {offset}: cannot read the {what}"))
     };
     for g in 0..s.groups {

@@ -1,7 +1,6 @@
 //! FAT12/16/32 allocation maps, read from the first allocation table.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::fs::read::ReadAt;
 
 use anyhow::{Context, Result, bail};
 
@@ -30,7 +29,7 @@ pub fn is_boot_sector(bs: &[u8]) -> bool {
         && fatsz != 0
 }
 
-pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsInfo>> {
     if bs.len() < 512 || bs[510] != 0x55 || bs[511] != 0xaa || !matches!(bs[0], 0xeb | 0xe9) {
         return Ok(None);
     }
@@ -95,7 +94,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
     let ctx = || format!("vfat at offset {offset}: cannot read the FAT");
     if bits == 12 {
         let mut fat = vec![0u8; (fatsz * bps) as usize];
-        dev.read_exact_at(&mut fat, fat_off).with_context(ctx)?;
+        dev.read_at(&mut fat, fat_off).with_context(ctx)?;
         for n in 2..clusters + 2 {
             let i = (n + n / 2) as usize;
             let v = u16::from_le_bytes([fat[i], fat.get(i + 1).copied().unwrap_or(0)]);
@@ -111,7 +110,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, bs: &[u8]) -> Result<Option<FsIn
         let mut pos = 0;
         while pos < total {
             let n = (total - pos).min(buf.len() as u64) as usize;
-            dev.read_exact_at(&mut buf[..n], fat_off + pos)
+            dev.read_at(&mut buf[..n], fat_off + pos)
                 .with_context(ctx)?;
             for (k, e) in buf[..n].chunks_exact(esize as usize).enumerate() {
                 let idx = pos / esize + k as u64;

@@ -16,8 +16,7 @@ pub mod swap;
 mod usedmap;
 pub mod xfs;
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::fs::read::ReadAt;
 
 use anyhow::{Context, Result};
 
@@ -97,12 +96,12 @@ pub(crate) fn uuid_text(b: &[u8]) -> String {
 /// Detect ext2/3/4, XFS, FAT or btrfs in [offset, offset+len) of `dev`. Ok(None): not a
 /// filesystem we map (the caller stores the partition whole). Err: it is one, but damaged, not
 /// cleanly unmounted or in a form bmr does not map (multi-device btrfs).
-pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     if len < 2048 {
         return Ok(None);
     }
     let mut head = vec![0u8; 2048];
-    dev.read_exact_at(&mut head, offset)
+    dev.read_at(&mut head, offset)
         .with_context(|| format!("cannot read the partition at offset {offset}"))?;
     if let Some(info) = ext::probe(dev, offset, len, &head[1024..])? {
         return Ok(Some(info));
@@ -123,9 +122,9 @@ pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
 
 /// Just the filesystem UUID (as `probe` reports it), also for a mounted filesystem whose
 /// allocation map cannot be trusted.
-pub fn probe_uuid(dev: &File) -> Option<String> {
+pub fn probe_uuid(dev: &dyn ReadAt) -> Option<String> {
     let mut head = vec![0u8; 2048];
-    dev.read_exact_at(&mut head, 0).ok()?;
+    dev.read_at(&mut head, 0).ok()?;
     if le16(&head, 1024 + 56) == 0xef53 {
         return Some(uuid_text(&head[1024 + 104..1024 + 120]));
     }
@@ -141,7 +140,7 @@ pub fn probe_uuid(dev: &File) -> Option<String> {
         }
     }
     let mut sb = vec![0u8; 4096];
-    dev.read_exact_at(&mut sb, btrfs::SB_OFFSET).ok()?;
+    dev.read_at(&mut sb, btrfs::SB_OFFSET).ok()?;
     if &sb[0x40..0x48] == btrfs::MAGIC {
         return Some(uuid_text(&sb[0x20..0x30]));
     }

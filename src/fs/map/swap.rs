@@ -2,8 +2,7 @@
 //! area exactly what `mkswap -U UUID -L LABEL` would (the UUID and label the restored system's
 //! fstab and resume= name, the size), and the swapped-out pages are of no use after a restore.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::fs::read::ReadAt;
 
 use anyhow::Result;
 
@@ -13,20 +12,20 @@ use super::{FsInfo, UsedMap, le32, uuid_text};
 const PAGE_SIZES: [u64; 4] = [4096, 8192, 16384, 65536];
 
 /// The header of a swap area in [offset, offset+len) of `dev`, if it is one.
-pub fn probe(dev: &File, offset: u64, len: u64) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64) -> Result<Option<FsInfo>> {
     for ps in PAGE_SIZES {
         if len < 2 * ps {
             break;
         }
         let mut sig = [0u8; 10];
-        if dev.read_exact_at(&mut sig, offset + ps - 10).is_err() {
+        if dev.read_at(&mut sig, offset + ps - 10).is_err() {
             return Ok(None);
         }
         if &sig != b"SWAPSPACE2" {
             continue;
         }
         let mut h = vec![0u8; 1024 + 64];
-        dev.read_exact_at(&mut h, offset)?;
+        dev.read_at(&mut h, offset)?;
         // Version 1 is the only one Linux has written since 2.2.
         if le32(&h, 1024) != 1 {
             return Ok(None);

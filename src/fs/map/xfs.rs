@@ -6,8 +6,7 @@
 //! record, because otherwise the log holds metadata changes (allocations, frees) that are not
 //! yet in the trees.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::fs::read::ReadAt;
 
 use anyhow::{Context, Result, anyhow, bail};
 
@@ -175,7 +174,7 @@ pub(crate) fn parse_sb(sb: &[u8], part_len: u64, at: u64) -> Result<Sb> {
     })
 }
 
-pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<FsInfo>> {
+pub fn probe(dev: &dyn ReadAt, offset: u64, len: u64, head: &[u8]) -> Result<Option<FsInfo>> {
     if !head.starts_with(SB_MAGIC) {
         return Ok(None);
     }
@@ -184,7 +183,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<Fs
         bail!("xfs at offset {offset}: sector size out of range (superblock damaged)");
     }
     let mut sb = vec![0u8; sect as usize];
-    dev.read_exact_at(&mut sb, offset)
+    dev.read_at(&mut sb, offset)
         .with_context(|| format!("xfs at offset {offset}: cannot read the superblock"))?;
     let s = parse_sb(&sb, len, offset)?;
     if s.inprogress {
@@ -211,7 +210,7 @@ pub fn probe(dev: &File, offset: u64, len: u64, head: &[u8]) -> Result<Option<Fs
             "xfs at offset {offset}: its log is on another device, so bmr cannot tell whether it was cleanly unmounted"
         );
     }
-    let read = |b: &mut [u8], o: u64| dev.read_exact_at(b, o);
+    let read = |b: &mut [u8], o: u64| dev.read_at(b, o);
     let log = Log::locate(&read, offset, &s)?;
     if !log_clean(&log, &s)? {
         bail!(
@@ -256,13 +255,20 @@ pub(crate) fn cleanly_unmounted(read: ReadFn, offset: u64, s: &Sb) -> Result<boo
 }
 
 /// Marks everything of AG `agno` that its by-block-number free-space tree does not list.
-fn map_ag(dev: &File, offset: u64, s: &Sb, log: &Log, agno: u64, used: &mut UsedMap) -> Result<()> {
+fn map_ag(
+    dev: &dyn ReadAt,
+    offset: u64,
+    s: &Sb,
+    log: &Log,
+    agno: u64,
+    used: &mut UsedMap,
+) -> Result<()> {
     let bs = s.block_size;
     let ag_len = s.ag_len(agno);
     let ag_first = agno * s.agblocks;
     let what = |m: String| anyhow!("xfs at offset {offset}: AG {agno}: {m}: run xfs_repair");
     let mut agf = vec![0u8; s.sect_size as usize];
-    dev.read_exact_at(&mut agf, offset + ag_first * bs + s.sect_size)
+    dev.read_at(&mut agf, offset + ag_first * bs + s.sect_size)
         .with_context(|| format!("xfs at offset {offset}: cannot read the header of AG {agno}"))?;
     if be32(&agf, 0) != AGF_MAGIC || be32(&agf, 4) != 1 {
         return Err(what("no free-space header (damaged)".into()));
@@ -316,7 +322,7 @@ fn map_ag(dev: &File, offset: u64, s: &Sb, log: &Log, agno: u64, used: &mut Used
 
 /// A depth-first walk of one AG's by-block-number tree, in key order.
 struct Walk<'a> {
-    dev: &'a File,
+    dev: &'a dyn ReadAt,
     s: &'a Sb,
     offset: u64,
     agno: u64,
@@ -365,7 +371,7 @@ impl Walk<'_> {
         let mut b = vec![0u8; bs];
         let fsb = self.ag_first + agbno;
         self.dev
-            .read_exact_at(&mut b, self.offset + fsb * s.block_size)
+            .read_at(&mut b, self.offset + fsb * s.block_size)
             .with_context(|| {
                 format!(
                     "xfs at offset {}: cannot read free-space tree block {agbno} of AG {}",

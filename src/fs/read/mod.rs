@@ -49,6 +49,12 @@ pub trait ReadAt {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
 
+impl ReadAt for std::fs::File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
 /// A partition of an open file or device.
 pub struct FileRange<'a> {
     pub file: &'a std::fs::File,
