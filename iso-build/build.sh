@@ -176,7 +176,8 @@ with_libs() {
     done
 }
 for t in /usr/sbin/e2fsck /usr/sbin/resize2fs /usr/sbin/mke2fs /usr/bin/mtools /usr/sbin/lvm /usr/sbin/dmsetup \
-    /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/bin/btrfs /usr/sbin/mdadm; do
+    /usr/sbin/xfs_repair /usr/sbin/xfs_growfs /usr/sbin/xfs_db /usr/bin/btrfs /usr/sbin/mdadm \
+    /usr/sbin/cryptsetup; do
     found=
     for d in /sbin /usr/sbin /bin /usr/bin; do
         ! in_tree "$d/${t##*/}" || { found=$IN_TREE && break; }

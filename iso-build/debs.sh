@@ -12,7 +12,7 @@ BUSYBOX_PKG=busybox-static
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
 SYSLINUX_VERSION=3:6.04~git20190206.bf6db5b4+dfsg1-3 # pxelinux and syslinux-common
 # The rescue system's tools besides busybox (e2fsck, resize2fs and mke2fs for the fix-ups, mtools
-# for the ESP, lvm and dmsetup, xfs_repair/xfs_growfs/xfs_db and btrfs for XFS and btrfs) and every library
+# for the ESP, lvm and dmsetup, cryptsetup, xfs_repair/xfs_growfs/xfs_db and btrfs for XFS and btrfs) and every library
 # they load, glibc included: the initramfs takes them from
 # these packages, never from the build host.
 TOOL_DEBS=(
@@ -24,6 +24,12 @@ TOOL_DEBS=(
     mtools=4.0.33-1+really4.0.32-1
     lvm2=2.03.16-2
     mdadm=4.2-5
+    cryptsetup-bin=2:2.6.1-4~deb12u2
+    libcryptsetup12=2:2.6.1-4~deb12u2
+    libargon2-1=0~20171227-0.3+deb12u1
+    libjson-c5=0.16-2
+    libssl3=3.0.22-1~deb12u2
+    libpopt0=1.19+dfsg-1
     dmsetup=2:1.02.185-2
     xfsprogs=6.1.0-1
     liburcu8=0.13.2-1

@@ -6,7 +6,8 @@
 # of a FAT filesystem made and restored in the rescue shell (the host has no vfat); and the XFS
 # and btrfs tools (xfs_growfs, xfs_repair, xfs_db, btrfs) run in the rescue shell; restores onto
 # failing disks (device-mapper faults in the guest), a guest killed in mid-restore, and md
-# RAID1 mirrors imaged and restored onto two disks and onto one.
+# RAID1 mirrors imaged and restored onto two disks and onto one; a LUKS2 volume imaged as
+# ciphertext, its incremental applied and grown through dm-crypt.
 #
 #   qemu-tests/rescue.sh            all cases (two at a time)
 #   qemu-tests/rescue.sh cd-bios    one case (names: see CASES below)
@@ -17,7 +18,7 @@ source "$(dirname "$0")/lib.sh"
 
 CASES=(cd-bios usb-bios cd-uefi usb-uefi pxe-bios pxe-uefi usb-repo
        tui-serial fat-incremental xfs-btrfs-tools dm-faults killed-restore no-network wrong-host
-       unreachable two-disks not-blank raid)
+       unreachable two-disks not-blank raid luks)
 
 # A happy path: unattended restore at the latest snapshot onto a bigger blank disk.
 happy() {
@@ -185,6 +186,23 @@ case_raid() {
     SERIAL=unix NET=none boot raid bios cd "bmr.break" "virtio:$WORK/raid-a.img" \
         "virtio:$WORK/raid-b.img" "virtio:$WORK/raid-repo.img" "virtio:$WORK/raid-d.img" \
         "virtio:$WORK/raid-e.img" "virtio:$WORK/raid-f.img"
+    wait "$driver"  # its last line on stderr says which step failed
+}
+
+# LUKS2 in the rescue shell (qemu-tests/luks.guest): made by cryptsetup, imaged as ciphertext
+# of its used blocks, an incremental taken in the open volume, restored grown with the key.
+case_luks() {
+    local f=$WORK/luks-a.img
+    rm -f "$WORK/luks.sock" "$f" && truncate -s 160M "$f"
+    sgdisk -o -n 1:0:+1M -t 1:ef02 -n 2:0:+150M -t 2:8309 "$f" >/dev/null || return 1
+    head -c 1M /dev/urandom | dd of="$f" bs=1M seek=1 conv=notrunc status=none
+    mke2fs -q -F -t ext4 "$WORK/luks-repo.img" 256M || return 1
+    rm -f "$WORK/luks-c.img" && truncate -s 256M "$WORK/luks-c.img"
+    python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/luks.sock" \
+        "$WORK/luks.log" "$ROOT/qemu-tests/luks.guest" &
+    local driver=$!
+    SERIAL=unix NET=none boot luks bios cd "bmr.break" "virtio:$f" \
+        "virtio:$WORK/luks-repo.img" "virtio:$WORK/luks-c.img"
     wait "$driver"  # its last line on stderr says which step failed
 }
 

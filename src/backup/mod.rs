@@ -135,7 +135,7 @@ fn plan_areas(
     disk: &Disk,
     layout: &DiskLayout,
     snaps: Option<&Snapshots>,
-    secret: &mut LuksSecret,
+    secret: &mut crate::device::luks::KeySource,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<AreaPlan>> {
     let mut plans = Vec::new();
@@ -384,49 +384,6 @@ fn md_member(
     }
 }
 
-/// Where the key that opens a disk's LUKS volumes comes from: `--luks-keyfile`, or a
-/// passphrase asked at the terminal (once, on the first volume), or nowhere.
-pub struct LuksSecret {
-    file: Option<PathBuf>,
-    secret: Option<crate::device::luks::Secret>,
-    asked: bool,
-}
-
-impl LuksSecret {
-    pub fn new(file: Option<PathBuf>) -> LuksSecret {
-        LuksSecret {
-            file,
-            secret: None,
-            asked: false,
-        }
-    }
-
-    pub fn get(&mut self, what: &str) -> Result<Option<&crate::device::luks::Secret>> {
-        use std::io::IsTerminal;
-        if self.secret.is_none() {
-            if let Some(f) = &self.file {
-                self.secret = Some(crate::device::luks::Secret::from_file(f)?);
-            } else if !self.asked
-                && std::io::stdin().is_terminal()
-                && std::io::stderr().is_terminal()
-            {
-                self.asked = true;
-                let p = dialoguer::Password::new()
-                    .with_prompt(format!(
-                        "Passphrase of the LUKS volume on {what} (empty: go on without it)"
-                    ))
-                    .allow_empty_password(true)
-                    .interact()
-                    .context("cannot read the passphrase")?;
-                if !p.is_empty() {
-                    self.secret = Some(crate::device::luks::Secret::from_passphrase(&p));
-                }
-            }
-        }
-        Ok(self.secret.as_ref())
-    }
-}
-
 /// A LUKS volume. With its key, the filesystem inside is mapped: the header and keyslots are
 /// stored whole and, of the encrypted data, only the ciphertext of the used blocks, rounded
 /// out to whole encryption sectors (a part of one would not decrypt). Without a key, or with
@@ -437,7 +394,7 @@ fn luks_member(
     start: u64,
     len: u64,
     h: &crate::device::luks::LuksHeader,
-    secret: &mut LuksSecret,
+    secret: &mut crate::device::luks::KeySource,
     warnings: &mut Vec<String>,
 ) -> Result<AreaPlan> {
     use crate::device::luks::{Decrypt, VolumeKey};
@@ -780,7 +737,7 @@ pub fn run(opts: &BackupOptions) -> Result<BackupSummary> {
         None if opts.snapshot == Some(SnapshotMode::Lvm) => Consistency::Snapshot,
         None => Consistency::Offline,
     };
-    let mut secret = LuksSecret::new(opts.luks_keyfile.clone());
+    let mut secret = crate::device::luks::KeySource::new(opts.luks_keyfile.clone());
     let mut plans = plan_areas(&disk, &layout, snaps.as_ref(), &mut secret, &mut warnings)?;
     drop(secret);
     for p in plans.iter_mut() {

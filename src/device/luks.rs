@@ -274,7 +274,7 @@ impl Secret {
     }
 
     /// Run cryptsetup with the secret on its stdin (`--key-file -`).
-    fn cryptsetup(&self, args: &[&str]) -> Result<String> {
+    pub fn cryptsetup(&self, args: &[&str]) -> Result<String> {
         let mut child = Command::new("cryptsetup")
             .args(args)
             .stdin(Stdio::piped())
@@ -288,6 +288,49 @@ impl Secret {
         }
         let out = child.wait_with_output().context("cryptsetup")?;
         crate::device::tool_output("cryptsetup", args, out)
+    }
+}
+
+/// Where the key that opens a disk's LUKS volumes comes from: `--luks-keyfile`, or a
+/// passphrase asked at the terminal (once, on the first volume), or nowhere.
+pub struct KeySource {
+    file: Option<PathBuf>,
+    secret: Option<Secret>,
+    asked: bool,
+}
+
+impl KeySource {
+    pub fn new(file: Option<PathBuf>) -> KeySource {
+        KeySource {
+            file,
+            secret: None,
+            asked: false,
+        }
+    }
+
+    pub fn get(&mut self, what: &str) -> Result<Option<&Secret>> {
+        use std::io::IsTerminal;
+        if self.secret.is_none() {
+            if let Some(f) = &self.file {
+                self.secret = Some(Secret::from_file(f)?);
+            } else if !self.asked
+                && std::io::stdin().is_terminal()
+                && std::io::stderr().is_terminal()
+            {
+                self.asked = true;
+                let p = dialoguer::Password::new()
+                    .with_prompt(format!(
+                        "Passphrase of the LUKS volume on {what} (empty: go on without it)"
+                    ))
+                    .allow_empty_password(true)
+                    .interact()
+                    .context("cannot read the passphrase")?;
+                if !p.is_empty() {
+                    self.secret = Some(Secret::from_passphrase(&p));
+                }
+            }
+        }
+        Ok(self.secret.as_ref())
     }
 }
 

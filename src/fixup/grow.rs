@@ -39,6 +39,11 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
             let Some(p) = g.partitions.iter_mut().max_by_key(|p| p.last_lba) else {
                 return Ok(None);
             };
+            // Whole 4 KiB: a LUKS volume with 4 KiB sectors refuses any other size.
+            let per = (4096 / ss).max(1);
+            let last_usable = (p.first_lba
+                + (last_usable + 1).saturating_sub(p.first_lba) / per * per)
+                .saturating_sub(1);
             if p.last_lba >= last_usable {
                 return Ok(None);
             }
@@ -71,8 +76,9 @@ pub fn grow_table(disk: &Disk) -> Result<Option<Grown>> {
                     "--grow: the last partition is a logical one inside an extended partition; --grow extends primary partitions only: grow it with parted after the restore"
                 );
             }
-            let end = total.min(u64::from(u32::MAX));
             let start = u64::from(p.starting_lba);
+            let per = (4096 / ss).max(1);
+            let end = start + total.min(u64::from(u32::MAX)).saturating_sub(start) / per * per;
             if start + u64::from(p.sectors) >= end {
                 return Ok(None);
             }

@@ -38,6 +38,11 @@ pub struct FixupOptions {
     /// the other steps cannot fix). Needs the target disk itself, not an image file.
     #[arg(long)]
     pub reinstall_bootloader: bool,
+    /// Key file (or a file holding the passphrase) of the LUKS volumes in the snapshot: the
+    /// image is written back as ciphertext without it, but the steps inside a volume (its
+    /// incrementals, growing its filesystem, device names in a root inside it) need it.
+    #[arg(long, value_name = "FILE")]
+    pub luks_keyfile: Option<PathBuf>,
     /// Leave the restored system exactly as backed up: no device-name rewrite, no UEFI
     /// fallback loader or boot entry.
     #[arg(long, conflicts_with_all = ["grow", "grow_lv", "reinstall_bootloader", "efi_boot_entry"])]
@@ -108,10 +113,10 @@ pub fn preflight(m: &Manifest, o: &FixupOptions, target: &std::path::Path) -> Re
         && let Some(t) = m.tocs.iter().find(|t| t.system && t.volume.is_some())
         && m.areas
             .get(t.area as usize)
-            .is_some_and(|a| a.raid.is_some())
+            .is_some_and(|a| a.raid.is_some() || a.luks.is_some())
     {
         bail!(
-            "--reinstall-bootloader: the root is on md array {}: bmr reinstalls GRUB for roots on partitions and LVM only; nothing was written (restore without it, then run grub-install on each disk in the restored system)",
+            "--reinstall-bootloader: the root is on {}: bmr reinstalls GRUB for roots on partitions and LVM only; nothing was written (restore without it, then run grub-install on each disk in the restored system)",
             m.fs_name(t)
         );
     }
@@ -140,6 +145,18 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
                 let name = a.raid.as_ref().map(|r| r.volume_name()).unwrap_or_default();
                 format!(
                     "fix-up    grow the last partition (an md RAID1 member) to the end of the disk, then {name} (mdadm --grow --size=max) and its filesystem"
+                )
+            }
+            Some(a) if a.luks.is_some() => {
+                let inside = match (a.volumes.first(), &o.luks_keyfile) {
+                    (Some(v), Some(_)) => format!(", then the filesystem in {}", v.name),
+                    (Some(_), None) => {
+                        ": its filesystem keeps its size without the key (--luks-keyfile)".into()
+                    }
+                    (None, _) => String::new(),
+                };
+                format!(
+                    "fix-up    grow the last partition (a LUKS volume, which reaches to its end) to the end of the disk{inside}"
                 )
             }
             Some(a) if !a.volumes.is_empty() => {
@@ -180,6 +197,16 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
         );
     }
     v
+}
+
+/// Partition `p` as the restored table has it now (its number, type and GUID too).
+fn p_now(disk: &Disk, p: &Partition) -> Result<Partition> {
+    DiskLayout::read(&disk.file, disk.size, disk.sector_size)
+        .context("cannot read the restored partition table")?
+        .data_partitions()
+        .into_iter()
+        .find(|q| q.start == p.start)
+        .context("the grown partition is not in the restored table")
 }
 
 /// Wait until the kernel sees partition `p` of a block device at its new size.
@@ -253,6 +280,26 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                             }
                         }
                     }
+                    Some("crypto_LUKS") => {
+                        // Opened after the partition grew: a LUKS2 "dynamic" or LUKS1 volume
+                        // then reaches to its new end.
+                        let u = volumes::unlock(m, disk, o.luks_keyfile.as_deref())?;
+                        let vols = volumes::list(m, std::slice::from_ref(&p_now(disk, &p)?));
+                        match vols
+                            .iter()
+                            .find(|v| matches!(v.place, volumes::Place::Luks { .. }))
+                        {
+                            Some(v) if o.luks_keyfile.is_some() => {
+                                let dev = v.open(disk, false)?;
+                                grow_fs_on(&v.name, dev.path())?;
+                            }
+                            _ => step(
+                                "grow",
+                                "the LUKS volume reaches to the partition's new end; its filesystem keeps its size without the key (--luks-keyfile): grow it after boot",
+                            ),
+                        }
+                        drop(u);
+                    }
                     Some("LVM2_member") => {
                         if let Some(lv) = grow_lvm(m, disk, &p, o)? {
                             for v in now.areas.iter_mut().flat_map(|a| a.volumes.iter_mut()) {
@@ -285,6 +332,23 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     let layout = DiskLayout::read(&disk.file, disk.size, disk.sector_size)
         .context("cannot read the restored partition table")?;
     let parts = layout.data_partitions();
+    // The steps below look inside the LUKS volumes they can open.
+    let _unlocked = volumes::unlock(&now, disk, o.luks_keyfile.as_deref())?;
+    for a in now
+        .areas
+        .iter()
+        .filter(|a| a.luks.is_some() && !a.volumes.is_empty())
+    {
+        if o.luks_keyfile.is_none() {
+            step(
+                "luks",
+                &format!(
+                    "{} stays closed (no --luks-keyfile): device names and the boot check do not look inside it",
+                    a.volumes[0].name
+                ),
+            );
+        }
+    }
     device_names(&now, disk, &parts)?;
     if let Some(esp) = parts.iter().find(|p| p.type_desc == efiboot::ESP_TYPE) {
         uefi(&now, disk, esp, &layout, o)?;
@@ -661,6 +725,10 @@ fn reinstall_bootloader(m: &Manifest, disk: &Disk, parts: &[Partition]) -> Resul
     let mut _vg = None;
     let root_dev = match &root.place {
         volumes::Place::Partition(p) => partition_node(&disk.path, p.number)?,
+        volumes::Place::Luks { lv, .. } => bail!(
+            "--reinstall-bootloader: the root is in LUKS volume {}: bmr reinstalls GRUB for roots on partitions and LVM only; restore without it, boot the restored system and run grub-install there",
+            lv.name
+        ),
         volumes::Place::Lv { part_start, lv }
             if m.areas
                 .iter()

@@ -1,9 +1,13 @@
-//! The filesystems of a restored disk, wherever they live: a partition, or a logical volume
-//! inside an LVM physical volume partition (where the manifest recorded its extents). The
-//! fix-ups and the incremental restore find the root, /boot and every file list's filesystem
-//! through this one list.
+//! The filesystems of a restored disk, wherever they live: a partition, a logical volume
+//! inside an LVM physical volume partition (where the manifest recorded its extents), an md
+//! RAID1 member's array, or a LUKS volume opened with its key ([`unlock`]). The fix-ups and
+//! the incremental restore find the root, /boot and every file list's filesystem through
+//! this one list.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
 
 use crate::device::Disk;
 use crate::device::layout::Partition;
@@ -18,6 +22,93 @@ pub enum Place {
         part_start: u64,
         lv: LvMeta,
     },
+    /// The filesystem inside the LUKS volume of the partition starting at `part_start`:
+    /// reachable only while [`unlock`] holds it open.
+    Luks {
+        part_start: u64,
+        lv: LvMeta,
+    },
+}
+
+/// LUKS volumes open now: partition start -> /dev/mapper path.
+static UNLOCKED: Mutex<Vec<(u64, PathBuf)>> = Mutex::new(Vec::new());
+
+fn unlocked(part_start: u64) -> Option<PathBuf> {
+    UNLOCKED
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(s, _)| *s == part_start)
+        .map(|(_, p)| p.clone())
+}
+
+/// The LUKS volumes of a restored disk, opened by cryptsetup with the user's key for the
+/// steps that look inside them; closed on drop.
+pub struct Unlocked {
+    open: Vec<(u64, String)>,
+    _parts: Vec<PartDev>,
+}
+
+impl Drop for Unlocked {
+    fn drop(&mut self) {
+        for (start, name) in self.open.drain(..).rev() {
+            let _ = std::process::Command::new("cryptsetup")
+                .args(["close", &name])
+                .status();
+            if let Ok(mut u) = UNLOCKED.lock() {
+                u.retain(|(s, _)| *s != start);
+            }
+        }
+    }
+}
+
+/// Open every LUKS volume of `m` that holds a filesystem on the restored `disk`, with the key
+/// from `keyfile`. Without a key nothing is opened (the steps inside say they were skipped).
+pub fn unlock(m: &Manifest, disk: &Disk, keyfile: Option<&std::path::Path>) -> Result<Unlocked> {
+    let mut u = Unlocked {
+        open: Vec::new(),
+        _parts: Vec::new(),
+    };
+    let areas: Vec<_> = m
+        .areas
+        .iter()
+        .filter(|a| a.luks.is_some() && !a.volumes.is_empty())
+        .collect();
+    let Some(keyfile) = keyfile.filter(|_| !areas.is_empty()) else {
+        return Ok(u);
+    };
+    let secret = crate::device::luks::Secret::from_file(keyfile)?;
+    // A grown last partition is opened at its size now.
+    let now = crate::device::layout::DiskLayout::read(&disk.file, disk.size, disk.sector_size)
+        .context("cannot read the restored partition table")?
+        .data_partitions();
+    for (i, a) in areas.into_iter().enumerate() {
+        let p = now
+            .iter()
+            .find(|q| q.start == a.start)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "the restored partition table has no partition at byte {} for {}",
+                    a.start, a.volumes[0].name
+                )
+            })?;
+        let dev = PartDev::open(disk, &p)?;
+        let name = format!("bmr-luks-{}-{i}", std::process::id());
+        let node = dev.path.to_string_lossy().to_string();
+        secret
+            .cryptsetup(&["open", "--type", "luks", "--key-file", "-", &node, &name])
+            .with_context(|| {
+                format!("cannot open the restored LUKS volume {}", a.volumes[0].name)
+            })?;
+        UNLOCKED
+            .lock()
+            .map_err(|_| anyhow::anyhow!("internal error: the LUKS registry is poisoned"))?
+            .push((a.start, PathBuf::from(format!("/dev/mapper/{name}"))));
+        u.open.push((a.start, name));
+        u._parts.push(dev);
+    }
+    Ok(u)
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +135,8 @@ impl std::ops::Deref for Mounted {
 pub enum VolDev {
     Part(PartDev),
     Lv(LvDev),
+    /// An open LUKS volume's mapping (closed by its [`Unlocked`]).
+    Mapped(PathBuf),
 }
 
 impl VolDev {
@@ -51,6 +144,7 @@ impl VolDev {
         match self {
             VolDev::Part(p) => &p.path,
             VolDev::Lv(l) => &l.path,
+            VolDev::Mapped(p) => p,
         }
     }
 }
@@ -61,18 +155,35 @@ impl Volume {
         match &self.place {
             Place::Partition(p) => Some(p.start),
             Place::Lv { part_start, lv } => lv.map(0, 1).map(|v| part_start + v[0].0),
+            Place::Luks { .. } => None,
+        }
+    }
+
+    /// The open mapping of a LUKS volume; Err when it is not open.
+    fn mapped(&self) -> Result<PathBuf> {
+        match &self.place {
+            Place::Luks { part_start, lv } => unlocked(*part_start).with_context(|| {
+                format!(
+                    "LUKS volume {} is not open: give its key (--luks-keyfile, bmr.luks-keyfile=)",
+                    lv.name
+                )
+            }),
+            _ => bail!("internal error: {} is not a LUKS volume", self.name),
         }
     }
 
     pub fn partition(&self) -> Option<&Partition> {
         match &self.place {
             Place::Partition(p) => Some(p),
-            Place::Lv { .. } => None,
+            Place::Lv { .. } | Place::Luks { .. } => None,
         }
     }
 
-    /// The filesystem in it, as `fs::id` identifies it.
+    /// The filesystem in it, as `fs::id` identifies it (none in a LUKS volume not open).
     pub fn identify(&self, disk: &Disk) -> Option<crate::fs::id::Fs> {
+        if let Place::Luks { .. } = self.place {
+            return crate::fs::id::identify(&self.mapped().ok()?);
+        }
         crate::fs::id::identify_at(&disk.file, self.start()?)
     }
 
@@ -96,6 +207,7 @@ impl Volume {
                 &Self::pieces(*part_start, lv)?,
                 read_only,
             )?),
+            Place::Luks { .. } => VolDev::Mapped(self.mapped()?),
         })
     }
 
@@ -105,6 +217,13 @@ impl Volume {
                 guard: mount_range(disk, p.start, p.len, Some(p.number), tag, read_only)?,
                 _lv: None,
             }),
+            Place::Luks { lv, .. } => {
+                let dev = self.mapped()?;
+                let fstype = self.identify(disk).map(|f| f.fstype);
+                let guard = mount_device(&dev, fstype.as_deref(), None, tag, read_only)
+                    .with_context(|| format!("cannot mount the restored {}", lv.name))?;
+                Ok(Mounted { guard, _lv: None })
+            }
             Place::Lv { part_start, lv } => {
                 let fstype = self.identify(disk).map(|f| f.fstype);
                 let dev = LvDev::open(disk, &lv.name, &Self::pieces(*part_start, lv)?, read_only)?;
@@ -129,12 +248,11 @@ impl Volume {
 pub fn list(m: &Manifest, parts: &[Partition]) -> Vec<Volume> {
     let mut out = Vec::new();
     for p in parts {
-        let lvs = m
+        let area = m
             .areas
             .iter()
-            .find(|a| a.start == p.start && a.partition == Some(p.number))
-            .map(|a| a.volumes.as_slice())
-            .unwrap_or(&[]);
+            .find(|a| a.start == p.start && a.partition == Some(p.number));
+        let lvs = area.map(|a| a.volumes.as_slice()).unwrap_or(&[]);
         if lvs.is_empty() {
             out.push(Volume {
                 name: format!("partition {}", p.number),
@@ -142,16 +260,23 @@ pub fn list(m: &Manifest, parts: &[Partition]) -> Vec<Volume> {
             });
         }
         for lv in lvs {
-            out.push(Volume {
-                name: lv.name.clone(),
-                place: Place::Lv {
-                    part_start: p.start,
-                    lv: lv.clone(),
-                },
-            });
+            out.push(in_area(area.is_some_and(|a| a.luks.is_some()), p.start, lv));
         }
     }
     out
+}
+
+/// The volume `lv` of the area at `part_start`: inside LUKS (`luks`) or not.
+pub fn in_area(luks: bool, part_start: u64, lv: &LvMeta) -> Volume {
+    let (part_start, lv) = (part_start, lv.clone());
+    Volume {
+        name: lv.name.clone(),
+        place: if luks {
+            Place::Luks { part_start, lv }
+        } else {
+            Place::Lv { part_start, lv }
+        },
+    }
 }
 
 /// Where a mount point of `name` goes under /run/bmr: letters and digits only.

@@ -37,6 +37,9 @@ pub struct Params {
     pub grow_lv: Option<String>,
     /// `bmr.mirror-disk=/dev/sdb`: the second disk of a RAID1 (restore --mirror-disk).
     pub mirror_disk: Option<String>,
+    /// `bmr.luks-keyfile=label:KEYS:/bmr/root.key`: where the LUKS key file is (a medium,
+    /// never the key itself: /proc/cmdline is world-readable).
+    pub luks_keyfile: Option<String>,
     /// `bmr.bootloader=reinstall`: run the restored system's grub-install in a chroot.
     pub reinstall_bootloader: bool,
     pub after: After,
@@ -60,6 +63,7 @@ impl Default for Params {
             verify: false,
             grow: false,
             grow_lv: None,
+            luks_keyfile: None,
             mirror_disk: None,
             reinstall_bootloader: false,
             after: After::Poweroff,
@@ -148,6 +152,12 @@ pub fn parse(cmdline: &str) -> Params {
                 "grow" => p.grow = flag(key, value)?,
                 "grow-lv" => p.grow_lv = Some(text(key, value)?),
                 "mirror-disk" => p.mirror_disk = Some(text(key, value)?),
+                "luks-keyfile" => p.luks_keyfile = Some(text(key, value)?),
+                // A secret on the kernel command line is readable by every user of the rescue
+                // system and travels in the clear in PXE configs: refused, whatever its value.
+                "luks-key" | "luks-passphrase" | "passphrase" | "key" => bail!(
+                    "bmr.{key}= would put a secret on the kernel command line (world-readable in /proc/cmdline, sent in the clear by PXE): put the key in a file on a medium and give bmr.luks-keyfile=label:NAME:/path"
+                ),
                 "bootloader" => match value {
                     Some("reinstall") => p.reinstall_bootloader = true,
                     Some("keep") => p.reinstall_bootloader = false,
@@ -187,6 +197,16 @@ pub fn parse(cmdline: &str) -> Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_on_the_command_line_are_refused() {
+        let p = parse("bmr.luks-keyfile=label:KEYS:/bmr/root.key bmr.luks-passphrase=hunter2");
+        assert_eq!(p.luks_keyfile.as_deref(), Some("label:KEYS:/bmr/root.key"));
+        assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
+        assert!(p.errors[0].contains("bmr.luks-keyfile=label:NAME:/path"));
+        // The refusal names the parameter, never its value.
+        assert!(!p.errors[0].contains("hunter2"));
+    }
 
     #[test]
     fn parses_a_full_unattended_line() {

@@ -199,6 +199,46 @@ fn hosts_of(repo: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A file on a medium, for secrets that must not be on the kernel command line:
+/// `label:NAME:/path`, `uuid:UUID:/path`, `dev:/dev/X:/path` (the medium mounted read-only),
+/// or an absolute path. Ok(None): that medium is not there (yet).
+pub fn resolve_file(media: &mut Media, spec: &str, param: &str) -> Result<Option<PathBuf>> {
+    let Some((kind, rest)) = spec
+        .split_once(':')
+        .filter(|(k, _)| matches!(*k, "label" | "uuid" | "dev"))
+    else {
+        let p = Path::new(spec);
+        if !p.is_absolute() {
+            bail!(
+                "{param}={spec}: use label:NAME:/path, uuid:UUID:/path, dev:/dev/X:/path or an absolute path"
+            );
+        }
+        return Ok(p.is_file().then(|| p.to_path_buf()));
+    };
+    let Some((what, sub)) = rest.split_once(":/") else {
+        bail!("{param}={spec}: name the file on the medium, e.g. {param}={kind}:{rest}:/bmr/key");
+    };
+    let f = blkid().into_iter().find(|f| match kind {
+        "label" => f.label == what,
+        "uuid" => f.uuid.eq_ignore_ascii_case(what),
+        _ => {
+            fs::canonicalize(&f.dev).ok() == fs::canonicalize(what).ok() && Path::new(what).exists()
+        }
+    });
+    let Some(f) = f else { return Ok(None) };
+    let Some(root) = media.mount(&f) else {
+        bail!(
+            "{param}: cannot mount {} read-only: check the filesystem",
+            f.dev
+        );
+    };
+    let p = root.join(sub);
+    if !p.is_file() {
+        bail!("{param}: no file /{sub} on {} ({spec})", f.dev);
+    }
+    Ok(Some(p))
+}
+
 /// Resolve a local repository spec to a directory, mounting what it names.
 /// Ok(None) means: not found yet (the medium may still appear).
 pub fn resolve(media: &mut Media, spec: &str) -> Result<Option<Found>> {

@@ -278,6 +278,30 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
     )?;
     println!("target: {}", target.describe());
     o.target = Some(target.path.display().to_string());
+    let luks_keyfile = match &p.luks_keyfile {
+        None => None,
+        Some(spec) => {
+            let mut err = None;
+            let f = disks::wait_for(p.wait, || {
+                match media::resolve_file(mounts, spec, "bmr.luks-keyfile") {
+                    Ok(f) => f,
+                    Err(e) => {
+                        err = Some(e);
+                        Some(PathBuf::new())
+                    }
+                }
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+            Some(f.with_context(|| {
+                format!(
+                    "bmr.luks-keyfile={spec}: the medium did not appear within {} s: attach it or check its label",
+                    p.wait.as_secs()
+                )
+            })?)
+        }
+    };
     let how = RestoreHow {
         verify: p.verify,
         mirror_disk: p.mirror_disk.as_ref().map(std::path::PathBuf::from),
@@ -285,6 +309,7 @@ fn steps(p: &Params, o: &mut Outcome, mounts: &mut Media) -> Result<String> {
             grow: p.grow || p.grow_lv.is_some(),
             grow_lv: p.grow_lv.clone(),
             reinstall_bootloader: p.reinstall_bootloader,
+            luks_keyfile,
             efi_boot_entry: super::in_rescue_system(),
             ..Default::default()
         },

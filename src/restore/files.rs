@@ -467,7 +467,7 @@ pub fn restore_files(o: &RestoreFilesOptions) -> Result<()> {
         .get(s.area as usize)
         .and_then(|a| a.luks.as_ref())
     {
-        let mut secret = crate::backup::LuksSecret::new(o.luks_keyfile.clone());
+        let mut secret = crate::device::luks::KeySource::new(o.luks_keyfile.clone());
         let what = s.volume.as_ref().map_or("the volume", |v| v.name.as_str());
         let Some(key) = secret.get(what)? else {
             bail!(

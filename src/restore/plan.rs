@@ -160,6 +160,16 @@ pub fn area_lines(m: &Manifest) -> Vec<String> {
                     }
                 )
             }
+            (None, _) if let Some(l) = &a.luks => format!(
+                "LUKS{} {} (header and keyslots as they were{})",
+                l.version,
+                l.cipher,
+                if a.volumes.is_empty() {
+                    "; ciphertext stored whole"
+                } else {
+                    "; ciphertext of the used blocks"
+                }
+            ),
             // Whether single files can come back from it without this restore.
             (Some(f), _) if f.fstype == "swap" => format!("{}, header only", describe_fs(f)),
             (Some(f), _)
@@ -199,7 +209,13 @@ pub fn area_lines(m: &Manifest) -> Vec<String> {
             };
             out.push(format!(
                 "    {} {:<22} size {:>10}  {fs}",
-                if a.raid.is_some() { "array" } else { "LV" },
+                if a.raid.is_some() {
+                    "array"
+                } else if a.luks.is_some() {
+                    "LUKS"
+                } else {
+                    "LV"
+                },
                 lv.name,
                 human_bytes(lv.size)
             ));
@@ -386,6 +402,29 @@ fn probe_target(m: &Manifest, path: &Path, repo_local: Option<&Path>) -> Result<
     })
 }
 
+/// A LUKS key given for the restore must open the snapshot's volumes (their headers are in
+/// the image): a wrong one is refused before anything is written. An incremental inside a
+/// volume needs it.
+fn check_luks_key(
+    src: &dyn RepoRead,
+    image: &crate::repo::snapshot::Loaded,
+    keyfile: Option<&Path>,
+) -> Result<()> {
+    let Some(keyfile) = keyfile else {
+        return Ok(());
+    };
+    let secret = crate::device::luks::Secret::from_file(keyfile)?;
+    let m = &image.manifest;
+    for (i, a) in m.areas.iter().enumerate() {
+        let Some(l) = &a.luks else { continue };
+        let mut r = crate::restore::files::ImageReader::new(src, m, &image.index, i as u32)?;
+        r.unlock(l, &secret).with_context(|| {
+            format!("--luks-keyfile {}; nothing was written", keyfile.display())
+        })?;
+    }
+    Ok(())
+}
+
 impl<'r> RestorePlan<'r> {
     /// Everything checked that can be checked without writing: the snapshot's file lists and
     /// chunks for an incremental, the fix-ups' needs, the target (in use, part of the
@@ -406,6 +445,17 @@ impl<'r> RestorePlan<'r> {
             None => (Vec::new(), Vec::new()),
         };
         crate::fixup::preflight(m, &how.fixups, target)?;
+        if how.fixups.luks_keyfile.is_none()
+            && let Some(f) = apply
+                .iter()
+                .find(|f| m.areas[f.area as usize].luks.is_some())
+        {
+            bail!(
+                "the incremental changed files in LUKS volume {}: give its key (--luks-keyfile FILE, bmr.luks-keyfile=) to apply them; nothing was written",
+                f.volume.as_deref().unwrap_or("?")
+            );
+        }
+        check_luks_key(src, &point.image, how.fixups.luks_keyfile.as_deref())?;
         let mirror = match &how.mirror_disk {
             Some(d) => {
                 super::mirror::preflight(m, target, d)?;
@@ -574,6 +624,7 @@ impl<'r> RestorePlan<'r> {
                 "fs": a.fs,
                 "volumes": a.volumes,
                 "raid": a.raid,
+                "luks": a.luks,
                 "bytes_to_write": a.used_bytes,
             })).collect::<Vec<_>>(),
             "mirror": self.mirror.as_ref().map(|mt| serde_json::json!({
@@ -680,6 +731,22 @@ impl<'r> RestorePlan<'r> {
         // An entry that cannot be applied is reported and the rest applied; the restore fails
         // at the end, after the fix-ups.
         let mut not_applied = Vec::new();
+        // Closed again before the fix-ups: a partition in use cannot grow.
+        let unlocked = match &self.point.inc {
+            Some(_)
+                if self
+                    .apply
+                    .iter()
+                    .any(|f| m.areas[f.area as usize].luks.is_some()) =>
+            {
+                Some(crate::fixup::volumes::unlock(
+                    m,
+                    &disk,
+                    how.fixups.luks_keyfile.as_deref(),
+                )?)
+            }
+            _ => None,
+        };
         if let Some(i) = &self.point.inc {
             for f in &self.apply {
                 let area = &m.areas[f.area as usize];
@@ -707,16 +774,13 @@ impl<'r> RestorePlan<'r> {
                         let (_, lv) = m
                             .volume(f.area, v)
                             .context("internal error: the plan's volume vanished")?;
-                        let vol = crate::fixup::volumes::Volume {
-                            name: v.clone(),
-                            place: crate::fixup::volumes::Place::Lv {
-                                part_start: area.start,
-                                lv: lv.clone(),
-                            },
-                        };
+                        let vol =
+                            crate::fixup::volumes::in_area(area.luks.is_some(), area.start, lv);
                         let tag = crate::fixup::volumes::tag("apply", v);
                         let kind = if area.raid.is_some() {
                             "md array"
+                        } else if area.luks.is_some() {
+                            "LUKS volume"
                         } else {
                             "logical volume"
                         };
@@ -734,6 +798,7 @@ impl<'r> RestorePlan<'r> {
                 }
             }
         }
+        drop(unlocked);
         crate::fixup::run(m, &disk, &how.fixups)?;
         if let Some(mt) = &self.mirror {
             for line in super::mirror::run(m, &disk, &mt.path)? {
