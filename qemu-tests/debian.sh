@@ -1,11 +1,12 @@
 #!/bin/bash
 # A real Debian bookworm machine with its root on LVM, laid out like Ubuntu Server's guided
-# install (or, the xfs layout, like RHEL's: /boot and the root LV XFS): the DR drill's source machine when the drill must prove a distribution's own boot
-# (GRUB reading a separate /boot, Debian's initramfs-tools + lvm2 hook activating the root LV,
-# systemd mounting fstab). Built on the host without device-mapper or vfat: LVM metadata by
-# vgcfgrestore on a loop device, the LVs' ext4 and swap written at their byte offsets (XFS:
-# mkfs.xfs on a loop device there, filled through a host mount), the ESP with mtools. Sourced by qemu-tests/drill.sh (after or instead of machine.sh, whose helpers it
-# uses); run alone:
+# install (or, the xfs layout, like RHEL's: /boot and the root LV XFS): the DR drill's source
+# machine when the drill must prove a distribution's own boot (GRUB reading a separate /boot,
+# Debian's initramfs-tools + lvm2 hook activating the root LV, systemd mounting fstab). Built on
+# the host without device-mapper or vfat: LVM metadata by vgcfgrestore on a loop device, the
+# LVs' ext4 and swap written at their byte offsets (XFS: mkfs.xfs on a loop device there,
+# filled through a host mount), the ESP with mtools. Sourced by qemu-tests/drill.sh (after or
+# instead of machine.sh, whose helpers it uses); run alone:
 #
 #   qemu-tests/debian.sh selftest      build, fsck, boot 5 ways, check the reports (~10 min, TCG)
 #   qemu-tests/debian.sh build [DIR]   just build (default $WORK/debian-lvm)

@@ -529,7 +529,7 @@ PY
     [ "$names" = "file1 file2 file3" ] || fail "Monday: bmr ls --part vg0/root /data lists '$names', not file1 file2 file3"
     MONDAY_REPO=$(du -sb "$repo" | cut -f1)
     step "Monday: image backup of disk.img on the host, offline, in $((SECONDS - t0)) s: vg0/root has a file list ($entries entries, the system's; bmr ls --part vg0/root /data: file1 file2 file3), vg0/swap stored as its header"
-    step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used $fs blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
+    step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used $fs blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header$([ "$fs" != xfs ] || echo ", XFS's free-space btrees and free lists")); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
 }
 
 # Monday's manifest of the raid machine: partition 4 an md RAID1 member of md/root with the
