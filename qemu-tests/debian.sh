@@ -1,14 +1,16 @@
 #!/bin/bash
 # A real Debian bookworm machine with its root on LVM, laid out like Ubuntu Server's guided
-# install: the DR drill's source machine when the drill must prove a distribution's own boot
-# (GRUB reading a separate /boot, Debian's initramfs-tools + lvm2 hook activating the root LV,
-# systemd mounting fstab). Built on the host without device-mapper or vfat: LVM metadata by
-# vgcfgrestore on a loop device, the LVs' ext4 and swap written at their byte offsets, the ESP
-# with mtools. Sourced by qemu-tests/drill.sh (after or instead of machine.sh, whose helpers it
-# uses); run alone:
+# install (or, the xfs layout, like RHEL's: /boot and the root LV XFS): the DR drill's source
+# machine when the drill must prove a distribution's own boot (GRUB reading a separate /boot,
+# Debian's initramfs-tools + lvm2 hook activating the root LV, systemd mounting fstab). Built on
+# the host without device-mapper or vfat: LVM metadata by vgcfgrestore on a loop device, the
+# LVs' ext4 and swap written at their byte offsets (XFS: mkfs.xfs on a loop device there,
+# filled through a host mount), the ESP with mtools. Sourced by qemu-tests/drill.sh (after or
+# instead of machine.sh, whose helpers it uses); run alone:
 #
 #   qemu-tests/debian.sh selftest      build, fsck, boot 5 ways, check the reports (~10 min, TCG)
 #   qemu-tests/debian.sh build [DIR]   just build (default $WORK/debian-lvm)
+#   qemu-tests/debian.sh build-xfs [DIR] / build-raid [DIR]   the other layouts
 #
 #   make_debian_machine DIR [lvm]   DIR/disk.img, DIR/tree (the root LV's files; /boot empty),
 #       DIR/boot-tree (/boot's), DIR/grubx64.efi, DIR/info (see the comment above the function)
@@ -16,6 +18,8 @@
 #   boot_disk NAME bios|uefi BUS:FILE   (machine.sh) boots it; log $WORK/NAME.log
 #   machine_report LOG              (machine.sh) the BMR-MACHINE/BMR-FILE lines it printed
 #   debian_expected_report DIR [STEP_EXIT [TREE]]   what a clean boot prints
+#   make_debian_xfs_machine DIR     the same with /boot and vg0/root XFS (host debian-xfs)
+#   make_debian_raid_machine DIR    the root on an md RAID1 of two disks (host debian-raid)
 #   debian_put DIR SRC DEST [MODE [IMG]]   a host file into the root LV (e.g. /etc/bmr-drill-step)
 #   debian_usage DIR                sizes: disk, allocated, used by the root LV and /boot
 #
@@ -209,6 +213,9 @@ debian_configure() {
     echo "$DEBIAN_HOST" >"$t/etc/hostname"
     printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n' "$DEBIAN_HOST" >"$t/etc/hosts"
     # As the installer writes it, with the ESP by its old kernel name, as real machines have it.
+    local fs=ext4 root_opts="errors=remount-ro 0 1" boot_opts="defaults 0 2"
+    # RHEL's installer writes XFS with no fsck pass (fsck.xfs does nothing).
+    [ "$kind" != xfs ] || fs=xfs root_opts="defaults 0 0" boot_opts="defaults 0 0"
     if [ "$kind" = raid ]; then
         # As Debian's installer writes a root on md: by the filesystem's UUID.
         cat >"$t/etc/fstab" <<FSTAB
@@ -227,9 +234,9 @@ FSTAB
         cat >"$t/etc/fstab" <<FSTAB
 # /etc/fstab: static file system information.
 # <file system> <mount point> <type> <options> <dump> <pass>
-/dev/mapper/$DEBIAN_VG-root / ext4 errors=remount-ro 0 1
+/dev/mapper/$DEBIAN_VG-root / $fs $root_opts
 # /boot was on /dev/sda3 during installation
-UUID=$DEBIAN_BOOT_UUID /boot ext4 defaults 0 2
+UUID=$DEBIAN_BOOT_UUID /boot $fs $boot_opts
 /dev/sda2 /boot/efi vfat umask=0077 0 1
 /dev/mapper/$DEBIAN_VG-swap none swap sw 0 0
 FSTAB
@@ -238,9 +245,9 @@ FSTAB
     # MODULES=most (Debian's default) takes every storage driver: the root must be found on
     # virtio, SATA and NVMe alike. Name the ones the drill's buses need anyway.
     # FSTYPE: the fsck hook cannot probe the root from a chroot (an installer's can), and
-    # without it the initramfs has no e2fsck for the root.
-    printf 'MODULES=most\nCOMPRESS=zstd\nFSTYPE=ext4\n' >"$t/etc/initramfs-tools/conf.d/bmr.conf"
-    printf '%s\n' dm_mod virtio_pci virtio_blk virtio_scsi ahci sd_mod nvme ext4 crc32c_generic \
+    # without it the initramfs has no e2fsck for the root (nor fsck.xfs and the xfs driver).
+    printf 'MODULES=most\nCOMPRESS=zstd\nFSTYPE=%s\n' "$fs" >"$t/etc/initramfs-tools/conf.d/bmr.conf"
+    printf '%s\n' dm_mod virtio_pci virtio_blk virtio_scsi ahci sd_mod nvme "$fs" crc32c_generic \
         >>"$t/etc/initramfs-tools/modules"
     [ "$kind" != raid ] || printf '%s\n' md_mod raid1 >>"$t/etc/initramfs-tools/modules"
     printf 'RESUME=none\n' >"$t/etc/initramfs-tools/conf.d/resume"
@@ -366,14 +373,26 @@ make_debian_raid_machine() {
     DEBIAN_HOST=debian-raid DEBIAN_EXTRA_PKGS=mdadm make_debian_machine "$1" raid
 }
 
-# make_debian_machine DIR [lvm]
+# make_debian_xfs_machine DIR: make_debian_machine's layout as RHEL's installer lays it out,
+# /boot (320 MiB: mkfs.xfs refuses less than 300) and vg0/root XFS, GRUB with its xfs driver.
+# Its own host, debian-xfs, with xfsprogs (the initramfs's fsck.xfs; xfs_repair by hand).
+make_debian_xfs_machine() {
+    DEBIAN_HOST=debian-xfs DEBIAN_EXTRA_PKGS=xfsprogs make_debian_machine "$1" xfs
+}
+
+# debian_xfs TREE UUID LABEL DEV: machine.sh's root_fs for one of the xfs machine's filesystems
+# (DEV a loop device over the root LV or /boot): mkfs.xfs, TREE copied in, cleanly unmounted.
+debian_xfs() { ROOT_UUID=$2 root_fs xfs "$4" "$1" "$3"; }
+
+# make_debian_machine DIR [lvm|xfs|raid] (xfs and raid: use their make_debian_*_machine)
 #   DIR/disk.img: GPT, 1 BIOS boot (1 MiB), 2 ESP (FAT32, 64 MiB: EFI/debian/grubx64.efi only,
 #   no EFI/BOOT fallback), 3 /boot (ext4, 256 MiB, GRUB's grub.cfg in /grub), 4 LVM PV holding
-#   VG vg0: LV root (ext4: the system and /data, ~25% free) then LV swap (64 MiB).
+#   VG vg0: LV root (ext4: the system and /data, ~25% free) then LV swap (64 MiB). xfs: /boot
+#   and the root LV XFS, /boot 320 MiB.
 #   DIR/tree: the root filesystem's files (/boot empty: its files are in DIR/boot-tree).
 #   DIR/info: shell variables (DISK_SIZE, PART{1..4}_{START,SIZE} in bytes, BOOT_UUID, ROOT_UUID,
 #   SWAP_UUID, ESP_ID, ESP_OFFSET, VG, PV_UUID, PE_START, EXTENT_SIZE, ROOT_LV_OFFSET,
-#   ROOT_LV_SIZE, SWAP_LV_OFFSET, SWAP_LV_SIZE, KVER, HOST, TREE_KIB).
+#   ROOT_LV_SIZE, SWAP_LV_OFFSET, SWAP_LV_SIZE, KVER, HOST, TREE_KIB, KIND, ROOT_FS, BOOT_FS).
 #   The kernel boots with root=/dev/mapper/vg0-root and Debian's own initramfs (initramfs-tools
 #   + the lvm2 hook, MODULES=most) finds it on any bus. fstab: vg0-root, /boot by UUID,
 #   /boot/efi as /dev/sda2 (only SATA disks come up cleanly until bmr rewrites it), vg0-swap.
@@ -383,12 +402,16 @@ make_debian_machine() {
     lvm) ;;
     # The raid machine is another host, with mdadm in its tree (make_debian_raid_machine).
     raid) [ "$DEBIAN_HOST" = debian-raid ] || die "make_debian_machine raid: use make_debian_raid_machine" ;;
-    *) die "make_debian_machine: the layouts are lvm and raid, not $kind" ;;
+    xfs) [ "$DEBIAN_HOST" = debian-xfs ] || die "make_debian_machine xfs: use make_debian_xfs_machine" ;;
+    *) die "make_debian_machine: the layouts are lvm, xfs and raid, not $kind" ;;
     esac
+    # The root's and /boot's filesystem.
+    local fs=ext4 boot_mib=256
+    [ "$kind" != xfs ] || fs=xfs boot_mib=320
     local need
     for need in debootstrap:debootstrap grub-mkimage:grub-common /usr/lib/grub/i386-pc/boot.img:grub-pc-bin \
         /usr/lib/grub/x86_64-efi/linux.mod:grub-efi-amd64-bin mcopy:mtools mkfs.fat:dosfstools \
-        mke2fs:e2fsprogs sgdisk:gdisk lvm:lvm2 mkswap:util-linux losetup:mount; do
+        mke2fs:e2fsprogs sgdisk:gdisk lvm:lvm2 mkswap:util-linux losetup:mount mkfs.xfs:xfsprogs xfs_db:xfsprogs; do
         command -v "${need%%:*}" >/dev/null || [ -e "${need%%:*}" ] ||
             die "make_debian_machine needs ${need%%:*}: apt-get install ${need#*:}"
     done
@@ -406,9 +429,10 @@ make_debian_machine() {
     # What the drill checks: the lvm2 hook and device-mapper are in.
     local listing
     listing=$(chroot "$t" lsinitramfs "/boot/initrd.img-$KVER") || die "lsinitramfs failed"
-    local needs="sbin/lvm dm-mod.ko nvme.ko ahci.ko virtio_blk.ko"
-    [ "$kind" != raid ] || needs+=" sbin/mdadm etc/mdadm/mdadm.conf raid1.ko"
-    for need in $needs; do
+    local in_initrd="sbin/lvm dm-mod.ko nvme.ko ahci.ko virtio_blk.ko"
+    [ "$kind" != raid ] || in_initrd+=" sbin/mdadm etc/mdadm/mdadm.conf raid1.ko"
+    [ "$kind" != xfs ] || in_initrd+=" xfs.ko"
+    for need in $in_initrd; do
         grep -q "$need" <<<"$listing" || die "the initramfs lacks $need"
     done
     # GRUB's menu, by hand (grub-mkconfig probes through device-mapper, which this host lacks).
@@ -438,17 +462,17 @@ GRUBCFG
     root_ext=$(( (root_mib + DEBIAN_EXTENT_MIB - 1) / DEBIAN_EXTENT_MIB ))
     swap_ext=$(( DEBIAN_SWAP_MIB / DEBIAN_EXTENT_MIB ))
     pe=$((root_ext + swap_ext + 1)) # one free extent, as an installer leaves a little
-    # MiB: 1 (alignment) + 1 + 64 + 256 + the PV (1 MiB of metadata + extents) + 1 (backup GPT).
+    # MiB: 1 (alignment) + 1 + 64 + /boot + the PV (1 MiB of metadata + extents) + 1 (backup GPT).
     local pv_mib=$((1 + pe * DEBIAN_EXTENT_MIB)) disk=$dir/disk.img p4_type=8e00 p4_name=lvm
     # RAID: the md member holds 1 MiB of superblock (the data offset), then the root's ext4
     # (its size rounded to 4 MiB), and 1 MiB that md may keep.
     [ "$kind" != raid ] || pv_mib=$((1 + root_ext * DEBIAN_EXTENT_MIB + 1)) p4_type=fd00 p4_name=raid
-    local disk_mib=$((1 + 1 + 64 + 256 + pv_mib + 1))
+    local disk_mib=$((1 + 1 + 64 + boot_mib + pv_mib + 1))
     truncate -s "${disk_mib}M" "$disk"
     sgdisk -U "$DEBIAN_DISK_GUID" \
         -n 1:2048:+1M -t 1:ef02 -c 1:bios -u 1:D3B1A000-0000-4000-8000-000000000001 \
         -n 2:0:+64M -t 2:ef00 -c 2:esp -u 2:D3B1A000-0000-4000-8000-000000000002 \
-        -n 3:0:+256M -t 3:8300 -c 3:boot -u 3:D3B1A000-0000-4000-8000-000000000003 \
+        -n 3:0:+"${boot_mib}M" -t 3:8300 -c 3:boot -u 3:D3B1A000-0000-4000-8000-000000000003 \
         -n 4:0:+"${pv_mib}M" -t 4:$p4_type -c 4:$p4_name -u 4:D3B1A000-0000-4000-8000-000000000004 \
         "$disk" >/dev/null || die "sgdisk failed on $disk"
     local i start size
@@ -469,21 +493,31 @@ GRUBCFG
     local root_off=$((pstart[4] + pe_start)) root_len=$((root_ext * ext))
     local swap_off=$((root_off + root_len)) swap_len=$((swap_ext * ext))
 
-    log "mke2fs: root ($((root_len >> 20)) MiB, tree $((tree_kib >> 10)) MiB) and /boot"
-    [ "$kind" = raid ] || E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$DEBIAN_ROOT_UUID" \
-        -E "offset=$root_off,root_owner=0:0" -d "$t" "$disk" "$((root_len / 1024))k" ||
-        die "mke2fs of the root LV failed"
-    E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L boot -U "$DEBIAN_BOOT_UUID" \
-        -E "offset=${pstart[3]},root_owner=0:0" -d "$b" "$disk" "$((psize[3] / 1024))k" ||
-        die "mke2fs of /boot failed"
+    if [ "$fs" = xfs ]; then
+        log "mkfs.xfs: root ($((root_len >> 20)) MiB, tree $((tree_kib >> 10)) MiB) and /boot, filled through host mounts"
+        with_loop "$disk" "$root_off" "$root_len" debian_xfs "$t" "$DEBIAN_ROOT_UUID" root ||
+            die "mkfs.xfs of the root LV failed"
+        with_loop "$disk" "${pstart[3]}" "${psize[3]}" debian_xfs "$b" "$DEBIAN_BOOT_UUID" boot ||
+            die "mkfs.xfs of /boot failed"
+    else
+        log "mke2fs: root ($((root_len >> 20)) MiB, tree $((tree_kib >> 10)) MiB) and /boot"
+        [ "$kind" = raid ] || E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L root -U "$DEBIAN_ROOT_UUID" \
+            -E "offset=$root_off,root_owner=0:0" -d "$t" "$disk" "$((root_len / 1024))k" ||
+            die "mke2fs of the root LV failed"
+        E2FSPROGS_FAKE_TIME=${SOURCE_DATE_EPOCH:-1700000000} mke2fs -q -t ext4 -L boot -U "$DEBIAN_BOOT_UUID" \
+            -E "offset=${pstart[3]},root_owner=0:0" -d "$b" "$disk" "$((psize[3] / 1024))k" ||
+            die "mke2fs of /boot failed"
+    fi
     [ "$kind" = raid ] || with_loop "$disk" "$swap_off" "$swap_len" mkswap -q -U "$DEBIAN_SWAP_UUID" -L swap || die "mkswap failed"
 
     # GRUB: BIOS core.img in partition 1 (boot.img in the MBR), grubx64.efi in the ESP; both
     # find /boot by its UUID and read /grub/grub.cfg there.
-    ROOT_UUID=$DEBIAN_BOOT_UUID grub_image i386-pc "$dir/core.img" "$dir" "" biosdisk ||
+    local grubfs=
+    [ "$fs" = ext4 ] || grubfs=$fs
+    ROOT_UUID=$DEBIAN_BOOT_UUID grub_image i386-pc "$dir/core.img" "$dir" "" biosdisk ${grubfs:+"$grubfs"} ||
         die "grub-mkimage i386-pc failed"
     install_grub_bios "$disk" "$dir/core.img" $((pstart[1] / 512))
-    ROOT_UUID=$DEBIAN_BOOT_UUID grub_image x86_64-efi "$dir/grubx64.efi" "$dir" "" fat all_video ||
+    ROOT_UUID=$DEBIAN_BOOT_UUID grub_image x86_64-efi "$dir/grubx64.efi" "$dir" "" fat all_video ${grubfs:+"$grubfs"} ||
         die "grub-mkimage x86_64-efi failed"
     local esp=$dir/esp.img
     rm -f "$esp"
@@ -513,6 +547,8 @@ GRUBCFG
         echo "SWAP_LV_SIZE=$swap_len"
         echo "TREE_KIB=$tree_kib"
         echo "KIND=$kind"
+        echo "ROOT_FS=$fs"
+        echo "BOOT_FS=$fs"
         echo "MD_UUID=$DEBIAN_MD_UUID"
     } >"$dir/info"
     # The mirror's second disk: the same table, new GUIDs, the md member and nothing else.
@@ -552,16 +588,16 @@ debian_expected_report() {
 
 # debian_put DIR SRC DEST [MODE [IMG]]: copy the host's file SRC (- : standard input) to DEST
 # in the machine's root LV (in DIR/disk.img, or IMG: a copy of it), through a host mount of
-# the LV's ext4 (a loop device at ROOT_LV_OFFSET). E.g. the drill's /etc/bmr-drill-step.
+# the LV's ext4 or XFS (a loop device at ROOT_LV_OFFSET). E.g. the drill's /etc/bmr-drill-step.
 debian_put() {
-    local dir=$1 src=$2 dest=$3 mode=${4:-0755} img=${5:-$1/disk.img} off len
-    off=$(debian_info "$dir" ROOT_LV_OFFSET) len=$(debian_info "$dir" ROOT_LV_SIZE)
+    local dir=$1 src=$2 dest=$3 mode=${4:-0755} img=${5:-$1/disk.img} off len fs
+    off=$(debian_info "$dir" ROOT_LV_OFFSET) len=$(debian_info "$dir" ROOT_LV_SIZE) fs=$(debian_info "$dir" ROOT_FS)
     (
         mnt=$(mktemp -d)
         # shellcheck disable=SC2064 # the directory is known now
         trap "umount '$mnt' 2>/dev/null || true; rmdir '$mnt'" EXIT
         trap 'exit 130' INT TERM
-        mount -t ext4 -o "loop,offset=$off,sizelimit=$len" "$img" "$mnt" || exit 1
+        mount -t "${fs:-ext4}" -o "loop,offset=$off,sizelimit=$len" "$img" "$mnt" || exit 1
         mkdir -p "$mnt/$(dirname "$dest")"
         if [ "$src" = - ]; then cat >"$mnt/$dest"; else cat "$src" >"$mnt/$dest"; fi
         chmod "$mode" "$mnt/$dest"
@@ -580,20 +616,26 @@ debian_sync_mirror() {
         iflag=skip_bytes,count_bytes oflag=seek_bytes conv=notrunc status=none
 }
 
-# fs_used IMG OFFSET SIZE: the bytes an ext4 inside IMG uses (through a loop device).
+# fs_used IMG OFFSET SIZE [FSTYPE]: the bytes an ext4 (or XFS) inside IMG uses (through a
+# loop device), as its superblock counts them (XFS's counters are exact once cleanly unmounted).
 fs_used() {
-    with_loop "$@" dumpe2fs -h 2>/dev/null |
+    if [ "${4:-ext4}" = xfs ]; then
+        with_loop "$1" "$2" "$3" xfs_db -r -c 'sb 0' -c 'p dblocks' -c 'p fdblocks' -c 'p blocksize' |
+            awk '$1 == "dblocks" {c=$3} $1 == "fdblocks" {f=$3} $1 == "blocksize" {b=$3} END {print (c - f) * b}'
+        return
+    fi
+    with_loop "$1" "$2" "$3" dumpe2fs -h 2>/dev/null |
         awk -F: '/^Block count/ {c=$2} /^Free blocks/ {f=$2} /^Block size/ {b=$2} END {print (c - f) * b}'
 }
 
 # debian_usage DIR: the disk's size, the bytes its filesystems use and the file's allocation.
 debian_usage() {
     local dir=$1 disk=$1/disk.img root boot
-    root=$(fs_used "$disk" "$(debian_info "$dir" ROOT_LV_OFFSET)" "$(debian_info "$dir" ROOT_LV_SIZE)")
-    boot=$(fs_used "$disk" "$(debian_info "$dir" PART3_START)" "$(debian_info "$dir" PART3_SIZE)")
+    root=$(fs_used "$disk" "$(debian_info "$dir" ROOT_LV_OFFSET)" "$(debian_info "$dir" ROOT_LV_SIZE)" "$(debian_info "$dir" ROOT_FS)")
+    boot=$(fs_used "$disk" "$(debian_info "$dir" PART3_START)" "$(debian_info "$dir" PART3_SIZE)" "$(debian_info "$dir" BOOT_FS)")
     echo "disk $(( $(debian_info "$dir" DISK_SIZE) >> 20 )) MiB (file allocates $(( $(du -k "$disk" | cut -f1) >> 10 )) MiB);" \
-        "root LV $(( $(debian_info "$dir" ROOT_LV_SIZE) >> 20 )) MiB, $((root >> 20)) MiB used;" \
-        "/boot $((boot >> 20)) MiB used; swap LV $(( $(debian_info "$dir" SWAP_LV_SIZE) >> 20 )) MiB"
+        "root LV $(( $(debian_info "$dir" ROOT_LV_SIZE) >> 20 )) MiB $(debian_info "$dir" ROOT_FS), $((root >> 20)) MiB used;" \
+        "/boot $(debian_info "$dir" BOOT_FS) $((boot >> 20)) MiB used; swap LV $(( $(debian_info "$dir" SWAP_LV_SIZE) >> 20 )) MiB"
 }
 
 # timed_boot NAME FIRMWARE BUS:FILE: boot_disk, and how many seconds until the report's end
@@ -679,7 +721,8 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     case ${1:-} in
     build) make_debian_machine "${2:-$WORK/debian-lvm}" lvm ;;
     build-raid) make_debian_raid_machine "${2:-$WORK/debian-raid}" ;;
+    build-xfs) make_debian_xfs_machine "${2:-$WORK/debian-xfs}" ;;
     selftest) debian_selftest ;;
-    *) echo "usage: $0 selftest | build [DIR] (or source it)"; exit 2 ;;
+    *) echo "usage: $0 selftest | build [DIR] | build-xfs [DIR] | build-raid [DIR] (or source it)"; exit 2 ;;
     esac
 fi

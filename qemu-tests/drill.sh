@@ -8,7 +8,8 @@
 #
 #   qemu-tests/drill.sh [--layout gpt|mbr] [--rootfs ext4|xfs|btrfs] [--rescue-firmware bios|uefi]
 #                       [--bus virtio|sata|nvme] [--delivery cd|usb|pxe] [--grow] [--tui]
-#                       [--reinstall-bootloader] [--lvm] [--machine busybox|debian-lvm]
+#                       [--reinstall-bootloader] [--lvm]
+#                       [--machine busybox|debian-lvm|debian-xfs|debian-raid]
 #                       [--name NAME]
 #
 # --rootfs xfs|btrfs gives the machine an XFS root, or a btrfs root in subvolume @ with /home in
@@ -34,6 +35,11 @@
 # repository disk, from /etc/bmr-drill-step. The restored volume group is checked in the rescue
 # system (qemu-tests/debian-lvm-check.guest), and the restored disk must boot with Thursday's
 # files, its fstab rewritten and both LVs up.
+#
+# --machine debian-xfs: the same Debian laid out like RHEL's install, /boot and vg0/root XFS
+# (qemu-tests/debian.sh make_debian_xfs_machine). The same week and checks, with xfs_repair -n
+# of the restored root LV (and of /boot) and, with --grow, the root's XFS grown by xfs_growfs
+# to fill its extended LV.
 #
 # --machine debian-raid: the same Debian with its root on an md RAID1 over partition 4 of two
 # disks (qemu-tests/debian.sh make_debian_raid_machine; the array made by mdadm in the rescue
@@ -77,15 +83,15 @@ if [ -n "$LVM" ] && { [ "$LAYOUT" != gpt ] || [ -n "$TUI$GROW$REINSTALL" ]; }; t
 fi
 case $MACHINE in
 busybox) ;;
-debian-lvm | debian-raid)
+debian-lvm | debian-xfs | debian-raid)
     if [ "$LAYOUT/$ROOTFS" != gpt/ext4 ] || [ -n "$TUI$REINSTALL$LVM" ]; then
-        log "drill.sh: --machine $MACHINE is a GPT disk with an ext4 root: not with --layout mbr, --rootfs, --tui, --reinstall-bootloader or --lvm"
+        log "drill.sh: --machine $MACHINE is a GPT disk with its own root filesystem: not with --layout mbr, --rootfs, --tui, --reinstall-bootloader or --lvm"
         exit 2
     fi
     # shellcheck source=qemu-tests/debian.sh
     source "$(dirname "$0")/debian.sh"
     ;;
-*) log "drill.sh: --machine busybox, debian-lvm or debian-raid, not $MACHINE"; exit 2 ;;
+*) log "drill.sh: --machine busybox, debian-lvm, debian-xfs or debian-raid, not $MACHINE"; exit 2 ;;
 esac
 case $ROOTFS in
 ext4) ;;
@@ -116,6 +122,11 @@ fail() {
 report() {
     if [ "$MACHINE" = debian-raid ]; then
         echo "== drill $NAME: Debian bookworm on md RAID1 (two GPT disks: BIOS boot, ESP, /boot, and an md member each; the root ext4 on /dev/md/root), incrementals taken in the running guest, rescue by $FW from $DELIVERY, restored onto two disks on $BUS${GROW:+, grown}, then booted with both disks and from the first alone (degraded)"
+        printf '   %s\n' "${STEPS[@]}"
+        return
+    fi
+    if [ "$MACHINE" = debian-xfs ]; then
+        echo "== drill $NAME: Debian bookworm on LVM with XFS, laid out like RHEL ($LAYOUT disk: BIOS boot, ESP, /boot XFS, PV with vg0/root XFS and vg0/swap), incrementals taken in the running guest, rescue by $FW from $DELIVERY, target on $BUS${GROW:+, grown}"
         printf '   %s\n' "${STEPS[@]}"
         return
     fi
@@ -441,7 +452,7 @@ STEP
 debian_mount_root() {
     ROOT_MNT=$D/root-mnt
     mkdir -p "$ROOT_MNT"
-    mount -t ext4 -o "loop,offset=$(debian_info "$D/src" ROOT_LV_OFFSET),sizelimit=$(debian_info "$D/src" ROOT_LV_SIZE)" \
+    mount -t "$(debian_info "$D/src" ROOT_FS)" -o "loop,offset=$(debian_info "$D/src" ROOT_LV_OFFSET),sizelimit=$(debian_info "$D/src" ROOT_LV_SIZE)" \
         "$D/src/disk.img" "$ROOT_MNT"
 }
 
@@ -477,11 +488,12 @@ debian_monday() {
         raid_monday_check "$repo" "$src" "$t0"
         return
     fi
-    local root_used pv
-    root_used=$(fs_used "$src/disk.img" "$(debian_info "$src" ROOT_LV_OFFSET)" "$(debian_info "$src" ROOT_LV_SIZE)")
-    pv=$(python3 - "$repo" "$(debian_info "$src" PART4_START)" "$(debian_info "$src" SWAP_UUID)" <<'PY'
+    local root_used pv fs
+    fs=$(debian_info "$src" ROOT_FS)
+    root_used=$(fs_used "$src/disk.img" "$(debian_info "$src" ROOT_LV_OFFSET)" "$(debian_info "$src" ROOT_LV_SIZE)" "$fs")
+    pv=$(python3 - "$repo" "$(debian_info "$src" PART4_START)" "$(debian_info "$src" SWAP_UUID)" "$fs" <<'PY'
 import glob, json, sys
-repo, pv_start, swap_uuid = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+repo, pv_start, swap_uuid, fs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 m = json.load(open(glob.glob(repo + "/hosts/*/snapshots/*.json")[0]))
 def bad(why):
     print(why)
@@ -495,7 +507,7 @@ if sorted(vols) != ["vg0/root", "vg0/swap"]:
     bad("the PV area's volumes are %s, not vg0/root and vg0/swap" % sorted(vols))
 if vols["vg0/swap"]["fs"]["fstype"] != "swap" or vols["vg0/swap"]["fs"]["uuid"] != swap_uuid:
     bad("vg0/swap is %s" % vols["vg0/swap"]["fs"])
-if vols["vg0/root"]["fs"]["fstype"] != "ext4":
+if vols["vg0/root"]["fs"]["fstype"] != fs:
     bad("vg0/root is %s" % vols["vg0/root"]["fs"])
 tocs = [t for t in m.get("tocs", []) if t.get("volume") == "vg0/root"]
 if len(tocs) != 1 or not tocs[0].get("system") or tocs[0]["area"] != area[0]:
@@ -508,7 +520,8 @@ PY
     read -r len used root_size swap_size entries stored <<<"$pv"
     pe_start=$(debian_info "$src" PE_START)
     # What the PV holds besides the root's used blocks: the label and metadata (pe_start) and
-    # the swap's header page; a MiB of slack, but neither the 64 MiB swap nor the free space.
+    # the swap's header page; a MiB of slack (XFS: its free-space btrees and free lists, which
+    # its counters call free), but neither the 64 MiB swap nor the free space.
     [ "$used" -le $((root_used + pe_start + 1048576)) ] ||
         fail "Monday: the PV area stores $used bytes, more than the root LV's used $root_used + $pe_start of metadata"
     local names
@@ -516,7 +529,7 @@ PY
     [ "$names" = "file1 file2 file3" ] || fail "Monday: bmr ls --part vg0/root /data lists '$names', not file1 file2 file3"
     MONDAY_REPO=$(du -sb "$repo" | cut -f1)
     step "Monday: image backup of disk.img on the host, offline, in $((SECONDS - t0)) s: vg0/root has a file list ($entries entries, the system's; bmr ls --part vg0/root /data: file1 file2 file3), vg0/swap stored as its header"
-    step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used ext4 blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
+    step "  PV $(mib "$len") (root LV $(mib "$root_size"), swap LV $(mib "$swap_size"), free extents $(mib $((len - pe_start - root_size - swap_size)))): stored $(mib "$used") = the root's used $fs blocks $(mib "$root_used") + $((pe_start >> 10)) KiB PV label and metadata + $((used - root_used - pe_start)) bytes (the swap header$([ "$fs" != xfs ] || echo ", XFS's free-space btrees and free lists")); repository $(mib "$MONDAY_REPO") (zstd; $(mib "$stored") of chunks)"
 }
 
 # Monday's manifest of the raid machine: partition 4 an md RAID1 member of md/root with the
@@ -603,20 +616,25 @@ debian_days() {
 }
 
 # The restore: Thursday, unattended, from the rescue system onto a blank disk half as big again;
-# then the restored volume group in the rescue system's shell (qemu-tests/debian-lvm-check.guest).
+# then the restored volume group in the rescue system's shell (qemu-tests/debian-lvm-check.guest)
+# and the restored /boot on the host.
 debian_restore() {
     local t=$D/target.img size t0=$SECONDS
     size=$(( $(stat -c %s "$D/src/disk.img") * 3 / 2 ))
     rm -f "$t" && truncate -s "$size" "$t"
     local kargs="bmr.repo=$REPO_URL bmr.host=$HOST bmr.at=$THURSDAY bmr.target=auto bmr.verify"
     kargs+="${GROW:+ bmr.grow} bmr.report=http://10.0.2.2:$PORT/report bmr.after=shell"
-    local root_size
-    root_size=$(debian_info "$D/src" ROOT_LV_SIZE)
+    local root_size fs fsck
+    root_size=$(debian_info "$D/src" ROOT_LV_SIZE) fs=$(debian_info "$D/src" ROOT_FS)
+    case $fs in ext4) fsck="e2fsck -fn" ;; xfs) fsck="xfs_repair -n" ;; esac
     # Grown: the root LV must be bigger than it was; else the same size.
     local cmp=-eq
     [ -z "$GROW" ] || cmp=-gt
-    sed -e "s/@ROOT_LV_SIZE@/$root_size/g" -e "s/@SIZE_TEST@/$cmp/g" \
+    # The lines tagged with the root's filesystem type stay (untagged), the other tagged go.
+    sed -E -e "s/@ROOT_LV_SIZE@/$root_size/g" -e "s/@SIZE_TEST@/$cmp/g" \
+        -e "s/@SWAP_LV_SIZE@/$(debian_info "$D/src" SWAP_LV_SIZE)/g" \
         -e "s/@SWAP_HEX@/$(debian_info "$D/src" SWAP_UUID | tr -d -)/g" \
+        -e "s/^@$fs@ //" -e '/^@[a-z0-9]+@ /d' \
         "$ROOT/qemu-tests/debian-lvm-check.guest" >"$D/check.guest"
     rm -f "$WORK/$NAME-rescue.sock"
     python3 "$ROOT/qemu-tests/serial_shell.py" "$WORK/$NAME-rescue.sock" "$WORK/$NAME-rescue.log" \
@@ -640,20 +658,38 @@ debian_restore() {
         "^ +\\+UUID=${esp:0:4}-${esp:4} /boot/efi vfat "
         '^fix-up boot check: vg0/root /etc/fstab: every filesystem it mounts is on the restored disk$'
     )
+    # resize2fs: "... is now N (4k) blocks long"; xfs_growfs: "data blocks changed from N to M".
+    local grew='^fix-up grow: vg0/root: .*(resize2fs|is now|blocks long)'
+    [ "$fs" != xfs ] || grew='^fix-up grow: vg0/root: xfs: data blocks changed from [0-9]+ to [0-9]+'
     [ -z "$GROW" ] || want+=(
         '^fix-up grow: partition 4 grown from '
         '^fix-up grow: physical volume on partition 4 resized: '
         '^fix-up grow: vg0/root extended to '
-        '^fix-up grow: vg0/root: .*(resize2fs|is now|blocks long)'
+        "$grew"
     )
     local w
     for w in "${want[@]}"; do
         tr -d '\r' <"$rlog" | grep -a -q -E -- "$w" || fail "rescue: no line like '$w' in $rlog"
     done
     wait "$driver" || fail "the restored volume group: $(tail -n 1 "$D/check-driver.err") (log: $rlog)"
-    local grown
+    local grown fs_size
     grown=$(tr -d '\r' <"$rlog" | sed -n -E 's/^BMR-ROOT-LV ([0-9]+)$/\1/p' | tail -n 1)
-    step "restored volume group in the rescue system: vgchange -ay vg0, LVs root and swap, root $(mib "$root_size") -> $(mib "${grown:-0}"), e2fsck -fn /dev/vg0/root clean, /dev/vg0/swap a swap header with its UUID $(debian_info "$D/src" SWAP_UUID), vgchange -an vg0"
+    fs_size=$(tr -d '\r' <"$rlog" | sed -n -E 's/^BMR-ROOT-FS ([0-9]+)$/\1/p' | tail -n 1)
+    step "restored volume group in the rescue system: vgchange -ay vg0, LVs root and swap (swap $(mib "$(debian_info "$D/src" SWAP_LV_SIZE)") as recorded), root $(mib "$root_size") -> $(mib "${grown:-0}")${fs_size:+, its $fs $(mib "$fs_size")}, $fsck /dev/vg0/root clean, /dev/vg0/swap a swap header with its UUID $(debian_info "$D/src" SWAP_UUID), vgchange -an vg0"
+    # /boot (partition 3, not grown) on the host: clean, still the filesystem fstab names.
+    local bfs bstart bsize loopdev bok=1 buuid
+    bfs=$(debian_info "$D/src" BOOT_FS) bfs=${bfs:-ext4}
+    read -r bstart bsize < <(sfdisk -J "$t" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][2]; print(p['start'] * 512, p['size'] * 512)")
+    loopdev=$(losetup -f --show -r -o "$bstart" --sizelimit "$bsize" "$t") || fail "no loop device over the restored /boot"
+    case $bfs in
+    xfs) fsck="xfs_repair -n"; xfs_repair -n "$loopdev" >"$D/boot-fsck.log" 2>&1 || bok= ;;
+    *) fsck="e2fsck -fn"; e2fsck -fn "$loopdev" >"$D/boot-fsck.log" 2>&1 || bok= ;;
+    esac
+    buuid=$(blkid -p -o value -s UUID "$loopdev" || true)
+    losetup -d "$loopdev"
+    [ -n "$bok" ] || fail "$fsck of the restored /boot found problems (log: $D/boot-fsck.log)"
+    [ "$buuid" = "$(debian_info "$D/src" BOOT_UUID)" ] || fail "the restored /boot's UUID is '$buuid', not $(debian_info "$D/src" BOOT_UUID)"
+    step "restored /boot on the host: $bfs, $fsck clean, UUID $buuid as fstab names it"
     if [ -n "$GROW" ]; then
         local end total
         end=$(sfdisk -J "$t" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][3]; print(p['start'] + p['size'])")
@@ -754,6 +790,10 @@ debian_main() {
         make_debian_raid_machine "$D/src" >"$D/machine.log" 2>&1 ||
             fail "building the Debian machine (log: $D/machine.log)"
         step "source machine built in $((SECONDS - t0)) s: Debian bookworm on an md RAID1 of two disks, made by mdadm in the rescue system; fstab names / by UUID and /boot/efi /dev/sda2"
+    elif [ "$MACHINE" = debian-xfs ]; then
+        make_debian_xfs_machine "$D/src" >"$D/machine.log" 2>&1 ||
+            fail "building the Debian machine (log: $D/machine.log)"
+        step "source machine built in $((SECONDS - t0)) s: Debian bookworm laid out like RHEL, $(debian_usage "$D/src"); fstab names /boot/efi /dev/sda2"
     else
         make_debian_machine "$D/src" lvm >"$D/machine.log" 2>&1 ||
             fail "building the Debian machine (log: $D/machine.log)"

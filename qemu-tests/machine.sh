@@ -254,21 +254,21 @@ grub_image() {
     grub-mkimage -O "$format" -p "$boot/grub" -c "$dir/early.cfg" -o "$out" $GRUB_COMMON "$@"
 }
 
-# root_fs ROOTFS DEV TREE: make an xfs or btrfs on DEV (a loop device over the root partition)
-# and copy TREE in, on a host mount that is cleanly unmounted, so the image holds a clean log
+# root_fs ROOTFS DEV TREE [LABEL]: make an xfs or btrfs on DEV (a loop device over the root
+# partition; its UUID is $ROOT_UUID, its label LABEL, default root) and copy TREE in, on a host mount that is cleanly unmounted, so the image holds a clean log
 # (xfs) or a committed transaction (btrfs). btrfs: TREE minus /home into subvolume @, TREE/home
 # into @home (the top level holds nothing else, as an installer leaves it).
 root_fs() {
-    local rootfs=$1 dev=$2 tree=$3 mnt rc=0
+    local rootfs=$1 dev=$2 tree=$3 label=${4:-root} mnt rc=0
     mnt=$(mktemp -d)
     case $rootfs in
     xfs)
-        mkfs.xfs -q -m uuid="$ROOT_UUID" -L root "$dev" &&
+        mkfs.xfs -q -m uuid="$ROOT_UUID" -L "$label" "$dev" &&
             mount -t xfs "$dev" "$mnt" &&
             { cp -a "$tree/." "$mnt/" || rc=1; umount "$mnt" || rc=1; [ $rc = 0 ]; }
         ;;
     btrfs)
-        mkfs.btrfs -q -U "$ROOT_UUID" -L root "$dev" &&
+        mkfs.btrfs -q -U "$ROOT_UUID" -L "$label" "$dev" &&
             mount -t btrfs -o subvolid=5 "$dev" "$mnt" &&
             {
                 { btrfs -q subvolume create "$mnt/@" && btrfs -q subvolume create "$mnt/$HOME_SUBVOL" &&
