@@ -132,11 +132,15 @@ fn device_names_uefi_fallback_and_grow_on_gpt() {
     assert!(sh(&format!("sgdisk -v {}", big.display())).contains("No problems found"));
     let (first, last) = gpt_range(&big, 2);
     let total = 96 * MIB / 512;
+    // The last usable sector, or the one before it that ends a whole 4 KiB (a LUKS volume with
+    // 4 KiB sectors refuses any other size).
+    let usable = total - 34;
     assert_eq!(
         last,
-        total - 34,
-        "partition 2 must end at the last usable sector"
+        first + (usable + 1 - first) / 8 * 8 - 1,
+        "partition 2 must end at the last usable sector that ends a whole 4 KiB"
     );
+    assert!(usable - last < 8);
     let (off, len) = (first * 512, (last + 1 - first) * 512);
     let part = tmp.path("grown.img");
     extract(&big, off, len, &part);

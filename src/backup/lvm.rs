@@ -448,13 +448,7 @@ impl Snapshots {
             let mut meta = LvMeta {
                 name: format!("{vg}/{lv}"),
                 size: lv_size,
-                fs: fs.as_ref().map(|f| FsMeta {
-                    fstype: f.fstype.clone(),
-                    variant: f.variant.clone(),
-                    uuid: f.uuid.clone(),
-                    label: f.label.clone(),
-                    block_size: f.block_size,
-                }),
+                fs: fs.as_ref().map(FsMeta::of),
                 extents: Vec::new(),
                 snapshot: active && snapshot,
             };

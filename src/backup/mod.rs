@@ -140,19 +140,7 @@ fn plan_areas(
 ) -> Result<Vec<AreaPlan>> {
     let mut plans = Vec::new();
     let whole = |kind, start, len, partition| AreaPlan {
-        area: Area {
-            kind,
-            start,
-            len,
-            partition,
-            content: Content::Whole,
-            fs: None,
-            used_bytes: len,
-            note: None,
-            volumes: Vec::new(),
-            raid: None,
-            luks: None,
-        },
+        area: Area::whole(kind, start, len, partition),
         used: None,
         key: None,
     };
@@ -238,13 +226,7 @@ fn plan_areas(
                         len,
                         partition: num,
                         content: Content::UsedBlocks,
-                        fs: Some(FsMeta {
-                            fstype: fs.fstype,
-                            variant: fs.variant,
-                            uuid: fs.uuid,
-                            label: fs.label,
-                            block_size: fs.block_size,
-                        }),
+                        fs: Some(FsMeta::of(&fs)),
                         used_bytes,
                         note: None,
                         volumes: Vec::new(),
@@ -289,17 +271,8 @@ fn md_member(
         warnings.push(msg);
     };
     let mut area = Area {
-        kind: AreaKind::Partition,
-        start,
-        len,
-        partition: num,
-        content: Content::Whole,
-        fs: None,
-        used_bytes: len,
-        note: None,
-        volumes: Vec::new(),
         raid: Some(meta.clone()),
-        luks: None,
+        ..Area::whole(AreaKind::Partition, start, len, num)
     };
     let array = format!("md array {} ({})", meta.volume_name(), meta.level);
     if sb.level != 1 {
@@ -353,13 +326,7 @@ fn md_member(
     }
     area.content = Content::UsedBlocks;
     area.used_bytes = used.used_bytes();
-    let fsm = fs.map(|f| FsMeta {
-        fstype: f.fstype,
-        variant: f.variant,
-        uuid: f.uuid,
-        label: f.label,
-        block_size: f.block_size,
-    });
+    let fsm = fs.as_ref().map(FsMeta::of);
     area.note = Some(format!(
         "{} member {} of {} ({} of {} active){}",
         meta.level,
@@ -407,17 +374,8 @@ fn luks_member(
     let vol = format!("LUKS{} volume {}", h.version, meta.volume_name());
     let mut plan = AreaPlan {
         area: Area {
-            kind: AreaKind::Partition,
-            start,
-            len,
-            partition: num,
-            content: Content::Whole,
-            fs: None,
-            used_bytes: len,
-            note: None,
-            volumes: Vec::new(),
-            raid: None,
             luks: Some(meta.clone()),
+            ..Area::whole(AreaKind::Partition, start, len, num)
         },
         used: None,
         key: None,
@@ -475,13 +433,7 @@ fn luks_member(
         }
         None => used.mark_range(h.data_offset, dlen),
     }
-    let fsm = fs.map(|f| FsMeta {
-        fstype: f.fstype,
-        variant: f.variant,
-        uuid: f.uuid,
-        label: f.label,
-        block_size: f.block_size,
-    });
+    let fsm = fs.as_ref().map(FsMeta::of);
     plan.area.note = Some(format!(
         "{vol} ({}){}",
         h.cipher,

@@ -69,6 +69,18 @@ pub struct FsMeta {
     pub block_size: u64,
 }
 
+impl FsMeta {
+    pub fn of(f: &crate::fs::map::FsInfo) -> FsMeta {
+        FsMeta {
+            fstype: f.fstype.clone(),
+            variant: f.variant.clone(),
+            uuid: f.uuid.clone(),
+            label: f.label.clone(),
+            block_size: f.block_size,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Area {
     pub kind: AreaKind,
@@ -95,6 +107,25 @@ pub struct Area {
     /// filesystem inside, when bmr could map it, is its one volume `luks/UUID`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub luks: Option<LuksMeta>,
+}
+
+impl Area {
+    /// A partition or boot area stored whole, with nothing known inside.
+    pub fn whole(kind: AreaKind, start: u64, len: u64, partition: Option<u32>) -> Area {
+        Area {
+            kind,
+            start,
+            len,
+            partition,
+            content: Content::Whole,
+            fs: None,
+            used_bytes: len,
+            note: None,
+            volumes: Vec::new(),
+            raid: None,
+            luks: None,
+        }
+    }
 }
 
 /// What the manifest records of a LUKS volume. The image holds its header as it was and the
