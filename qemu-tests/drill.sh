@@ -392,8 +392,9 @@ check_root_fs() {
     fi
     if [ -n "$GROW" ]; then
         total=$(( $(stat -c %s "$D/target.img") / 512 ))
-        # GPT keeps 33 sectors for its backup at the end; MBR needs nothing.
-        [ $((start + size)) -ge $((total - 33)) ] ||
+        # GPT keeps 33 sectors for its backup at the end; MBR needs nothing; a grown partition
+        # ends on a whole 4 KiB (up to 7 sectors more).
+        [ $((start + size)) -ge $((total - 40)) ] ||
             fail "--grow: the root partition ends at sector $((start + size)) of $total"
         local fs=''
         if [ -n "$fsbytes" ]; then
@@ -694,7 +695,8 @@ debian_restore() {
         local end total
         end=$(sfdisk -J "$t" | python3 -c "import json,sys; p=json.load(sys.stdin)['partitiontable']['partitions'][3]; print(p['start'] + p['size'])")
         total=$(( $(stat -c %s "$t") / 512 ))
-        [ "$end" -ge $((total - 33)) ] || fail "--grow: partition 4 ends at sector $end of $total"
+        # The backup GPT's 33 sectors, and up to 7 to end on a whole 4 KiB.
+        [ "$end" -ge $((total - 40)) ] || fail "--grow: partition 4 ends at sector $end of $total"
         step "restored disk: partition 4 (the PV) ends at the disk's end ($(mib "$(stat -c %s "$t")") disk)"
     fi
 }
