@@ -199,16 +199,6 @@ pub fn plan_lines(m: &Manifest, o: &FixupOptions) -> Vec<String> {
     v
 }
 
-/// Partition `p` as the restored table has it now (its number, type and GUID too).
-fn p_now(disk: &Disk, p: &Partition) -> Result<Partition> {
-    DiskLayout::read(&disk.file, disk.size, disk.sector_size)
-        .context("cannot read the restored partition table")?
-        .data_partitions()
-        .into_iter()
-        .find(|q| q.start == p.start)
-        .context("the grown partition is not in the restored table")
-}
-
 /// Wait until the kernel sees partition `p` of a block device at its new size.
 fn wait_for_size(disk: &Disk, p: &Partition) {
     if !disk.is_block {
@@ -284,12 +274,14 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
                         // Opened after the partition grew: a LUKS2 "dynamic" or LUKS1 volume
                         // then reaches to its new end.
                         let u = volumes::unlock(m, disk, o.luks_keyfile.as_deref())?;
-                        let vols = volumes::list(m, std::slice::from_ref(&p_now(disk, &p)?));
-                        match vols
+                        let lv = m
+                            .areas
                             .iter()
-                            .find(|v| matches!(v.place, volumes::Place::Luks { .. }))
-                        {
-                            Some(v) if o.luks_keyfile.is_some() => {
+                            .find(|a| a.start == p.start && a.luks.is_some())
+                            .and_then(|a| a.volumes.first());
+                        match lv {
+                            Some(lv) if o.luks_keyfile.is_some() => {
+                                let v = volumes::in_area(true, p.start, lv);
                                 let dev = v.open(disk, false)?;
                                 grow_fs_on(&v.name, dev.path())?;
                             }
@@ -334,19 +326,17 @@ pub fn run(m: &Manifest, disk: &Disk, o: &FixupOptions) -> Result<()> {
     let parts = layout.data_partitions();
     // The steps below look inside the LUKS volumes they can open.
     let _unlocked = volumes::unlock(&now, disk, o.luks_keyfile.as_deref())?;
-    for a in now
-        .areas
-        .iter()
-        .filter(|a| a.luks.is_some() && !a.volumes.is_empty())
-    {
-        if o.luks_keyfile.is_none() {
-            step(
-                "luks",
-                &format!(
-                    "{} stays closed (no --luks-keyfile): device names and the boot check do not look inside it",
-                    a.volumes[0].name
-                ),
-            );
+    if o.luks_keyfile.is_none() {
+        for a in now.areas.iter().filter(|a| a.luks.is_some()) {
+            if let Some(v) = a.volumes.first() {
+                step(
+                    "luks",
+                    &format!(
+                        "{} stays closed (no --luks-keyfile): device names and the boot check do not look inside it",
+                        v.name
+                    ),
+                );
+            }
         }
     }
     device_names(&now, disk, &parts)?;

@@ -268,7 +268,7 @@ pub fn list(m: &Manifest, parts: &[Partition]) -> Vec<Volume> {
 
 /// The volume `lv` of the area at `part_start`: inside LUKS (`luks`) or not.
 pub fn in_area(luks: bool, part_start: u64, lv: &LvMeta) -> Volume {
-    let (part_start, lv) = (part_start, lv.clone());
+    let lv = lv.clone();
     Volume {
         name: lv.name.clone(),
         place: if luks {

@@ -199,6 +199,17 @@ fn hosts_of(repo: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The filesystem `label:NAME`, `uuid:UUID` or `dev:/dev/X` names, if it is there.
+fn medium(kind: &str, what: &str) -> Option<Fs> {
+    blkid().into_iter().find(|f| match kind {
+        "label" => f.label == what,
+        "uuid" => f.uuid.eq_ignore_ascii_case(what),
+        _ => {
+            fs::canonicalize(&f.dev).ok() == fs::canonicalize(what).ok() && Path::new(what).exists()
+        }
+    })
+}
+
 /// A file on a medium, for secrets that must not be on the kernel command line:
 /// `label:NAME:/path`, `uuid:UUID:/path`, `dev:/dev/X:/path` (the medium mounted read-only),
 /// or an absolute path. Ok(None): that medium is not there (yet).
@@ -218,14 +229,9 @@ pub fn resolve_file(media: &mut Media, spec: &str, param: &str) -> Result<Option
     let Some((what, sub)) = rest.split_once(":/") else {
         bail!("{param}={spec}: name the file on the medium, e.g. {param}={kind}:{rest}:/bmr/key");
     };
-    let f = blkid().into_iter().find(|f| match kind {
-        "label" => f.label == what,
-        "uuid" => f.uuid.eq_ignore_ascii_case(what),
-        _ => {
-            fs::canonicalize(&f.dev).ok() == fs::canonicalize(what).ok() && Path::new(what).exists()
-        }
-    });
-    let Some(f) = f else { return Ok(None) };
+    let Some(f) = medium(kind, what) else {
+        return Ok(None);
+    };
     let Some(root) = media.mount(&f) else {
         bail!(
             "{param}: cannot mount {} read-only: check the filesystem",
@@ -266,18 +272,10 @@ pub fn resolve(media: &mut Media, spec: &str) -> Result<Option<Found>> {
         Some((w, s)) => (w, Some(format!("/{s}"))),
         None => (rest, None),
     };
-    let all = blkid();
-    let f = all.iter().find(|f| match kind {
-        "label" => f.label == what,
-        "uuid" => f.uuid.eq_ignore_ascii_case(what),
-        _ => {
-            fs::canonicalize(&f.dev).ok() == fs::canonicalize(what).ok() && Path::new(what).exists()
-        }
-    });
-    let Some(f) = f else {
+    let Some(f) = medium(kind, what) else {
         return Ok(None);
     };
-    let Some(root) = media.mount(f) else {
+    let Some(root) = media.mount(&f) else {
         bail!(
             "cannot mount {} ({}) read-only: check the filesystem",
             f.dev,

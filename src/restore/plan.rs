@@ -732,20 +732,18 @@ impl<'r> RestorePlan<'r> {
         // at the end, after the fix-ups.
         let mut not_applied = Vec::new();
         // Closed again before the fix-ups: a partition in use cannot grow.
-        let unlocked = match &self.point.inc {
-            Some(_)
-                if self
-                    .apply
-                    .iter()
-                    .any(|f| m.areas[f.area as usize].luks.is_some()) =>
-            {
-                Some(crate::fixup::volumes::unlock(
-                    m,
-                    &disk,
-                    how.fixups.luks_keyfile.as_deref(),
-                )?)
-            }
-            _ => None,
+        let in_luks = self
+            .apply
+            .iter()
+            .any(|f| m.areas[f.area as usize].luks.is_some());
+        let unlocked = if in_luks {
+            Some(crate::fixup::volumes::unlock(
+                m,
+                &disk,
+                how.fixups.luks_keyfile.as_deref(),
+            )?)
+        } else {
+            None
         };
         if let Some(i) = &self.point.inc {
             for f in &self.apply {
